@@ -1,0 +1,169 @@
+"""Small models made of every supported layer, and independent references.
+
+The reference per-example gradients come from torch.func (vmap of grad over
+single examples), which shares nothing with the engine's arithmetic.
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from privacy.layers import AddedParameter
+
+
+class Attention(nn.Module):
+    """Multi-head attention from separate Linear layers; optional causal mask."""
+
+    def __init__(self, dim: int, heads: int, fused_qkv: bool, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        else:
+            self.q = nn.Linear(dim, dim, bias=bias)
+            self.k = nn.Linear(dim, dim, bias=bias)
+            self.v = nn.Linear(dim, dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def split(self, x):  # [B, T, D] -> [B, H, T, D/H]
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x, memory=None, causal=False):
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            source = x if memory is None else memory
+            q, k, v = self.q(x), self.k(source), self.v(source)
+        out = F.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v), is_causal=causal)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class TinyViT(nn.Module):
+    """Patch conv, CLS token, position embedding, one pre-norm block, head."""
+
+    def __init__(self, img=16, patch=4, dim=32, heads=4, classes=10):
+        super().__init__()
+        tokens = (img // patch) ** 2 + 1
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        self.cls_token = AddedParameter(1, 1, dim, init_std=0.02)
+        self.pos_embed = AddedParameter(1, tokens, dim, init_std=0.02)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, fused_qkv=True, bias=True)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, images, labels):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, L, D]
+        cls = self.cls_token(x.new_zeros(x.shape[0], 1, x.shape[2]))
+        x = self.pos_embed(torch.cat([cls, x], dim=1))
+        x = x + self.attn(self.norm1(x))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        logits = self.head(self.norm(x)[:, 0])
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+class TinyDecoder(nn.Module):
+    """Embedding with padding, position embedding, post-norm layer with causal
+    self-attention and cross-attention to a memory, LN + Linear head."""
+
+    def __init__(self, vocab=20, dim=24, heads=3, length=7, feat=10):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.pos = AddedParameter(1, length, dim, init_std=0.02)
+        self.memory = nn.Linear(feat, dim)
+        self.self_attn = Attention(dim, heads, fused_qkv=False, bias=False)
+        self.cross_attn = Attention(dim, heads, fused_qkv=False, bias=False)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn1 = nn.Linear(dim, 2 * dim, bias=False)
+        self.ffn2 = nn.Linear(2 * dim, dim, bias=False)
+        self.head_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, features, tokens):
+        memory = self.memory(features)
+        x = self.pos(self.embed(tokens))
+        x = self.norm1(x + self.self_attn(x, causal=True))
+        x = self.norm2(x + self.cross_attn(x, memory=memory))
+        x = self.norm3(x + self.ffn2(F.gelu(self.ffn1(x))))
+        logits = self.head(self.head_norm(x)).float()
+        targets = tokens[:, 1:]
+        per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=0, reduction="none")
+        return per_token.sum(1) / (targets != 0).sum(1).clamp(min=1)
+
+
+class OddLayers(nn.Module):
+    """Rules off the beaten path: a general Conv2d (padding, overlapping
+    stride, no bias), a Linear on a rank-4 input with the materialised norm,
+    a Linear on a rank-2 input, a LayerNorm over two dims, a layer applied
+    twice in one forward, a frozen layer, and an AddedParameter broadcast over
+    two dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1, bias=False)
+        self.small = nn.Linear(3, 2)  # applied to [B, H, W, 3]: 2 T^2 >= p d -> materialised
+        self.norm = nn.LayerNorm([4, 2])
+        self.shift = AddedParameter(1, 1, 2, init_std=0.1)
+        self.twice = nn.Linear(8, 8)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, images, targets):
+        x = self.conv(images).permute(0, 2, 3, 1)  # [B, 4, 4, 3]
+        x = self.small(x)  # [B, 4, 4, 2]
+        x = self.shift(self.norm(x))
+        x = x.flatten(2).mean(1)  # [B, 8]
+        x = self.twice(torch.tanh(self.twice(x)))
+        x = self.frozen(x)
+        return (self.out(x).squeeze(1) - targets) ** 2
+
+
+def vit_batch(b, generator):
+    return torch.randn(b, 3, 16, 16, generator=generator), torch.randint(0, 10, (b,), generator=generator)
+
+
+def decoder_batch(b, generator, vocab=20, length=7):
+    tokens = torch.randint(1, vocab, (b, length), generator=generator)
+    pad_from = torch.randint(2, length + 1, (b, 1), generator=generator)
+    tokens = torch.where(torch.arange(length) >= pad_from, 0, tokens)  # trailing pads
+    return torch.randn(b, 5, 10, generator=generator), tokens
+
+
+def odd_batch(b, generator):
+    return torch.randn(b, 2, 8, 8, generator=generator), torch.randn(b, generator=generator)
+
+
+def per_example_grads(model: nn.Module, *inputs) -> dict[str, torch.Tensor]:
+    """name -> [b, *shape] per-example gradients of model(*inputs)[i]."""
+    model = copy.deepcopy(model)
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+
+    def loss_of_one(params, *example):
+        batch = tuple(t.unsqueeze(0) for t in example)
+        return functional_call(model, (params, frozen), batch).sum()
+
+    return vmap(grad(loss_of_one), in_dims=(None,) + (0,) * len(inputs))(trainable, *inputs)
+
+
+def flat_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
+
+
+def clipped_mean(grads: dict[str, torch.Tensor], max_norm: float, expected_batch: float) -> dict[str, torch.Tensor]:
+    """(1/B) sum_i min(1, C / (||g_i|| + 1e-6)) g_i, examples with non-finite norm dropped."""
+    norms = flat_norms(grads)
+    scale = torch.where(torch.isfinite(norms), (max_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
+    out = {}
+    for name, g in grads.items():
+        g = torch.where(scale.view(-1, *[1] * (g.dim() - 1)) > 0, g, 0.0)
+        out[name] = torch.einsum("b,b...->...", scale.double(), g.double()).float() / expected_batch
+    return out
