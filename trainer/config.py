@@ -1,0 +1,507 @@
+"""Job configuration: typed keyword-only dataclasses, presets as functions.
+
+A job is built from a preset (a function returning a :class:`JobConfig`) or a
+JSON/YAML file (which may name a ``preset`` to start from), then ``key=value``
+overrides with dotted paths (``privacy.noise_multiplier=0.8``,
+``ds.train_batch_size=512``, ``model.overrides.depth=4``).
+
+Batch geometry has one source: the DeepSpeed-style JSON named by
+``ds_config`` (``train_batch_size`` is the expected logical batch B,
+``train_micro_batch_size_per_gpu`` the largest physical micro-batch,
+``gradient_accumulation_steps`` optional, ``bf16.enabled``). It is loaded into
+``JobConfig.ds`` and can be overridden with ``ds.KEY=VALUE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "dpcap_nano"  # a models.create_model name
+    overrides: dict[str, Any] = field(default_factory=dict)  # create_model keyword overrides
+    mask_ratio: float = 0.75  # ViP only: fraction of patches masked
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "synthetic"  # "synthetic": write shards from data.synthetic first; "shards": use `shards`
+    shards: str = ""  # folder of tar shards (synthetic: where they are written)
+    num_examples: int = 0  # N, the data set size (q = B / N); for "shards" checked against the data
+    heldout_examples: int = 256  # synthetic held-out images for zero-shot evaluation
+    text_length: int = 16  # caption tokens, [CLS] ... [SEP] and padding
+    num_workers: int = 0  # DataLoader worker processes per rank
+    seed: int = 0  # synthetic data seed (not the sampling seed: that is JobConfig.seed)
+
+
+@dataclass(kw_only=True)
+class PrivacyConfig:
+    enabled: bool = True  # False needs the --allow-non-private flag
+    noise_multiplier: float | None = None  # sigma; None: calibrated to target_epsilon
+    target_epsilon: float | None = None  # calibration target and, always, a budget guard
+    delta: float | None = None  # None: 1 / N
+    max_grad_norm: float = 1.0  # C, flat clipping over all trainable parameters
+    accountant: str = "rdp"  # "rdp" or "pld": used for calibration and the guard
+    # TAN simulation: train at ds.train_batch_size = B' with sigma' = sigma * B' / B_ref;
+    # noise_multiplier / target_epsilon describe the reference run at B_ref.
+    tan_reference_batch: int | None = None
+    allow_privacy_change: bool = False  # on resume, accept changed sigma/q/delta (composed)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    blr: float = 1e-7  # lr = blr * B_ref / 256 (B_ref: the TAN reference batch, else B)
+    lr: float | None = None  # absolute lr; overrides blr
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.005
+    warmup_steps: int = 0  # linear warmup from 0
+    decay_steps: int | None = None  # cosine horizon (None: the training steps)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str = ""  # "" : runs/<name>/checkpoints
+    every_steps: int = 0  # 0: only at the end (and on SIGTERM/SIGUSR1)
+    keep_last: int = 2
+    resume: bool = True  # resume from the latest checkpoint in dir if there is one
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    log_dir: str = ""  # "" : runs/<name>/tb
+    log_every: int = 10  # TensorBoard scalars every N steps
+    pld_every: int = 100  # PLD epsilon every N steps (RDP at every log)
+    num_captions: int = 4  # fixed held-out images captioned into TensorBoard
+    caption_every: int = 0  # 0: only at the end
+    progress: bool = True  # rank-0 progress bar
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    zero_shot: bool = True  # DP-Cap: zero-shot accuracy on the held-out synthetic images
+    label_set: str = "shape"  # which synthetic attribute is the class
+    batch_size: int = 64
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    name: str = "default"
+    ds_config: str = "default.json"  # file in ds_configs/ (or a path)
+    ds: dict[str, Any] = field(default_factory=dict)  # loaded from ds_config; overridable
+    steps: int = 100  # logical (privacy) steps
+    seed: int = 0  # shared by all ranks: init, sampling; noise streams derive from it per rank
+    init: str = ""  # weights-only initialisation (ours, DCP dir, or an original-layout DP-Cap .pth)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.metrics.log_dir) if self.metrics.log_dir else self.run_dir / "tb"
+
+    @property
+    def is_captioner(self) -> bool:
+        return self.model.name.startswith("dpcap")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- presets
+
+def _ds(name: str) -> dict[str, Any]:
+    path = Path(name)
+    if not path.is_absolute() and not path.exists():
+        path = DS_CONFIG_DIR / name
+    if not path.exists():
+        raise ValueError(f"ds_config {name!r} not found (looked in {DS_CONFIG_DIR})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def default() -> JobConfig:
+    """The ./launch.sh job: a small DP-Cap on synthetic captions, private, minutes on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return default_gpu()
+    return JobConfig(
+        name="default",
+        ds_config="default.json",
+        steps=200,
+        model=ModelConfig(
+            name="dpcap_nano",
+            overrides=dict(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=3,
+                           decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=3,
+                           text_max_length=16),
+        ),
+        data=DataConfig(source="synthetic", shards="runs/default/shards", num_examples=20_000,
+                        heldout_examples=300, text_length=16),
+        privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0),
+        optim=OptimConfig(lr=2e-3, warmup_steps=20, weight_decay=0.005),
+        checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
+        metrics=MetricsConfig(log_every=10, pld_every=50),
+    )
+
+
+def default_gpu() -> JobConfig:
+    """The ./launch.sh job on a GPU: a larger DP-Cap, larger images and batch."""
+    return JobConfig(
+        name="default",
+        ds_config="default_gpu.json",
+        steps=1000,
+        model=ModelConfig(name="dpcap_nano", overrides=dict(img_size=64, patch_size=8,
+                                                             text_max_length=16)),
+        data=DataConfig(source="synthetic", shards="runs/default/shards", num_examples=200_000,
+                        heldout_examples=1000, text_length=16, num_workers=4),
+        privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0),
+        optim=OptimConfig(lr=1e-3, warmup_steps=100),
+        checkpoint=CheckpointConfig(every_steps=250, keep_last=2),
+        metrics=MetricsConfig(log_every=10, pld_every=100),
+    )
+
+
+def dpcap_paper(model: str = "dpcap_base") -> JobConfig:
+    """DP-Cap paper recipe (ICML 2024): B=1,310,720, sigma 0.728, C=1, 5708 steps on 233.8M pairs."""
+    n = 233_804_767
+    return JobConfig(
+        name=f"{model}_paper",
+        ds_config="dpcap_paper.json",
+        steps=5708,
+        model=ModelConfig(name=model, overrides=dict(text_max_length=40)),
+        data=DataConfig(source="shards", shards="", num_examples=n, text_length=40, num_workers=8),
+        privacy=PrivacyConfig(noise_multiplier=0.728, max_grad_norm=1.0, delta=1.0 / n),
+        optim=OptimConfig(blr=1e-7, betas=(0.9, 0.95), weight_decay=0.005,
+                          warmup_steps=2000, decay_steps=10_000),
+        checkpoint=CheckpointConfig(every_steps=100, keep_last=3),
+        metrics=MetricsConfig(log_every=1, pld_every=50, caption_every=500),
+        eval=EvalConfig(zero_shot=False),
+    )
+
+
+def dpcap_paper_target_epsilon() -> JobConfig:
+    """The paper recipe with sigma calibrated to epsilon 8 (RDP) instead of given."""
+    cfg = dpcap_paper()
+    cfg.name = "dpcap_base_eps8"
+    cfg.privacy.noise_multiplier = None
+    cfg.privacy.target_epsilon = 8.0
+    return cfg
+
+
+def dpcap_paper_tan64() -> JobConfig:
+    """TAN simulation of the paper run at B' = B/64 (sigma' = sigma/64, lr from B)."""
+    cfg = dpcap_paper()
+    cfg.name = "dpcap_base_tan64"
+    cfg.ds_config = "dpcap_tan64.json"
+    cfg.privacy.tan_reference_batch = 1_310_720
+    return cfg
+
+
+def vip_stage1() -> JobConfig:
+    """ViP step 1: non-private MAE on synthetic images (needs --allow-non-private)."""
+    return JobConfig(
+        name="vip_stage1",
+        ds_config="vip_stage1.json",
+        steps=5000,
+        model=ModelConfig(name="vip_base", mask_ratio=0.75),
+        data=DataConfig(source="synthetic", shards="runs/vip_stage1/shards", num_examples=100_000,
+                        num_workers=8),
+        privacy=PrivacyConfig(enabled=False),
+        optim=OptimConfig(blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500),
+        checkpoint=CheckpointConfig(every_steps=500),
+        eval=EvalConfig(zero_shot=False),
+    )
+
+
+def vip_stage2() -> JobConfig:
+    """ViP step 2: private MAE from stage 1 (B=81,920, sigma 0.5, C=0.1, 10,000 steps)."""
+    return JobConfig(
+        name="vip_stage2",
+        ds_config="vip.json",
+        steps=10_000,
+        init="runs/vip_stage1/checkpoints",
+        model=ModelConfig(name="vip_base", mask_ratio=0.75),
+        data=DataConfig(source="shards", shards="", num_examples=233_804_767, num_workers=8),
+        privacy=PrivacyConfig(noise_multiplier=0.5, max_grad_norm=0.1),
+        optim=OptimConfig(blr=1.5e-5, betas=(0.9, 0.95), weight_decay=0.005, warmup_steps=1000),
+        checkpoint=CheckpointConfig(every_steps=200, keep_last=3),
+        eval=EvalConfig(zero_shot=False),
+    )
+
+
+def _paper(model: str) -> Callable[[], JobConfig]:
+    return lambda: dpcap_paper(model)
+
+
+PRESETS: dict[str, Callable[[], JobConfig]] = {
+    "default": default,
+    "default_gpu": default_gpu,
+    **{f"{m}_paper": _paper(m) for m in
+       ("dpcap_nano", "dpcap_tiny", "dpcap_small", "dpcap_base", "dpcap_large")},
+    "dpcap_base_eps8": dpcap_paper_target_epsilon,
+    "dpcap_base_tan64": dpcap_paper_tan64,
+    "vip_stage1": vip_stage1,
+    "vip_stage2": vip_stage2,
+    "vip_base": vip_stage2,
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(name_or_file: str, overrides: list[str] = ()) -> JobConfig:
+    """A preset name or a JSON/YAML file, then dotted ``key=value`` overrides.
+
+    ``ds`` is loaded from ``ds_config`` after the other overrides (so
+    ``ds_config=other.json`` works); ``ds.KEY=VALUE`` overrides apply last.
+    """
+    if name_or_file in PRESETS:
+        cfg = PRESETS[name_or_file]()
+    elif Path(name_or_file).is_file():
+        cfg = _from_file(Path(name_or_file))
+    else:
+        raise ValueError(f"--config {name_or_file!r} is neither a preset ({', '.join(PRESETS)}) "
+                         f"nor an existing .json/.yaml file")
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must be key=value (e.g. privacy.noise_multiplier=0.8)")
+        key, value = item.split("=", 1)
+        parsed.append((key.strip(), _parse_value(value)))
+    for key, value in parsed:
+        if not key.startswith("ds."):
+            _set(cfg, key, value)
+    cfg.ds = {**_ds(cfg.ds_config), **cfg.ds}
+    for key, value in parsed:
+        if key.startswith("ds."):
+            _set(cfg, key, value)
+    return cfg
+
+
+def _from_file(path: Path) -> JobConfig:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text)
+    elif path.suffix == ".json":
+        raw = json.loads(text)
+    else:
+        raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"{path}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]() if preset else JobConfig()
+    _merge(cfg, raw, prefix="")
+    return cfg
+
+
+def _merge(obj: Any, raw: dict[str, Any], prefix: str) -> None:
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if dataclasses.is_dataclass(obj) and key in {f.name for f in dataclasses.fields(obj)}:
+            current = getattr(obj, key)
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                _merge(current, value, prefix=path + ".")
+                continue
+        _set(obj, key, value, full_key=path)
+
+
+def _set(cfg: Any, key: str, value: Any, full_key: str | None = None) -> None:
+    full_key = full_key or key
+    parts = key.split(".")
+    obj = cfg
+    for part in parts[:-1]:
+        if isinstance(obj, dict):
+            obj = obj.setdefault(part, {})
+        elif dataclasses.is_dataclass(obj) and hasattr(obj, part):
+            obj = getattr(obj, part)
+        else:
+            raise ValueError(f"unknown config key {full_key!r} ({part!r} is not a section)")
+    last = parts[-1]
+    if isinstance(obj, dict):
+        obj[last] = value
+        return
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    if last not in names:
+        raise ValueError(f"unknown config key {full_key!r}; valid here: {', '.join(names)}")
+    setattr(obj, last, _coerce(getattr(obj, last), value, full_key))
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, (int, float, str, dict)) and not isinstance(value, type(current)):
+        raise ValueError(f"{key} must be a {type(current).__name__}, got {value!r}")
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+# --------------------------------------------------------------------------- derived plan
+
+@dataclass(kw_only=True)
+class Geometry:
+    """Batch geometry of one job on a given world size."""
+
+    world_size: int
+    batch_size: int  # expected logical batch B (Poisson: realised sizes vary)
+    micro_batch: int  # largest physical micro-batch per rank
+    accumulation: int  # expected micro-batches per rank per step
+    bf16: bool  # ds bf16.enabled: bf16 parameters on GPU (fp32 reduction); CPU runs fp32
+
+
+def geometry(cfg: JobConfig, world_size: int) -> Geometry:
+    ds = cfg.ds
+    if "train_batch_size" not in ds or "train_micro_batch_size_per_gpu" not in ds:
+        raise ValueError(f"ds_config {cfg.ds_config}: needs train_batch_size and "
+                         f"train_micro_batch_size_per_gpu")
+    batch, micro = int(ds["train_batch_size"]), int(ds["train_micro_batch_size_per_gpu"])
+    if batch < 1 or micro < 1:
+        raise ValueError(f"ds_config {cfg.ds_config}: train_batch_size ({batch}) and "
+                         f"train_micro_batch_size_per_gpu ({micro}) must be >= 1")
+    accumulation = math.ceil(batch / (micro * world_size))
+    if "gradient_accumulation_steps" in ds:
+        given = int(ds["gradient_accumulation_steps"])
+        if given * micro * world_size != batch:
+            raise ValueError(
+                f"ds_config {cfg.ds_config}: train_batch_size {batch} != micro {micro} x "
+                f"gradient_accumulation_steps {given} x world size {world_size}; drop "
+                f"gradient_accumulation_steps (it is derived) or fix it for this world size")
+        accumulation = given
+    if ds.get("gradient_clipping") and cfg.privacy.enabled:
+        raise ValueError(f"ds_config {cfg.ds_config}: gradient_clipping must not be set with "
+                         f"differential privacy (per-example clipping to privacy.max_grad_norm "
+                         f"replaces it); remove it")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError(f"ds_config {cfg.ds_config}: fp16 is not supported; use bf16")
+    ignored = set(ds) - {"train_batch_size", "train_micro_batch_size_per_gpu",
+                         "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16"}
+    if ignored:
+        logger.warning("ds_config %s: ignoring %s (the trainer uses FSDP2, not the DeepSpeed engine)",
+                       cfg.ds_config, ", ".join(sorted(ignored)))
+    return Geometry(world_size=world_size, batch_size=batch, micro_batch=micro,
+                    accumulation=accumulation, bf16=bool(ds.get("bf16", {}).get("enabled", False)))
+
+
+def reference_batch(cfg: JobConfig) -> int:
+    """The batch the lr and (TAN) the noise are defined for."""
+    return cfg.privacy.tan_reference_batch or int(cfg.ds["train_batch_size"])
+
+
+def learning_rate(cfg: JobConfig) -> float:
+    if cfg.optim.lr is not None:
+        return cfg.optim.lr
+    return cfg.optim.blr * reference_batch(cfg) / 256
+
+
+def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geometry:
+    """Every check that does not need data or models; raises ValueError."""
+    geo = geometry(cfg, world_size)
+    p = cfg.privacy
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.data.num_examples < 1:
+        raise ValueError("data.num_examples (N, the data set size) must be set: q = B / N")
+    if geo.batch_size > cfg.data.num_examples:
+        raise ValueError(f"ds train_batch_size {geo.batch_size} exceeds data.num_examples "
+                         f"{cfg.data.num_examples}")
+    if not p.enabled:
+        if not allow_non_private:
+            raise ValueError("privacy.enabled=false trains WITHOUT differential privacy; pass "
+                             "--allow-non-private to confirm")
+    else:
+        if p.noise_multiplier is None and p.target_epsilon is None:
+            raise ValueError("set privacy.noise_multiplier or privacy.target_epsilon (then sigma "
+                             "is calibrated)")
+        if p.noise_multiplier is not None and p.noise_multiplier < 0:
+            raise ValueError(f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
+        if p.target_epsilon is not None and p.target_epsilon <= 0:
+            raise ValueError(f"privacy.target_epsilon must be > 0, got {p.target_epsilon}")
+        if p.max_grad_norm <= 0:
+            raise ValueError(f"privacy.max_grad_norm must be > 0, got {p.max_grad_norm}")
+        if p.accountant not in ("rdp", "pld"):
+            raise ValueError(f"privacy.accountant must be rdp or pld, got {p.accountant!r}")
+        delta = delta_of(cfg)
+        if not 0 < delta < 1:
+            raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
+        if delta > 1.0 / cfg.data.num_examples:
+            raise ValueError(f"privacy.delta {delta:g} exceeds 1/N = {1 / cfg.data.num_examples:g}; "
+                             f"a delta above 1/N does not protect individuals")
+        if p.tan_reference_batch is not None:
+            if p.tan_reference_batch < geo.batch_size:
+                raise ValueError(f"privacy.tan_reference_batch {p.tan_reference_batch} must be >= "
+                                 f"ds train_batch_size {geo.batch_size} (TAN simulates a larger "
+                                 f"batch with a smaller one)")
+            if p.tan_reference_batch > cfg.data.num_examples:
+                raise ValueError("privacy.tan_reference_batch exceeds data.num_examples")
+    if cfg.privacy.tan_reference_batch is not None and not p.enabled:
+        raise ValueError("privacy.tan_reference_batch needs privacy.enabled=true")
+    o = cfg.optim
+    decay = o.decay_steps if o.decay_steps is not None else cfg.steps
+    if o.warmup_steps < 0 or o.warmup_steps > decay:
+        raise ValueError(f"optim.warmup_steps {o.warmup_steps} must be in [0, decay_steps {decay}]")
+    if o.lr is None and (o.blr is None or o.blr <= 0):
+        raise ValueError("set optim.blr > 0 or optim.lr")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError("optim.min_lr_ratio must be in [0, 1]")
+    if cfg.data.source not in ("synthetic", "shards"):
+        raise ValueError(f"data.source must be synthetic or shards, got {cfg.data.source!r}")
+    if cfg.eval.zero_shot and not cfg.is_captioner:
+        raise ValueError(f"eval.zero_shot needs a DP-Cap model, not {cfg.model.name}; set "
+                         f"eval.zero_shot=false")
+    if cfg.checkpoint.keep_last < 1:
+        raise ValueError("checkpoint.keep_last must be >= 1")
+    return geo
+
+
+def delta_of(cfg: JobConfig) -> float:
+    return cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / cfg.data.num_examples
+
+
+def sample_rate(cfg: JobConfig) -> float:
+    return int(cfg.ds["train_batch_size"]) / cfg.data.num_examples

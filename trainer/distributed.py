@@ -1,0 +1,90 @@
+"""Process-group start from the launcher's environment.
+
+Understood launchers: the deepspeed launcher (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR/PORT, plus an appended ``--local_rank=N`` argument), torchrun (the
+same variables) and Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR
+from the environment or SLURM_LAUNCH_NODE_IPADDR). Without any of them the job
+runs as a single rank. gloo on CPU, nccl on GPU. Every run has a process group
+and a device mesh, a single rank included, so that one code path (FSDP2, DCP)
+serves every world size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class Distributed:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launcher_env(local_rank_arg: int | None = None) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the environment of the launcher."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # deepspeed launcher, torchrun
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        if "MASTER_ADDR" not in env:
+            if "SLURM_LAUNCH_NODE_IPADDR" not in env:
+                raise ValueError("Slurm job without MASTER_ADDR: export MASTER_ADDR (first node)")
+            env["MASTER_ADDR"] = env["SLURM_LAUNCH_NODE_IPADDR"]
+        env.setdefault("MASTER_PORT", "29500")
+    else:
+        rank, world, local = 0, 1, 0
+    if local_rank_arg is not None and local_rank_arg != local:
+        raise ValueError(f"--local_rank={local_rank_arg} disagrees with LOCAL_RANK={local}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} not in [0, world size {world})")
+    return rank, local, world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(local_rank_arg: int | None = None) -> Distributed:
+    rank, local, world = launcher_env(local_rank_arg)
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, (world,))
+    logger.info("rank %d/%d (local %d) on %s, backend %s", rank, world, local, device, backend)
+    return Distributed(rank=rank, local_rank=local, world_size=world, device=device, mesh=mesh)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
