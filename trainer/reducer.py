@@ -40,7 +40,7 @@ class FSDPGradReducer:
         padded = summed.new_zeros((chunk * self.world_size, *summed.shape[1:]))
         padded[:rows] = summed
         out = summed.new_empty((chunk, *summed.shape[1:]))
-        dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=self.group)
+        dist.reduce_scatter_single(out, padded, op=dist.ReduceOp.SUM, group=self.group)
         self.bytes_sent += padded.numel() * 4
         return out[: param.to_local().shape[0]]
 

@@ -1,0 +1,120 @@
+"""Support for the trainer tests: a tiny stand-in model and data, and a worker
+script run by real launchers (torchrun, the deepspeed launcher) in subprocesses.
+
+    python tests/test_trainer_worker.py CONFIG.json OUT.pt [key=value ...]
+
+trains a Trainer on the stand-in (or, with model.name=dpcap_*, the real model
+from models/) and writes the full parameters and the epsilon to OUT.pt on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VOCAB, WIDTH, TEXT = 11, 10, 4
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(WIDTH)
+        self.fc1 = nn.Linear(WIDTH, 7)  # 7 rows: uneven shards on 2 and 3 ranks
+        self.fc2 = nn.Linear(7, WIDTH)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class TinyCaptioner(nn.Module):
+    """model(images, tokens) -> per-example loss [B], like DP-Cap, in 5 layer kinds."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, WIDTH)
+        self.blocks = nn.ModuleList([TinyBlock(), TinyBlock()])
+        self.tok = nn.Embedding(VOCAB, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, images, tokens):
+        x = self.embed(images.flatten(1))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x.unsqueeze(1) + self.tok(tokens))  # [B, T, V]
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+
+
+def tiny_data(n: int = 96, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 2, 2, generator=g)
+    labels = (images.mean((1, 2, 3)) > 0).long()
+    tokens = torch.stack([torch.tensor([1, 2 + int(y), 5 + int(y), 9]) for y in labels])
+    return [(images[i], tokens[i]) for i in range(n)]
+
+
+def tiny_config(tmp: Path, **overrides) -> dict:
+    """A JSON-able config for the stand-in; overrides use dotted keys."""
+    cfg = {
+        "name": "tiny", "ds_config": "default.json", "steps": 6, "seed": 3,
+        "ds": {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": False}},
+        "model": {"name": "dpcap_tiny_standin"},
+        "data": {"num_examples": 96},
+        "privacy": {"noise_multiplier": 0.0, "max_grad_norm": 0.5, "delta": 1e-3},
+        "optim": {"lr": 0.05, "warmup_steps": 2},
+        "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0, "keep_last": 2},
+        "metrics": {"log_dir": str(tmp / "tb"), "log_every": 1, "pld_every": 3, "progress": False},
+        "eval": {"zero_shot": False},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return cfg
+
+
+def main(argv: list[str]) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    config_path, out = argv[0], Path(argv[1])
+    rest = [a for a in argv[2:] if not a.startswith("--local_rank")]
+    delay = float(next((a.split("=", 1)[1] for a in rest if a.startswith("delay=")), 0))
+    overrides = [a for a in rest if not a.startswith("delay=")]
+    cfg = load_config(config_path, overrides)
+    standin = cfg.model.name == "dpcap_tiny_standin"
+    trainer = Trainer(cfg, allow_non_private=True,
+                      model_factory=(lambda c: TinyCaptioner()) if standin else None,
+                      train_data=tiny_data(cfg.data.num_examples) if standin else None)
+    if delay:  # slow steps so a test can kill the run mid-way
+        step = trainer.train_step
+
+        def slow(micro):
+            time.sleep(delay)
+            return step(micro)
+
+        trainer.train_step = slow
+    summary = trainer.train()
+    params = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=True))
+    if trainer.dist.rank == 0:
+        torch.save({"params": params, "summary": summary,
+                    "bytes_per_step": trainer.reducer.bytes_sent}, out)
+        print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
