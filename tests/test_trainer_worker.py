@@ -118,3 +118,42 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+# ---------------------------------------------------------------- test-side helpers
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_command(world: int, config: Path, out: Path, overrides=(), launcher: str = "torchrun") -> list[str]:
+    script = [str(REPO / "tests" / "test_trainer_worker.py"), str(config), str(out), *overrides]
+    if world == 1 and launcher == "python":
+        return [PY, *script]
+    if launcher == "deepspeed":
+        return [str(Path(PY).parent / "deepspeed"), "--no_ssh", "--num_gpus", str(world),
+                "--master_port", str(free_port()), *script]
+    return [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+            "--master-port", str(free_port()), *script]
+
+
+def run_worker(world: int, tmp: Path, cfg: dict, overrides=(), launcher: str = "torchrun",
+               name: str = "out") -> dict:
+    """Run the worker to completion; returns what rank 0 saved."""
+    import subprocess
+
+    config = tmp / f"{name}.json"
+    config.write_text(json.dumps(cfg))
+    out = tmp / f"{name}.pt"
+    proc = subprocess.run(worker_command(world, config, out, overrides, launcher), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(out, weights_only=True)

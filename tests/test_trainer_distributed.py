@@ -1,0 +1,78 @@
+"""FSDP2 + privacy engine across real gloo ranks: equivalence, noise, bytes per step."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from test_trainer_worker import TinyCaptioner, free_port, run_worker, tiny_config
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    return run_worker(1, tmp, tiny_config(tmp), launcher="python")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_reach_the_same_parameters_as_one_rank(tmp_path, one_rank, world):
+    """Noise off: 2 and 3 ranks (uneven shards: 7-row layers) == 1 rank on the same data."""
+    out = run_worker(world, tmp_path, tiny_config(tmp_path))
+    torch.manual_seed(3)
+    init = TinyCaptioner().state_dict()
+    moved = max((one_rank["params"][k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-2, "training did not change the parameters; the comparison would be empty"
+    for key, ref in one_rank["params"].items():
+        torch.testing.assert_close(out["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
+    # every step moves every clipped gradient once: the padded fp32 size of all parameters
+    n_params = sum(-(-p.shape[0] // world) * world * p[0].numel() for p in init.values())
+    assert out["bytes_per_step"] == 4 * n_params
+
+
+def _noise_worker(rank: int, world: int, port: int, sigma: float, clip: float, batch: int, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from privacy import PrivacyEngine
+    from trainer.distributed import init_distributed
+    from trainer.parallelize import parallelize
+    from trainer.reducer import FSDPGradReducer
+
+    d = init_distributed()
+    model = nn.Sequential(nn.ModuleList([nn.Linear(101, 300)]), nn.Linear(300, 99))
+    parallelize(model, d.mesh, bf16=False)
+    reducer = FSDPGradReducer(d.mesh, noise_stream=rank)
+    engine = PrivacyEngine(model, max_grad_norm=clip, noise_multiplier=sigma,
+                           expected_batch_size=batch, seed=1234, reducer=reducer)
+    engine.finish_step()  # an empty logical step: the gradient is pure noise
+    for p in model.parameters():  # the grads become the params, to gather them whole
+        p.data.copy_(p.grad)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        q.put(torch.cat([v.flatten() for v in full.values()]).numpy())  # by value
+    dist.destroy_process_group()
+
+
+def test_noise_std_is_sigma_c_over_b_once_per_coordinate():
+    sigma, clip, batch = 0.8, 2.0, 40
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ctx_proc = mp.start_processes(_noise_worker, args=(2, free_port(), sigma, clip, batch, q),
+                                  nprocs=2, join=False, start_method="spawn")
+    noise = torch.from_numpy(q.get(timeout=120))
+    ctx_proc.join()
+    expected = sigma * clip / batch
+    assert noise.numel() > 50_000
+    assert abs(noise.std().item() / expected - 1) < 0.02  # twice-noised would be +41%
+    assert abs(noise.mean().item()) < 4 * expected / noise.numel() ** 0.5
+    # the two ranks' shards are independent, not the same draws
+    half = noise.numel() // 2
+    a, b = noise[: half // 2], noise[half: half + half // 2]
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.05
