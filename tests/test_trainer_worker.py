@@ -113,6 +113,7 @@ def main(argv: list[str]) -> None:
         torch.save({"params": params, "summary": summary,
                     "bytes_per_step": trainer.reducer.bytes_sent}, out)
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

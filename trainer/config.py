@@ -58,6 +58,9 @@ class PrivacyConfig:
     # noise_multiplier / target_epsilon describe the reference run at B_ref.
     tan_reference_batch: int | None = None
     allow_privacy_change: bool = False  # on resume, accept changed sigma/q/delta (composed)
+    # None: a secret random seed (saved in the checkpoint). A fixed seed makes the noise
+    # known to anyone who knows it: for reproducing runs and tests, never for releases.
+    noise_seed: int | None = None
 
 
 @dataclass(kw_only=True)

@@ -86,5 +86,7 @@ def init_distributed(local_rank_arg: int | None = None) -> Distributed:
 
 
 def shutdown() -> None:
+    """Collective: a barrier first, so no rank tears gloo/nccl down while another still talks."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

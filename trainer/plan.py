@@ -65,8 +65,8 @@ def composed_epsilon(segments: list[Segment], delta: float, method: str = "rdp")
         return math.inf
     if len(segments) == 1:
         sigma, q, steps = segments[0]
-        return accounting.epsilon(sigma, q, steps, delta, method=method)
-    return _compose(segments, delta, method)
+        return float(accounting.epsilon(sigma, q, steps, delta, method=method))
+    return float(_compose(segments, delta, method))
 
 
 def _compose(segments: list[Segment], delta: float, method: str) -> float:

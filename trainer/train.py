@@ -27,7 +27,7 @@ from trainer import plan as privacy_plan
 from trainer.checkpoint import Checkpointer, ModelOptimizerState, load_model_weights
 from trainer.config import JobConfig, learning_rate, load_config, validate
 from trainer.data import StepLoader
-from trainer.distributed import Distributed, init_distributed, launcher_env
+from trainer.distributed import Distributed, init_distributed, launcher_env, shutdown
 from trainer.metrics import Metrics, peak_flops
 from trainer.optim import build_optimizer, lr_factor
 from trainer.parallelize import parallelize
@@ -126,6 +126,10 @@ class Trainer:
     # ------------------------------------------------------------------ set-up helpers
 
     def _shared_secret_seed(self) -> int:
+        if self.cfg.privacy.noise_seed is not None:
+            logger.warning("privacy.noise_seed is set: the noise is reproducible by anyone who "
+                           "knows it; do not release models trained this way")
+            return self.cfg.privacy.noise_seed
         seed = torch.tensor([secrets.randbits(62)], dtype=torch.int64, device=self.dist.device)
         dist.broadcast(seed, src=0)
         return int(seed.item())
@@ -395,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = trainer.train()
     if trainer.dist.is_main:
         print(_summary_text(summary))
-    dist.destroy_process_group()
+    shutdown()
     return 0
 
 
