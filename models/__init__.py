@@ -1,0 +1,38 @@
+"""Vision models for private training: DP-Cap (image captioning) and ViP (MAE).
+
+    model = create_model("dpcap_base")               # or dpcap_nano/tiny/small/large, vip_base
+    loss = model(images, tokens)                     # per-example loss [B]
+    model = create_model("dpcap_base", img_size=64)  # any config field can be overridden
+
+Models know nothing of privacy or distribution; they return per-example losses
+and keep every trainable tensor in a layer the privacy engine has a rule for.
+"""
+
+import dataclasses
+
+from torch import nn
+
+from models.dpcap import DPCap, DPCapConfig
+from models.dpcap import CONFIGS as _DPCAP_CONFIGS
+from models.upstream import convert_upstream_state_dict, to_upstream_state_dict
+
+# name -> (model class, config); the class takes the config as its only argument
+REGISTRY: dict[str, tuple[type[nn.Module], object]] = {
+    **{name: (DPCap, cfg) for name, cfg in _DPCAP_CONFIGS.items()},
+}
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model, with any config field overridden (``img_size=64``...)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}")
+    cls, config = REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(config)}
+    if unknown := sorted(set(overrides) - fields):
+        raise ValueError(f"{name} has no setting {', '.join(unknown)}; settings: {', '.join(sorted(fields))}")
+    return cls(dataclasses.replace(config, **overrides))
+
+
+__all__ = [
+    "REGISTRY", "DPCap", "DPCapConfig", "create_model", "convert_upstream_state_dict", "to_upstream_state_dict",
+]

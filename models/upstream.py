@@ -1,0 +1,92 @@
+"""State dicts of the original DP-Cap code (facebookresearch/dpcap, models_mae.py)
+<-> this package's layout.
+
+Only names differ, plus one tensor: each original decoder layer stores its causal
+mask as a buffer ``decoder.layers.{i}.self_attn.bias`` ([1, 1, 128, 128] lower-
+triangular ones). Our decoder uses ``is_causal`` attention instead, so the mask is
+checked and dropped on import and re-created on export. Everything else, the frozen
+position embeddings, CLS token and type embeddings included, is carried as is.
+
+    original                                          ours
+    text_embedding_layer_SimVLM.weight                text_embed.weight
+    decoder.layers.{i}.self_attn.c_attn               decoder_blocks.{i}.self_attn.qkv
+    decoder.layers.{i}.self_attn.c_proj               decoder_blocks.{i}.self_attn.proj
+    decoder.layers.{i}.multihead_attn.q_proj          decoder_blocks.{i}.cross_attn.q
+    decoder.layers.{i}.multihead_attn.kv_proj         decoder_blocks.{i}.cross_attn.kv
+    decoder.layers.{i}.multihead_attn.c_proj          decoder_blocks.{i}.cross_attn.proj
+    decoder.layers.{i}.linear1 / linear2              decoder_blocks.{i}.fc1 / fc2
+    decoder.layers.{i}.norm1..3                       decoder_blocks.{i}.norm1..3
+    decoder_pred_text.0 / decoder_pred_text.1         head_norm / head
+    (all other keys: same name)
+"""
+
+import re
+
+import torch
+
+CAUSAL_MASK_SIZE = 128  # the original decoder's block size: its mask buffer is [1, 1, 128, 128]
+
+_RENAMES = [  # (original pattern, ours), applied to key prefixes
+    (r"text_embedding_layer_SimVLM\.", "text_embed."),
+    (r"decoder\.layers\.(\d+)\.self_attn\.c_attn\.", r"decoder_blocks.\1.self_attn.qkv."),
+    (r"decoder\.layers\.(\d+)\.self_attn\.c_proj\.", r"decoder_blocks.\1.self_attn.proj."),
+    (r"decoder\.layers\.(\d+)\.multihead_attn\.q_proj\.", r"decoder_blocks.\1.cross_attn.q."),
+    (r"decoder\.layers\.(\d+)\.multihead_attn\.kv_proj\.", r"decoder_blocks.\1.cross_attn.kv."),
+    (r"decoder\.layers\.(\d+)\.multihead_attn\.c_proj\.", r"decoder_blocks.\1.cross_attn.proj."),
+    (r"decoder\.layers\.(\d+)\.linear([12])\.", r"decoder_blocks.\1.fc\2."),
+    (r"decoder\.layers\.(\d+)\.norm([123])\.", r"decoder_blocks.\1.norm\2."),
+    (r"decoder_pred_text\.0\.", "head_norm."),
+    (r"decoder_pred_text\.1\.", "head."),
+]
+_MASK_KEY = re.compile(r"decoder\.layers\.(\d+)\.self_attn\.bias$")
+
+
+def _causal_mask() -> torch.Tensor:
+    n = CAUSAL_MASK_SIZE
+    return torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+
+
+def _rename(key: str, table: list[tuple[str, str]]) -> str:
+    for pattern, repl in table:
+        new, n = re.subn("^" + pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def convert_upstream_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original DP-Cap state dict -> ours (load it with ``model.load_state_dict``)."""
+    out = {}
+    for key, value in sd.items():
+        if _MASK_KEY.match(key):
+            n = value.shape[-1]
+            if value.shape != (1, 1, n, n) or not torch.equal(value.cpu().float(), torch.tril(torch.ones(n, n)).view_as(value)):
+                raise ValueError(f"{key} is not a causal mask; this checkpoint's decoder is not the one DP-Cap trains")
+            continue
+        out[_rename(key, _RENAMES)] = value
+    return out
+
+
+_OURS_TO_ORIGINAL = [
+    (r"text_embed\.", "text_embedding_layer_SimVLM."),
+    (r"decoder_blocks\.(\d+)\.self_attn\.qkv\.", r"decoder.layers.\1.self_attn.c_attn."),
+    (r"decoder_blocks\.(\d+)\.self_attn\.proj\.", r"decoder.layers.\1.self_attn.c_proj."),
+    (r"decoder_blocks\.(\d+)\.cross_attn\.q\.", r"decoder.layers.\1.multihead_attn.q_proj."),
+    (r"decoder_blocks\.(\d+)\.cross_attn\.kv\.", r"decoder.layers.\1.multihead_attn.kv_proj."),
+    (r"decoder_blocks\.(\d+)\.cross_attn\.proj\.", r"decoder.layers.\1.multihead_attn.c_proj."),
+    (r"decoder_blocks\.(\d+)\.fc([12])\.", r"decoder.layers.\1.linear\2."),
+    (r"decoder_blocks\.(\d+)\.norm([123])\.", r"decoder.layers.\1.norm\2."),
+    (r"head_norm\.", "decoder_pred_text.0."),
+    (r"head\.", "decoder_pred_text.1."),
+]
+
+
+def to_upstream_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our DP-Cap state dict -> the original layout, key order included."""
+    out = {}
+    for key, value in sd.items():
+        if m := re.match(r"decoder_blocks\.(\d+)\.self_attn\.qkv\.weight$", key):
+            # the original keeps its causal mask just before c_attn
+            out[f"decoder.layers.{m.group(1)}.self_attn.bias"] = _causal_mask().to(value.device)
+        out[_rename(key, _OURS_TO_ORIGINAL)] = value
+    return out
