@@ -14,11 +14,14 @@ from torch import nn
 
 from models.dpcap import DPCap, DPCapConfig
 from models.dpcap import CONFIGS as _DPCAP_CONFIGS
+from models.vip import CONFIGS as _VIP_CONFIGS
+from models.vip import ViP, ViPConfig
 from models.upstream import convert_upstream_state_dict, to_upstream_state_dict
 
 # name -> (model class, config); the class takes the config as its only argument
 REGISTRY: dict[str, tuple[type[nn.Module], object]] = {
     **{name: (DPCap, cfg) for name, cfg in _DPCAP_CONFIGS.items()},
+    **{name: (ViP, cfg) for name, cfg in _VIP_CONFIGS.items()},
 }
 
 
@@ -34,5 +37,5 @@ def create_model(name: str, **overrides) -> nn.Module:
 
 
 __all__ = [
-    "REGISTRY", "DPCap", "DPCapConfig", "create_model", "convert_upstream_state_dict", "to_upstream_state_dict",
+    "REGISTRY", "DPCap", "DPCapConfig", "ViP", "ViPConfig", "create_model", "convert_upstream_state_dict", "to_upstream_state_dict",
 ]
