@@ -285,6 +285,8 @@ class DPCap(nn.Module):
         number of names). The encoder runs once per image either way; ``"loss"``
         decodes at most ``max_rows`` (image, name) pairs at a time.
         """
+        if method not in ("loss", "trie"):
+            raise ValueError(f"method must be 'loss' or 'trie', got {method!r}")
         tokenizer = tokenizer or load_tokenizer()
         names = [[n] if isinstance(n, str) else list(n) for n in class_names]
         if not names or not all(names):
@@ -306,9 +308,7 @@ class DPCap(nn.Module):
         memory = self.features(images)
         if method == "loss":
             return self._zero_shot_loss(memory, prompt_ids, seqs, owner, max_rows)
-        if method == "trie":
-            return self._zero_shot_trie(memory, prompt_ids, seqs, owner)
-        raise ValueError(f"method must be 'loss' or 'trie', got {method!r}")
+        return self._zero_shot_trie(memory, prompt_ids, seqs, owner)
 
     def _zero_shot_loss(self, memory, prompt_ids, seqs, owner, max_rows) -> torch.Tensor:
         B, N = memory.shape[0], len(seqs)

@@ -102,3 +102,113 @@ def test_named_configs_trainable_params(name, params):
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert abs(n - params) < 0.05e6, n
     assert len(model.blocks) == model.config.depth and len(model.decoder_blocks) == model.config.decoder_depth
+
+
+def _tiny(vocab_size=30522, text_max_length=16, seed=0):
+    torch.manual_seed(seed)
+    return models.create_model(
+        "dpcap_nano", img_size=32, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+        decoder_depth=2, decoder_num_heads=2, vocab_size=vocab_size, text_max_length=text_max_length,
+    ).eval()
+
+
+def _naive_greedy(model, image, max_length):
+    """Full recompute at every step, one image: the original's captioning loop."""
+    memory = model.features(image)
+    ids = [101]
+    while ids[-1] != EOS_ID and len(ids) <= max_length:
+        x = model._decode(torch.tensor([ids]), memory)
+        ids.append(int(model.head(model.head_norm(x[:, -1])).argmax()))
+    return ids
+
+
+@pytest.mark.parametrize("max_length", [12, 5])
+def test_generate_matches_naive_greedy(max_length):
+    model = _tiny(vocab_size=110, text_max_length=12)
+    with torch.no_grad():
+        model.head.bias[EOS_ID] += 1.0  # so that some captions end early and others do not
+        images = torch.randn(6, 3, 32, 32) * 3
+        out = model.generate(images, max_length)
+        naive = [_naive_greedy(model, images[i : i + 1], max_length) for i in range(6)]
+    assert out.shape == (6, max(map(len, naive)))
+    for row, ids in zip(out.tolist(), naive):
+        assert row == ids + [PAD_ID] * (len(row) - len(ids))
+    if max_length == 12:
+        assert len({len(ids) for ids in naive}) > 1  # the test saw early and late stops
+
+
+CLASSES = ["cat", "dog", ["sea lion", "seal"], "sea turtle", "school bus", "golden retriever"]
+PROMPT = "this is a photo of a"
+
+
+def _names():
+    return [(c, n) for c, names in enumerate(CLASSES) for n in ([names] if isinstance(names, str) else names)]
+
+
+def test_zero_shot_loss_matches_naive():
+    model, tok = _tiny(), models.tokenizer.load_tokenizer()
+    images = torch.randn(5, 3, 32, 32) * 3
+    with torch.no_grad():
+        pred = model.zero_shot(images, CLASSES, method="loss")
+        chunked = model.zero_shot(images, CLASSES, method="loss", max_rows=3)
+        expected = []
+        for i in range(5):
+            losses = [
+                (float(model(images[i : i + 1], torch.tensor([tok.encode(f"{PROMPT} {n}", 16)]))), c) for c, n in _names()
+            ]
+            expected.append(min(losses)[1])
+    assert pred.tolist() == expected and chunked.tolist() == expected
+
+
+def test_zero_shot_trie_matches_naive_constrained_greedy():
+    model, tok = _tiny(), models.tokenizer.load_tokenizer()
+    images = torch.randn(5, 3, 32, 32) * 3
+    seqs = [(tok.wordpieces(n) + [EOS_ID], c) for c, n in _names()]
+    prompt = [101, *tok.wordpieces(PROMPT)]
+    with torch.no_grad():
+        pred = model.zero_shot(images, CLASSES, method="trie")
+        expected = []
+        for i in range(5):
+            memory, chosen = model.features(images[i : i + 1]), []
+            while not chosen or chosen[-1] != EOS_ID:
+                allowed = {s[len(chosen)] for s, _ in seqs if s[: len(chosen)] == chosen}
+                logits = model.head(model.head_norm(model._decode(torch.tensor([prompt + chosen]), memory)[0, -1]))
+                chosen.append(max(allowed, key=lambda t: float(logits[t])))
+            expected.append(next(c for s, c in seqs if s == chosen))
+    assert pred.tolist() == expected
+
+
+def test_features_shape_and_meta_init():
+    model = _tiny()
+    assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, 5, 32)
+    with torch.device("meta"):
+        meta = models.create_model("dpcap_nano", img_size=32)
+    meta.to_empty(device="cpu")
+    meta.init_weights()  # what a trainer does after sharding on the meta device
+    fresh = models.create_model("dpcap_nano", img_size=32)
+    for name in ("pos_embed", "decoder_pos_embed", "text_decoder_pos_embed"):
+        assert torch.equal(getattr(meta, name), getattr(fresh, name))
+    assert meta.cls_token.std() > 0.01 and meta.blocks[0].norm1.weight.eq(1).all()
+
+
+def test_errors():
+    model = _tiny(text_max_length=8)
+    images, tokens = torch.randn(2, 3, 32, 32), torch.tensor([[101, 7592, 102], [101, 2088, 102]])
+    with pytest.raises(ValueError, match="img_size"):
+        model(torch.randn(2, 3, 64, 64), tokens)
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(images, torch.tensor([[101, 30522, 102], [101, 2088, 102]]))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(images, torch.tensor([[101, -1, 102], [101, 2088, 102]]))
+    with pytest.raises(ValueError, match="text_max_length"):
+        model(images, torch.full((2, 9), 101))
+    with pytest.raises(ValueError, match="text_max_length"):
+        model.generate(images, max_length=9)
+    with pytest.raises(ValueError, match="text_max_length"):
+        model.zero_shot(images, ["a very long class name with many many words"])
+    with pytest.raises(ValueError, match="'loss' or 'trie'"):
+        model.zero_shot(images, ["cat"], method="beam")
+    with pytest.raises(ValueError, match="known models: dpcap_base, dpcap_large, dpcap_nano"):
+        models.create_model("dpcap_huge")
+    with pytest.raises(ValueError, match="divisible"):
+        models.create_model("dpcap_nano", decoder_num_heads=5)

@@ -1,0 +1,104 @@
+"""ViP's masked autoencoder: size, MAE semantics, per-example losses, errors."""
+
+import pytest
+import torch
+
+import models
+from models.layers import sincos_2d
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return models.create_model(
+        "vip_base", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2, **kw,
+    )
+
+
+def test_vip_base_size_all_trainable():
+    with torch.device("meta"):
+        model = models.create_model("vip_base")
+    assert all(p.requires_grad for p in model.parameters())
+    assert abs(sum(p.numel() for p in model.parameters()) - 99.3e6) < 0.05e6
+    assert len(model.blocks) == 12 and len(model.decoder_blocks) == 4
+    assert model.blocks[0].attn.qkv.bias is not None
+    assert not list(model.buffers())
+
+
+def test_position_embeddings_start_from_sincos():
+    model = _tiny()
+    torch.testing.assert_close(model.pos_embed.weight.detach(), sincos_2d(32, 4, cls_token=True))
+    torch.testing.assert_close(model.decoder_pos_embed.weight.detach(), sincos_2d(16, 4, cls_token=True))
+
+
+def _mae_reference(model, images, noise, mask_ratio):
+    """facebookresearch/mae's forward (random_masking with given noise, mask tokens
+    appended then unshuffled, norm_pix_loss), batch-mean replaced by per example."""
+    x = model.patch_embed(images) + model.pos_embed.weight[:, 1:]
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.gather(x, 1, ids_shuffle[:, :len_keep].unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones(N, L)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    cls = model.cls_token.weight + model.pos_embed.weight[:, :1]
+    x = torch.cat([cls.expand(N, -1, -1), x], dim=1)
+    for blk in model.blocks:
+        x = blk(x)
+    x = model.decoder_embed(model.norm(x))
+    mask_tokens = model.mask_token.weight.repeat(N, L + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1], x_], dim=1) + model.decoder_pos_embed.weight
+    for blk in model.decoder_blocks:
+        x = blk(x)
+    pred = model.decoder_pred(model.decoder_norm(x))[:, 1:]
+    target = model.patchify(images)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(-1)
+    return (loss * mask).sum(1) / mask.sum(1)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.5])
+def test_matches_mae_reference(mask_ratio):
+    model = _tiny()
+    images, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    with torch.no_grad():
+        loss = model(images, mask_ratio, noise=noise)
+        torch.testing.assert_close(loss, _mae_reference(model, images, noise, mask_ratio))
+        alone = torch.cat([model(images[i : i + 1], mask_ratio, noise=noise[i : i + 1]) for i in range(3)])
+    assert loss.shape == (3,)
+    torch.testing.assert_close(loss, alone)  # per example: no mixing across the batch
+
+
+def test_patchify_order():
+    """Patch (row i, column j) holds pixels [:, 16i:16i+16, 16j:16j+16], channel last."""
+    model = _tiny()
+    images = torch.randn(2, 3, 32, 32)
+    patches = model.patchify(images)
+    assert patches.shape == (2, 16, 8 * 8 * 3)
+    torch.testing.assert_close(patches[:, 1 * 4 + 2].view(2, 8, 8, 3), images[:, :, 8:16, 16:24].permute(0, 2, 3, 1))
+
+
+def test_features_and_random_masks():
+    model = _tiny()
+    images = torch.randn(2, 3, 32, 32)
+    assert model.features(images).shape == (2, 17, 32)
+    with torch.no_grad():
+        assert not torch.equal(model(images), model(images))  # a fresh mask each call
+        loss = model(images)
+    assert torch.isfinite(loss).all()
+
+
+def test_errors():
+    model = _tiny()
+    with pytest.raises(ValueError, match="img_size"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model(torch.randn(2, 3, 32, 32), mask_ratio=0.0)
+    with pytest.raises(ValueError, match="noise"):
+        model(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 15))
+    with pytest.raises(ValueError, match="vocab_size"):
+        models.create_model("vip_base", vocab_size=10)
