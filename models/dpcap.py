@@ -215,14 +215,14 @@ class DPCap(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, min_length: int = 1) -> None:
         c = self.config
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an int64 tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
+            raise ValueError(f"tokens must be an integer (int64 or int32) tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
         if not min_length <= tokens.shape[1] <= c.text_max_length:
             raise ValueError(
                 f"token sequences of length {tokens.shape[1]}: need {min_length} to text_max_length="
                 f"{c.text_max_length}; truncate the captions or build the model with a larger text_max_length"
             )
-        if not torch.compiler.is_compiling() and tokens.numel():
-            lo, hi = tokens.min().item(), tokens.max().item()
+        if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():  # values known
+            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one device sync
             if lo < 0 or hi >= c.vocab_size:
                 raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}), got [{lo}, {hi}]")
 

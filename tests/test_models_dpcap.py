@@ -212,3 +212,12 @@ def test_errors():
         models.create_model("dpcap_huge")
     with pytest.raises(ValueError, match="divisible"):
         models.create_model("dpcap_nano", decoder_num_heads=5)
+
+
+def test_training_forward_traces_without_graph_breaks():
+    """torch.compile(fullgraph=True) with the eager backend: dynamo traces the whole
+    training forward (no graph break), without paying for code generation."""
+    model = _tiny(vocab_size=200, text_max_length=8)
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 200, (2, 8))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images, tokens), model(images, tokens))

@@ -102,3 +102,10 @@ def test_errors():
         model(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 15))
     with pytest.raises(ValueError, match="vocab_size"):
         models.create_model("vip_base", vocab_size=10)
+
+
+def test_training_forward_traces_without_graph_breaks():
+    model = _tiny()
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images, noise=noise), model(images, noise=noise))
