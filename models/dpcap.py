@@ -44,8 +44,8 @@ class DPCapConfig:
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Per-example next-token cross-entropy: logits [B, T-1, V] predict tokens[:, 1:];
     PAD targets are ignored; each example's sum is divided by its number of non-PAD
-    targets (an example without any counts 0, not NaN)."""
-    targets = tokens[:, 1:]
+    targets (an example with none gets 0, not NaN)."""
+    targets = tokens[:, 1:].long()
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID, reduction="none")
     count = (targets != PAD_ID).sum(dim=1)
     return ce.view_as(targets).sum(dim=1) / count.clamp(min=1)

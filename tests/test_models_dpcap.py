@@ -221,3 +221,16 @@ def test_training_forward_traces_without_graph_breaks():
     images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 200, (2, 8))
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(images, tokens), model(images, tokens))
+
+
+def test_bf16_autocast_and_int32_tokens():
+    model = _tiny(vocab_size=200, text_max_length=8)
+    images, tokens = torch.randn(3, 3, 32, 32), torch.randint(1, 200, (3, 8))
+    tokens[:, 0], tokens[:, -1], tokens[0, 4:] = 101, 102, PAD_ID
+    loss = model(images, tokens)
+    torch.testing.assert_close(model(images, tokens.int()), loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(images, tokens)
+        caption = model.generate(images, max_length=8)
+    assert low.dtype == torch.float32 and caption.shape[0] == 3
+    torch.testing.assert_close(low, loss, rtol=5e-2, atol=5e-2)
