@@ -1,0 +1,114 @@
+"""Safe decoding of shard members: images, UTF-8 captions and JSON, nothing else.
+
+webdataset's default decoders unpickle `.pyd`/`.pickle` and torch.load `.pth`
+members; shards come from outside, so this module is the only decoder and it
+knows three kinds of member. Everything else is ignored unread. Each check
+raises `BadSample` with a short reason; readers skip the sample and count the
+reason (see `SkipCounter`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from collections import Counter
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+METADATA_EXTENSION = "json"
+KNOWN_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + (CAPTION_EXTENSION, METADATA_EXTENSION))
+
+MAX_IMAGE_BYTES = 32 * 2**20
+MAX_IMAGE_PIXELS = 8192 * 8192  # decompression-bomb guard, checked before any pixel is decoded
+MAX_CAPTION_BYTES = 16 * 2**10
+MAX_METADATA_BYTES = 2**20
+MAX_MEMBER_BYTES = {ext: MAX_IMAGE_BYTES for ext in IMAGE_EXTENSIONS} | {
+    CAPTION_EXTENSION: MAX_CAPTION_BYTES,
+    METADATA_EXTENSION: MAX_METADATA_BYTES,
+}
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is a short, countable label."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SkipCounter(Counter):
+    """Counts skipped samples by reason; logs the first occurrence of each reason."""
+
+    def record(self, reason: str, where: str = "") -> None:
+        if self[reason] == 0:
+            log.warning("skipping bad sample (%s) %s; further ones are counted, not logged", reason, where)
+        self[reason] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.values())
+
+
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """RGB image from JPEG/PNG/WebP bytes; a JPEG much larger than `draft_size`
+    is decoded at a reduced scale (DCT scaling), never below `draft_size`."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadSample("image too large")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise BadSample("image too large")
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            return image.convert("RGB")
+    except BadSample:
+        raise
+    except Exception as exn:  # PIL raises many types on corrupt input
+        raise BadSample("undecodable image") from exn
+
+
+def decode_caption(data: bytes) -> str:
+    """Caption text: strict UTF-8, bounded, not blank."""
+    if len(data) > MAX_CAPTION_BYTES:
+        raise BadSample("caption too long")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exn:
+        raise BadSample("caption not UTF-8") from exn
+    if not text:
+        raise BadSample("empty caption")
+    return text
+
+
+def decode_metadata(data: bytes) -> dict:
+    """JSON object metadata (plain json.loads: no object hooks)."""
+    if len(data) > MAX_METADATA_BYTES:
+        raise BadSample("metadata too large")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exn:
+        raise BadSample("undecodable metadata") from exn
+    if not isinstance(value, dict):
+        raise BadSample("metadata not an object")
+    return value
+
+
+def decode_sample(members: dict[str, bytes], draft_size: int | None = None) -> tuple[Image.Image, str]:
+    """(RGB image, caption) from a sample's members keyed by lower-case extension."""
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    if image_ext is None:
+        raise BadSample("missing image")
+    if CAPTION_EXTENSION not in members:
+        raise BadSample("missing caption")
+    caption = decode_caption(members[CAPTION_EXTENSION])
+    return decode_image(members[image_ext], draft_size), caption
