@@ -14,9 +14,9 @@ from torch import nn
 
 from models.dpcap import DPCap, DPCapConfig
 from models.dpcap import CONFIGS as _DPCAP_CONFIGS
+from models.upstream import convert_upstream_state_dict, to_upstream_state_dict
 from models.vip import CONFIGS as _VIP_CONFIGS
 from models.vip import ViP, ViPConfig
-from models.upstream import convert_upstream_state_dict, to_upstream_state_dict
 
 # name -> (model class, config); the class takes the config as its only argument
 REGISTRY: dict[str, tuple[type[nn.Module], object]] = {
@@ -37,5 +37,6 @@ def create_model(name: str, **overrides) -> nn.Module:
 
 
 __all__ = [
-    "REGISTRY", "DPCap", "DPCapConfig", "ViP", "ViPConfig", "create_model", "convert_upstream_state_dict", "to_upstream_state_dict",
+    "REGISTRY", "DPCap", "DPCapConfig", "ViP", "ViPConfig",
+    "create_model", "convert_upstream_state_dict", "to_upstream_state_dict",
 ]

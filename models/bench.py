@@ -34,7 +34,7 @@ def _batch(model, batch: int, device: torch.device, gen: torch.Generator) -> tup
     images = torch.randn(batch, 3, c.img_size, c.img_size, generator=gen).to(device)
     if not isinstance(model, DPCap):
         return (images,)
-    tokens = torch.randint(1000, c.vocab_size, (batch, c.text_max_length), generator=gen)
+    tokens = torch.randint(1, c.vocab_size, (batch, c.text_max_length), generator=gen)  # no PAD
     tokens[:, 0], tokens[:, -1] = BOS_ID, EOS_ID
     return images, tokens.to(device)
 
@@ -101,37 +101,36 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def private_step():
+        with autocast:
+            loss = model(*inputs)
+        engine.backward(loss)
+        engine.finish_step()
+        opt.step()
+        engine.zero_grad()
+
+    on_cuda = device.type == "cuda"
     result = {
         "model": args.model, "overrides": overrides, "batch": args.batch, "dtype": args.dtype,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if on_cuda else f"cpu ({torch.get_num_threads()} threads)",
         "trainable_params": sum(q.numel() for q in params), "gflop_per_example": flops / 1e9,
     }
-    for mode in ("plain", "private"):
+    modes = {"plain": plain_step} if args.no_private else {"plain": plain_step, "private": private_step}
+    for mode, step in modes.items():
         if mode == "private":
-            if args.no_private:
-                break
-            engine = PrivacyEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=args.batch, seed=0)
-
-            def step():
-                with autocast:
-                    loss = model(*inputs)
-                engine.backward(loss)
-                engine.finish_step()
-                opt.step()
-                engine.zero_grad()
-        else:
-            step = plain_step
-        if device.type == "cuda":
+            engine = PrivacyEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=args.batch)
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t = statistics.median(_time_steps(step, args.steps, args.warmup, device))
+        rate = flops * args.batch / t
         result[mode] = {
-            "step_s": t, "images_per_s": args.batch / t, "tflop_per_s": flops * args.batch / t / 1e12,
-            "mfu": flops * args.batch / t / (args.peak_tflops * 1e12),
+            "step_s": t, "images_per_s": args.batch / t, "tflop_per_s": rate / 1e12,
+            "mfu": rate / (args.peak_tflops * 1e12),
         }
-        if device.type == "cuda":
+        if on_cuda:
             result[mode]["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        logger.info("%-8s step %.4g s  %.4g img/s  %.3g TFLOP/s  MFU %.3g%%", mode, t, args.batch / t,
-                    result[mode]["tflop_per_s"], 100 * result[mode]["mfu"])
+        logger.info("%-8s step %.4g s  %.4g img/s  %.3g TFLOP/s  MFU %.3g%%",
+                    mode, t, args.batch / t, rate / 1e12, 100 * result[mode]["mfu"])
     if "private" in result:
         result["private_over_plain"] = result["plain"]["step_s"] / result["private"]["step_s"]
     logger.info("%s", json.dumps(result))

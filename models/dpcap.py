@@ -12,7 +12,6 @@ key layout. The fixed position embeddings and the (frozen, randomly drawn) CLS
 token and type embeddings are persistent buffers, loaded from checkpoints.
 """
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -205,7 +204,9 @@ class DPCap(nn.Module):
         pos = self.text_decoder_pos_embed[:, start : start + tokens.shape[1]] + self.decoder_text_type_embedding
         return x + pos.to(x.dtype)
 
-    def _decode(self, tokens, memory, caches=None, start: int = 0) -> torch.Tensor:
+    def _decode(
+        self, tokens: torch.Tensor, memory: torch.Tensor, caches: list[DecodeCache] | None = None, start: int = 0
+    ) -> torch.Tensor:
         """Decoder states [B, T, Dd] of ``tokens``; with ``caches`` (one per block) incremental."""
         x = self._embed_text(tokens, start)
         for i, blk in enumerate(self.decoder_blocks):
@@ -215,7 +216,7 @@ class DPCap(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, min_length: int = 1) -> None:
         c = self.config
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an integer (int64 or int32) tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
+            raise ValueError(f"tokens must be an int64 or int32 tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
         if not min_length <= tokens.shape[1] <= c.text_max_length:
             raise ValueError(
                 f"token sequences of length {tokens.shape[1]}: need {min_length} to text_max_length="
@@ -367,7 +368,3 @@ _SIZES = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=768, decoder_num_heads=12),
 }
 CONFIGS = {f"dpcap_{size}": DPCapConfig(**kw) for size, kw in _SIZES.items()}
-
-
-def dpcap(config: DPCapConfig = CONFIGS["dpcap_base"], **overrides) -> DPCap:
-    return DPCap(dataclasses.replace(config, **overrides))

@@ -60,7 +60,8 @@ def convert_upstream_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
     for key, value in sd.items():
         if _MASK_KEY.match(key):
             n = value.shape[-1]
-            if value.shape != (1, 1, n, n) or not torch.equal(value.cpu().float(), torch.tril(torch.ones(n, n)).view_as(value)):
+            causal = value.shape == (1, 1, n, n) and torch.equal(value.cpu().float(), torch.tril(torch.ones(1, 1, n, n)))
+            if not causal:
                 raise ValueError(f"{key} is not a causal mask; this checkpoint's decoder is not the one DP-Cap trains")
             continue
         out[_rename(key, _RENAMES)] = value

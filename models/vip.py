@@ -79,7 +79,9 @@ class ViP(nn.Module):
             x = blk(x)
         return self.norm(x)
 
-    def forward(self, images: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """images [B, 3, H, W] -> per-example loss [B].
 
         Each example keeps the ``int(L * (1 - mask_ratio))`` patches with the

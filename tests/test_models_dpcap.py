@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from models.tokenizer import EOS_ID, PAD_ID
+from models.tokenizer import EOS_ID, PAD_ID, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -65,7 +65,8 @@ def test_converter_refuses_a_non_causal_mask(conformance):
 
 def _read_tsv(name):
     with open(FIXTURES / f"dpcap_{name}_state_dict.tsv") as f:
-        return {r["key"]: (tuple(ast.literal_eval(r["shape"])), r["requires_grad"]) for r in csv.DictReader(f, delimiter="\t")}
+        rows = csv.DictReader(f, delimiter="\t")
+        return {r["key"]: (tuple(ast.literal_eval(r["shape"])), r["requires_grad"]) for r in rows}
 
 
 @pytest.mark.parametrize("size", ["tiny", "base", "large"])
@@ -94,7 +95,10 @@ def test_upstream_layouts(size):
 
 @pytest.mark.parametrize(
     "name, params",
-    [("dpcap_nano", 20.8e6), ("dpcap_tiny", 59.4e6), ("dpcap_small", 115.7e6), ("dpcap_base", 189.8e6), ("dpcap_large", 407.4e6)],
+    [
+        ("dpcap_nano", 20.8e6), ("dpcap_tiny", 59.4e6), ("dpcap_small", 115.7e6),
+        ("dpcap_base", 189.8e6), ("dpcap_large", 407.4e6),
+    ],
 )
 def test_named_configs_trainable_params(name, params):
     with torch.device("meta"):
@@ -146,22 +150,21 @@ def _names():
 
 
 def test_zero_shot_loss_matches_naive():
-    model, tok = _tiny(), models.tokenizer.load_tokenizer()
+    model, tok = _tiny(), load_tokenizer()
     images = torch.randn(5, 3, 32, 32) * 3
     with torch.no_grad():
         pred = model.zero_shot(images, CLASSES, method="loss")
         chunked = model.zero_shot(images, CLASSES, method="loss", max_rows=3)
         expected = []
         for i in range(5):
-            losses = [
-                (float(model(images[i : i + 1], torch.tensor([tok.encode(f"{PROMPT} {n}", 16)]))), c) for c, n in _names()
-            ]
+            one = images[i : i + 1]
+            losses = [(float(model(one, torch.tensor([tok.encode(f"{PROMPT} {n}", 16)]))), c) for c, n in _names()]
             expected.append(min(losses)[1])
     assert pred.tolist() == expected and chunked.tolist() == expected
 
 
 def test_zero_shot_trie_matches_naive_constrained_greedy():
-    model, tok = _tiny(), models.tokenizer.load_tokenizer()
+    model, tok = _tiny(), load_tokenizer()
     images = torch.randn(5, 3, 32, 32) * 3
     seqs = [(tok.wordpieces(n) + [EOS_ID], c) for c, n in _names()]
     prompt = [101, *tok.wordpieces(PROMPT)]
