@@ -213,8 +213,13 @@ class PrivacyEngine:
                 f"per_example_loss must have shape [b] (one loss per example, not reduced), got {tuple(per_example_loss.shape)}"
             )
         try:
+            # an empty micro-batch still runs backward, so that every rank runs the
+            # same hooks and collectives, but it has no per-example gradient to clip
             per_example_loss.sum().backward()
-            self._clip_and_accumulate(per_example_loss.shape[0], per_example_loss.device)
+            if per_example_loss.shape[0] == 0:
+                self.per_example_norms = per_example_loss.new_zeros(0, dtype=FP32)
+            else:
+                self._clip_and_accumulate(per_example_loss.shape[0], per_example_loss.device)
         finally:
             for target in self._targets:
                 target.calls.clear()

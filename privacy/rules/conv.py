@@ -46,7 +46,7 @@ class Conv2dRule(Rule):
 
             def grads(call: Call) -> Tensor:
                 g = call.grad.to(call.saved[0].dtype)
-                return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)  # [b, L, out]
+                return g.flatten(2).transpose(1, 2)  # [b, L, out]
 
             scratch["pairs"] = (stacked(calls, patches), stacked(calls, grads))
         return scratch["pairs"]

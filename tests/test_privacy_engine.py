@@ -1,0 +1,333 @@
+"""PrivacyEngine against torch.func per-example gradients (vmap of grad)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from privacy import AddedParameter, PrivacyEngine
+from privacy.rules.linear import use_ghost, weight_sq_norms
+from tests.privacy_helpers import (
+    OddLayers,
+    TinyDecoder,
+    TinyViT,
+    clipped_mean,
+    decoder_batch,
+    flat_norms,
+    odd_batch,
+    per_example_grads,
+    vit_batch,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
+
+MODELS = {
+    "vit": (TinyViT, vit_batch),
+    "decoder": (TinyDecoder, decoder_batch),
+    "odd": (OddLayers, odd_batch),
+}
+BATCH = 6
+EXPECTED_BATCH = 8.5  # != the realised batch: the engine must divide by this
+
+
+def build(kind: str, seed: int = 0):
+    make_model, make_batch = MODELS[kind]
+    torch.manual_seed(seed)
+    model = make_model()
+    inputs = make_batch(BATCH, torch.Generator().manual_seed(seed + 1))
+    return model, inputs
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def case(request):
+    model, inputs = build(request.param)
+    reference = per_example_grads(model, *inputs)
+    return model, inputs, reference
+
+
+def run_engine(model, inputs, splits, max_norm, sigma=0.0, expected=EXPECTED_BATCH, autocast=False):
+    engine = PrivacyEngine(model, max_grad_norm=max_norm, noise_multiplier=sigma, expected_batch_size=expected, seed=3)
+    norms, start = [], 0
+    for size in splits:
+        chunk = [t[start:start + size] for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(*chunk)
+        engine.backward(loss)
+        norms.append(engine.per_example_norms)
+        start += size
+    stats = engine.finish_step()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    engine.zero_grad()
+    engine.detach()
+    return grads, torch.cat(norms), stats
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("splits", [(6,), (2, 4), (1, 3, 2)])
+def test_clipped_gradient_matches_per_example_reference(case, splits):
+    model, inputs, reference = case
+    norms = flat_norms(reference)
+    max_norm = norms.median().item()  # some examples clipped, some not
+    expected = clipped_mean(reference, max_norm, EXPECTED_BATCH)
+    grads, engine_norms, stats = run_engine(model, inputs, splits, max_norm)
+    torch.testing.assert_close(engine_norms, norms, rtol=1e-5, atol=0)
+    assert set(grads) == set(expected)
+    for name, value in grads.items():
+        assert value.dtype == torch.float32
+        assert relative_error(value, expected[name]) < 1e-5, name
+    assert stats["examples"] == BATCH and stats["skipped_nonfinite"] == 0
+    assert stats["clip_fraction"] == pytest.approx((norms > max_norm).float().mean().item(), abs=1 / BATCH + 1e-6)
+
+
+def test_no_clipping_when_bound_is_loose(case):
+    model, inputs, reference = case
+    grads, _, stats = run_engine(model, inputs, (6,), max_norm=1e6, expected=BATCH)
+    for name, value in grads.items():
+        assert relative_error(value, reference[name].mean(0)) < 1e-5, name
+    assert stats["clip_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["vit", "decoder"])
+def test_bf16_autocast_close_to_fp32_reference(kind):
+    model, inputs = build(kind)
+    reference = per_example_grads(model, *inputs)
+    norms = flat_norms(reference)
+    max_norm = norms.median().item()
+    expected = clipped_mean(reference, max_norm, EXPECTED_BATCH)
+    grads, engine_norms, _ = run_engine(model, inputs, (2, 4), max_norm, autocast=True)
+    assert engine_norms.dtype == torch.float32
+    torch.testing.assert_close(engine_norms, norms, rtol=3e-2, atol=0)
+    for name, value in grads.items():
+        assert value.dtype == torch.float32
+        assert relative_error(value, expected[name]) < 6e-2, name
+
+
+def test_non_finite_example_is_dropped_and_counted():
+    model, (images, targets) = build("odd")
+    reference = per_example_grads(model, images, targets)
+    images = images.clone()
+    images[2, 0, 0, 0] = float("nan")
+    targets = targets.clone()
+    targets[4] = float("inf")
+    keep = torch.tensor([True, True, False, True, False, True])
+    max_norm = flat_norms(reference).median().item()
+    expected = clipped_mean({n: g[keep] for n, g in reference.items()}, max_norm, EXPECTED_BATCH)
+    grads, norms, stats = run_engine(model, (images, targets), (3, 3), max_norm)
+    assert stats["skipped_nonfinite"] == 2 and stats["examples"] == BATCH
+    assert not torch.isfinite(norms[~keep]).any()
+    for name, value in grads.items():
+        assert torch.isfinite(value).all()
+        assert relative_error(value, expected[name]) < 1e-5, name
+
+
+def test_autograd_never_forms_parameter_gradients():
+    model, inputs = build("vit")
+    engine = PrivacyEngine(model, 1.0, 0.0, 4)
+    engine.backward(model(*inputs))
+    assert all(p.grad is None for p in model.parameters())
+    engine.finish_step()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_frozen_parameters_are_ignored():
+    model, inputs = build("odd")
+    engine = PrivacyEngine(model, 1.0, 1.0, 4)
+    assert not any(name.startswith("frozen.") for name in engine.covered_parameters)
+    assert len(engine.covered_parameters) == sum(p.requires_grad for p in model.parameters())
+    engine.backward(model(*inputs))
+    engine.finish_step()
+    assert model.frozen.weight.grad is None and model.frozen.bias.grad is None
+
+
+def test_detach_restores_the_plain_model():
+    model, inputs = build("decoder")
+    plain = copy.deepcopy(model)
+    engine = PrivacyEngine(model, 1.0, 0.0, 4)
+    engine.detach()
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    loss = model(*inputs)
+    torch.testing.assert_close(loss, plain(*inputs), rtol=0, atol=0)
+    loss.mean().backward()
+    plain(*inputs).mean().backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="detached"):
+        engine.backward(model(*inputs))
+
+
+def test_no_grad_forward_records_nothing():
+    model, inputs = build("vit")
+    engine = PrivacyEngine(model, 1.0, 0.0, 4)
+    with torch.no_grad():
+        model(*inputs)
+    assert all(not target.calls for target in engine._targets)
+
+
+def test_empty_micro_batch_and_empty_step():
+    model, inputs = build("vit")
+    engine = PrivacyEngine(model, 1.0, 0.0, 4)
+    engine.backward(model(*[t[:0] for t in inputs]))
+    assert engine.per_example_norms.shape == (0,)
+    stats = engine.finish_step()
+    assert stats["examples"] == 0
+    for p in model.parameters():
+        assert p.grad is not None and not p.grad.any()
+
+
+def test_noise_std_is_sigma_c_over_b_on_an_empty_step():
+    model = nn.Sequential(nn.Linear(100, 200), nn.LayerNorm(200))
+    sigma, max_norm, expected = 0.7, 2.0, 5.0
+    engine = PrivacyEngine(model, max_norm, sigma, expected, seed=11)
+    engine.finish_step()  # no backward: the gradient is pure noise
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert noise.numel() > 20_000  # std of the std estimate ~0.5%
+    assert noise.std().item() == pytest.approx(sigma * max_norm / expected, rel=0.03)
+    assert abs(noise.mean().item()) < 0.03 * sigma * max_norm / expected
+
+
+def test_noise_is_added_once_on_top_of_the_clipped_sum():
+    model, inputs = build("odd")
+    reference = per_example_grads(model, *inputs)
+    sigma, max_norm = 0.5, 0.2
+    expected = clipped_mean(reference, max_norm, EXPECTED_BATCH)
+    grads, _, _ = run_engine(model, inputs, (2, 4), max_norm, sigma=sigma)
+    noise = torch.cat([(grads[n] - expected[n]).flatten() for n in grads])
+    assert noise.std().item() == pytest.approx(sigma * max_norm / EXPECTED_BATCH, rel=0.15)
+
+
+class Stream:
+    """A LocalReducer with a chosen noise stream (as another rank would have)."""
+
+    def __init__(self, noise_stream: int):
+        self.noise_stream = noise_stream
+
+    def reduce(self, param, summed):
+        return summed
+
+    def assign(self, param, grad):
+        param.grad = grad
+
+
+def noise_of_step(engine, model) -> torch.Tensor:
+    engine.finish_step()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_noise_streams_are_independent_and_state_dict_resumes_exactly():
+    model, other_rank_model = nn.Linear(100, 100), nn.Linear(100, 100)
+    first = PrivacyEngine(model, 1.0, 1.0, 1.0, seed=5, reducer=Stream(0))
+    other_rank = PrivacyEngine(other_rank_model, 1.0, 1.0, 1.0, seed=5, reducer=Stream(1))
+    mine, theirs = noise_of_step(first, model), noise_of_step(other_rank, other_rank_model)
+    correlation = torch.corrcoef(torch.stack([mine, theirs]))[0, 1].item()
+    assert abs(correlation) < 4 / mine.numel() ** 0.5  # same seed, other stream: independent
+
+    saved = first.state_dict()
+    assert saved["step"] == 1 and saved["seed"] == 5
+    step2 = noise_of_step(first, model)
+    first.detach()
+    resumed = PrivacyEngine(model, 1.0, 1.0, 1.0, seed=None, reducer=Stream(0))
+    resumed.load_state_dict(saved)
+    assert torch.equal(noise_of_step(resumed, model), step2)
+    assert not torch.equal(noise_of_step(resumed, model), step2)  # next step: fresh noise
+
+
+def test_unseeded_engines_draw_different_noise():
+    a, b = nn.Linear(10, 10), nn.Linear(10, 10)
+    assert not torch.equal(noise_of_step(PrivacyEngine(a, 1.0, 1.0, 1.0), a),
+                           noise_of_step(PrivacyEngine(b, 1.0, 1.0, 1.0), b))
+
+
+def test_a_model_is_wrapped_by_one_engine_at_a_time():
+    model = nn.Linear(3, 3)
+    engine = PrivacyEngine(model, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="instance-level forward"):
+        PrivacyEngine(model, 1.0, 1.0, 1.0)
+    engine.detach()
+    PrivacyEngine(model, 1.0, 1.0, 1.0)
+
+
+class BareParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.offset = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return self.linear(x) + self.offset
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+
+class CustomLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "1 .BatchNorm2d"),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4).requires_grad_(False)), "BatchNorm1d"),
+        (nn.Sequential(nn.InstanceNorm2d(4, track_running_stats=True)), "running statistics"),
+        (BareParameter(), "model .BareParameter. has trainable parameters \\['offset'\\]"),
+        (Tied(), "shared"),
+        (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "groups=2"),
+        (nn.Sequential(CustomLinear(3, 3)), "overrides forward"),
+        (nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "max_norm"),
+        (nn.Sequential(nn.GroupNorm(2, 4)), "no rule for GroupNorm"),
+    ],
+)
+def test_refusals_name_the_module(model, match):
+    with pytest.raises(ValueError, match=match):
+        PrivacyEngine(model, 1.0, 1.0, 4)
+
+
+def test_frozen_bare_parameter_is_fine():
+    model = BareParameter()
+    model.offset.requires_grad_(False)
+    assert PrivacyEngine(model, 1.0, 1.0, 4).covered_parameters == ["linear.weight", "linear.bias"]
+
+
+def test_loss_must_be_per_example():
+    model, inputs = build("vit")
+    engine = PrivacyEngine(model, 1.0, 1.0, 4)
+    with pytest.raises(ValueError, match="shape \\[b\\]"):
+        engine.backward(model(*inputs).mean())
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        PrivacyEngine(nn.Linear(2, 2), 0.0, 1.0, 4)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        PrivacyEngine(nn.Linear(2, 2), 1.0, 1.0, 0)
+
+
+@pytest.mark.parametrize("tokens, out_features, in_features", [(5, 16, 16), (9, 3, 4), (1, 7, 5)])
+def test_linear_weight_norm_both_paths(tokens, out_features, in_features):
+    generator = torch.Generator().manual_seed(tokens)
+    a = torch.randn(4, tokens, in_features, generator=generator)
+    g = torch.randn(4, tokens, out_features, generator=generator)
+    per_example = torch.einsum("btp,btd->bpd", g.double(), a.double())
+    expected = per_example.square().sum((1, 2)).float()
+    torch.testing.assert_close(weight_sq_norms(a, g), expected, rtol=1e-5, atol=0)
+    assert use_ghost(5, 16, 16) and not use_ghost(9, 3, 4)
+
+
+def test_added_parameter_broadcast_over_tokens():
+    module = AddedParameter(1, 1, 3, init_std=1.0)
+    engine = PrivacyEngine(module, 1e6, 0.0, 2)
+    x = torch.randn(2, 5, 3)
+    engine.backward((module(x) ** 2).sum((1, 2)))
+    expected = (2 * (x + module.weight.detach())).sum((0, 1), keepdim=True) / 2
+    engine.finish_step()
+    torch.testing.assert_close(module.weight.grad, expected)
