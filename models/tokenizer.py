@@ -35,8 +35,8 @@ class Tokenizer:
         if max_length < 2:
             raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
         out = []
-        for enc in self._tok.encode_batch(list(texts), add_special_tokens=False):
-            ids = [CLS_ID, *enc.ids[: max_length - 2], SEP_ID]
+        for text in texts:  # one by one: the batch call starts a thread pool, unsafe in forked loader workers
+            ids = [CLS_ID, *self.wordpieces(text)[: max_length - 2], SEP_ID]
             out.append(ids + [PAD_ID] * (max_length - len(ids)))
         return out
 

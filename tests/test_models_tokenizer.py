@@ -1,6 +1,8 @@
 """The BERT uncased WordPiece tokenizer shipped in models/assets."""
 
+import functools
 import hashlib
+import pickle
 
 import pytest
 
@@ -49,3 +51,8 @@ def test_matches_transformers_bert_tokenizer(text):
     ref = transformers.BertTokenizer(str(VOCAB_FILE), do_lower_case=True)
     expected = ref(text, max_length=32, padding="max_length", truncation=True)["input_ids"]
     assert Tokenizer().encode(text, 32) == expected
+
+
+def test_picklable_for_loader_workers():
+    encode = pickle.loads(pickle.dumps(functools.partial(load_tokenizer().encode, max_length=6)))
+    assert encode("hello world") == [101, 7592, 2088, 102, 0, 0]
