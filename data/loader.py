@@ -1,0 +1,362 @@
+"""The two training readers: streaming (shuffled shards) and Poisson (random access).
+
+Both yield `Batch(images [b, 3, H, W] float, tokens [b, text_length] long)`,
+skip bad samples (so a batch can be smaller than asked, and a batch whose
+samples are all bad is not yielded), count them in `skipped_reasons`, and have
+`state_dict()` / `load_state_dict()` such that a new reader loaded with a state
+yields exactly what the saved one would have yielded next. The state is per
+rank: save each rank's reader state.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from data.decode import BadSample, SkipCounter, decode_sample
+from data.tar_index import TarIndex
+from data.tar_samples import RawSample, iter_samples
+from data.transform import ImageTextTransform
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # [b, 3, img_size, img_size] float32, normalised
+    tokens: torch.Tensor  # [b, text_length] int64
+
+
+class BatchSource(Protocol):
+    """What the Poisson reader needs from privacy.sampling.PoissonSampler."""
+
+    def step_batches(self, step: int) -> list[list[int]]: ...
+
+
+@dataclass
+class _Tagged:
+    """A worker's output: a batch (or None) plus where it came from and what it skipped."""
+
+    batch: Batch | None
+    skipped: SkipCounter
+    worker: int = 0
+    step: int = 0
+    micro: int = 0
+    num_micro: int = 0
+
+
+def _collate(decoded: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch | None:
+    if not decoded:
+        return None
+    images, tokens = zip(*decoded)
+    return Batch(torch.stack(images), torch.stack(tokens))
+
+
+def _decode_all(raw: list[RawSample], transform: ImageTextTransform, skipped: SkipCounter) -> Batch | None:
+    decoded = []
+    for key, members in raw:
+        try:
+            decoded.append(transform(*decode_sample(members, draft_size=transform.img_size)))
+        except BadSample as bad:
+            skipped.record(bad.reason, str(key))
+    return _collate(decoded)
+
+
+def _as_is(item):
+    """Collation happens in the dataset (bad samples are dropped there)."""
+    return item
+
+
+def _loader(dataset, num_workers: int, **kwargs) -> DataLoader:
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return DataLoader(dataset, num_workers=num_workers, collate_fn=_as_is, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Poisson: random access, batches given by the injected batch source
+
+
+@dataclass(frozen=True)
+class _Request:
+    step: int
+    micro: int
+    num_micro: int
+    index: int | None  # None: placeholder for a step without samples
+
+
+class _IndexedSamples(Dataset):
+    def __init__(self, index: TarIndex, transform: ImageTextTransform):
+        self.index, self.transform = index, transform
+
+    def __getitem__(self, request: _Request):
+        return request
+
+    def __getitems__(self, requests: list[_Request]) -> _Tagged:
+        """One micro-batch, decoded in the worker."""
+        first, skipped = requests[0], SkipCounter()
+        raw = []
+        for request in requests:
+            if request.index is None:
+                continue
+            try:
+                raw.append((str(request.index), self.index.members(request.index)))
+            except BadSample as bad:
+                skipped.record(bad.reason, f"sample {request.index}")
+        batch = _decode_all(raw, self.transform, skipped)
+        return _Tagged(batch, skipped, step=first.step, micro=first.micro, num_micro=first.num_micro)
+
+
+class _StepPlan:
+    """Batch sampler: the micro-batches of steps start, start+1, ... as request lists."""
+
+    def __init__(self, source: BatchSource, start: int, num_examples: int):
+        self.source, self.start, self.num_examples = source, start, num_examples
+
+    def __iter__(self) -> Iterator[list[_Request]]:
+        step = self.start
+        while True:
+            micro_batches = [list(b) for b in self.source.step_batches(step) if len(b) > 0]
+            if not micro_batches:
+                yield [_Request(step, 0, 0, None)]
+            for micro, indices in enumerate(micro_batches):
+                bad = [i for i in indices if not 0 <= i < self.num_examples]
+                if bad:
+                    raise ValueError(
+                        f"batch source gave indices {bad[:5]} outside [0, {self.num_examples}): "
+                        "build the sampler with num_examples=reader.num_examples"
+                    )
+                yield [_Request(step, micro, len(micro_batches), int(i)) for i in indices]
+            step += 1
+
+
+class PoissonReader:
+    """Random-access reader for DP training with true Poisson batches.
+
+    `batch_source.step_batches(step)` (privacy.sampling.PoissonSampler, built
+    with `num_examples=reader.num_examples`) says which examples this rank
+    reads at each logical step, already split into micro-batches;
+    `micro_batches(step)` yields them decoded, in order. Steps are read in
+    increasing order; worker processes prefetch across step boundaries. The
+    state is the next step to read.
+    """
+
+    def __init__(
+        self,
+        index_path: str | Path,
+        batch_source: BatchSource,
+        transform: ImageTextTransform,
+        *,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+    ):
+        self.index = TarIndex(index_path)
+        self.batch_source = batch_source
+        self.transform = transform
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.next_step = 0
+        self.skipped_reasons = SkipCounter()
+        self._stream: Iterator[_Tagged] | None = None
+        self._stream_step = -1  # the step the live stream's next item belongs to
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.index)
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_reasons.total
+
+    def micro_batches(self, step: int) -> Iterator[Batch]:
+        """The decoded micro-batches of logical `step` (none for an empty step)."""
+        if self._stream is None or self._stream_step != step:
+            self._stream = self._open(step)
+        while True:
+            tagged = next(self._stream)
+            if tagged.step != step:
+                raise RuntimeError(f"reader out of order: expected step {step}, got {tagged.step}")
+            self.skipped_reasons.update(tagged.skipped)
+            last = tagged.micro + 1 >= tagged.num_micro
+            if last:
+                self._stream_step, self.next_step = step + 1, step + 1
+            if tagged.batch is not None:
+                yield tagged.batch
+            if last:
+                return
+
+    def state_dict(self) -> dict:
+        return {"next_step": self.next_step, "skipped_reasons": dict(self.skipped_reasons)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_step = int(state["next_step"])
+        self.skipped_reasons = SkipCounter(state.get("skipped_reasons", {}))
+        self._stream, self._stream_step = None, -1
+
+    def _open(self, step: int) -> Iterator[_Tagged]:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+        loader = _loader(
+            _IndexedSamples(self.index, self.transform),
+            self.num_workers,
+            batch_sampler=_StepPlan(self.batch_source, step, self.num_examples),
+            **extra,
+        )
+        self._stream_step = step
+        return iter(loader)
+
+
+# ----------------------------------------------------------------------------
+# Streaming: shards split by node and worker, shuffled, epoch after epoch
+
+
+@dataclass
+class _EpochStream(IterableDataset):
+    """One epoch of this rank's shards. Logical worker w = (loader worker id +
+    rotation) mod W reads shards w, w+W, ... (as wds.split_by_worker) and
+    yields items: raw chunks of batch_size samples decoded into batches, then
+    one report of what the tail skipped. The first `skip[w]` items are dropped
+    undecoded (resume)."""
+
+    shards: list[str]
+    transform: ImageTextTransform
+    batch_size: int
+    shuffle_buffer: int
+    seed: int
+    epoch: int
+    rank: int
+    skip: list[int]
+    rotation: int = 0
+
+    def __iter__(self) -> Iterator[_Tagged]:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        worker = ((info.id if info else 0) + self.rotation) % workers
+        skipped = SkipCounter()
+        samples = iter_samples(self.shards[worker::workers], skipped)
+        if self.shuffle_buffer > 1:
+            seed = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)[0]
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(int(seed)))(samples)
+        for number, chunk in enumerate(self._chunks(samples)):
+            if number >= self.skip[worker]:
+                batch = None if chunk is None else _decode_all(chunk, self.transform, skipped)
+                yield _Tagged(batch, SkipCounter(skipped), worker=worker)
+            skipped.clear()  # what was skipped up to here is reported (or was, before the checkpoint)
+
+    def _chunks(self, samples: Iterator[RawSample]) -> Iterator[list[RawSample] | None]:
+        chunk = []
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+        yield None  # the tail report
+
+
+class StreamingReader:
+    """Shuffled streaming over tar shards for non-private or warm-up training.
+
+    Each epoch the shard list is permuted (or, with `resampled`, drawn with
+    replacement) from (seed, epoch), identically on all ranks; rank r takes
+    shards r, r+world_size, ... (as wds.split_by_node); each loader worker a
+    disjoint share of those (as wds.split_by_worker); samples pass a shuffle
+    buffer seeded by (seed, epoch, rank, worker). Iteration never ends: epochs
+    follow each other. The state is (epoch, items each worker delivered, whose
+    turn is next): resuming skips the delivered items without decoding them and
+    restarts the worker round-robin at the same worker, so the batch sequence
+    continues exactly. Resume with the same shards, world size and num_workers.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str | Path],
+        transform: ImageTextTransform,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        shard_shuffle: bool = True,
+        resampled: bool = False,
+    ):
+        self.urls = [str(u) for u in urls]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if len(self.urls) < world_size * max(1, num_workers):
+            raise ValueError(
+                f"{len(self.urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers: "
+                "write more, smaller shards (--max-count) or use fewer workers"
+            )
+        self.transform = transform
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.shard_shuffle, self.resampled = shard_shuffle, resampled
+        self.skipped_reasons = SkipCounter()
+        self._workers = max(1, num_workers)
+        self.epoch = 0
+        self._delivered = [0] * self._workers
+        self._next_worker = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_reasons.total
+
+    def epoch_shards(self, epoch: int) -> list[str]:
+        """This rank's shards in `epoch`, in reading order before the worker split."""
+        rng = np.random.default_rng([self.seed, epoch])
+        count = len(self.urls)
+        if self.resampled:
+            order = rng.integers(0, count, size=count)
+        elif self.shard_shuffle:
+            order = rng.permutation(count)
+        else:
+            order = np.arange(count)
+        return [self.urls[i] for i in order][self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            stream = _EpochStream(
+                self.epoch_shards(self.epoch), self.transform, self.batch_size, self.shuffle_buffer,
+                self.seed, self.epoch, self.rank, list(self._delivered), self._next_worker,
+            )
+            for tagged in _loader(stream, self.num_workers, batch_size=None):
+                self._delivered[tagged.worker] += 1
+                self._next_worker = (tagged.worker + 1) % self._workers
+                self.skipped_reasons.update(tagged.skipped)
+                if tagged.batch is not None:
+                    yield tagged.batch
+            self.epoch += 1
+            self._delivered = [0] * self._workers
+            self._next_worker = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "delivered": list(self._delivered),
+            "next_worker": self._next_worker,
+            "world_size": self.world_size,
+            "skipped_reasons": dict(self.skipped_reasons),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["delivered"]) != self._workers or state["world_size"] != self.world_size:
+            raise ValueError(
+                f"state was saved with {len(state['delivered'])} workers and world size {state['world_size']}; "
+                f"this reader has {self._workers} and {self.world_size}: resume with the same num_workers and ranks"
+            )
+        self.epoch = int(state["epoch"])
+        self._delivered = [int(n) for n in state["delivered"]]
+        self._next_worker = int(state["next_worker"])
+        self.skipped_reasons = SkipCounter(state.get("skipped_reasons", {}))
