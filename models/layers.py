@@ -33,6 +33,7 @@ class PatchEmbed(nn.Module):
                 f"expected images [B, {self.proj.in_channels}, {self.img_size}, {self.img_size}], got "
                 f"{list(x.shape)}: resize the images or build the model with img_size={x.shape[-1]}"
             )
+        x = x.to(self.proj.weight.dtype)  # e.g. fp32 images into bf16 weights outside autocast (inference)
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, L, D]
 
 

@@ -237,3 +237,12 @@ def test_bf16_autocast_and_int32_tokens():
         caption = model.generate(images, max_length=8)
     assert low.dtype == torch.float32 and caption.shape[0] == 3
     torch.testing.assert_close(low, loss, rtol=5e-2, atol=5e-2)
+
+
+def test_bf16_weights_fp32_images_inference():
+    """No autocast, bf16 weights (as an evaluation after mixed-precision training may run)."""
+    model, images = _tiny().bfloat16(), torch.randn(3, 3, 32, 32)
+    assert model.features(images).dtype == torch.bfloat16
+    assert model.generate(images, max_length=4).shape[0] == 3
+    for method in ("loss", "trie"):
+        assert model.zero_shot(images, ["cat", "dog"], method=method).shape == (3,)
