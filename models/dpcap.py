@@ -274,7 +274,7 @@ class DPCap(nn.Module):
         method: str = "loss",
         tokenizer: Tokenizer | None = None,
         prompt: str = ZERO_SHOT_PROMPT,
-        max_rows: int = 4096,
+        max_rows: int = 1024,  # bounds the [rows, T, vocab] logits
     ) -> torch.Tensor:
         """Predicted class index [B] by caption likelihood.
 

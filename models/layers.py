@@ -2,9 +2,10 @@
 block with fused qkv and scaled-dot-product attention, fixed sin-cos position
 embeddings, and the initialisation both original code bases use.
 
-Every trainable parameter lives in nn.Linear, nn.LayerNorm, nn.Conv2d (patch
-embedding, kernel == stride) or nn.Embedding, and every module is called once
-per forward: the privacy engine has a per-example rule for exactly these.
+Every trainable parameter of the models lives in nn.Linear, nn.LayerNorm,
+nn.Conv2d (patch embedding, kernel == stride), nn.Embedding or
+privacy.layers.AddedParameter, and every module is called once per training
+forward: the privacy engine has a per-example rule for exactly these.
 """
 
 import math
