@@ -73,6 +73,8 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
             return image.convert("RGB")
     except BadSample:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+        raise BadSample("image too large") from exn
     except Exception as exn:  # PIL raises many types on corrupt input
         raise BadSample("undecodable image") from exn
 

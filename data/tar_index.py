@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # One sample's members: {extension: (data offset, size)}.
 MemberTable = list[dict[str, tuple[int, int]]]
+_TOO_LARGE = "__too_large__"  # table entry marking a sample with an oversized member
 
 
 class TarIndex:
@@ -65,6 +66,10 @@ class TarIndex:
         inner = index - self.starts[shard]
         if inner >= len(table):
             raise BadSample("sample missing from shard")
+        if not table[inner]:
+            raise BadSample("no readable member")
+        if _TOO_LARGE in table[inner]:
+            raise BadSample("member too large")
         fd = self._file(shard)
         return {ext: os.pread(fd, size, offset) for ext, (offset, size) in table[inner].items()}
 
@@ -97,8 +102,11 @@ def _scan(path: str) -> MemberTable:
                     table.append({})
                     key = member_key
                 sample = table[-1]
-                if ext in KNOWN_EXTENSIONS and info.size <= MAX_MEMBER_BYTES[ext]:
-                    sample[ext] = (info.offset_data, info.size)
+                if ext not in KNOWN_EXTENSIONS:
+                    continue  # never read
+                if info.size > MAX_MEMBER_BYTES[ext]:
+                    sample[_TOO_LARGE] = (0, 0)
+                sample[ext] = (info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError) as exn:
         log.warning("shard %s is truncated or unreadable (%s); its later samples count as missing", path, exn)
         if table:
