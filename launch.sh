@@ -33,7 +33,8 @@ cmd=${1:-default}
 setup
 case "$cmd" in
     default) exec "$PY" -m trainer.train --config default "$@" ;;
-    test)    exec "$PY" -m pytest "$@" ;;
+    # One BLAS thread per process: the suite runs several processes on few cores.
+    test)    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$PY" -m pytest "$@" ;;
     train)   exec "$PY" -m trainer.train "$@" ;;
     *)       echo "usage: ./launch.sh [test|train] [ARGS...]" >&2; exit 2 ;;
 esac
