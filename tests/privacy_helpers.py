@@ -132,8 +132,10 @@ def vit_batch(b, generator):
 
 def decoder_batch(b, generator, vocab=20, length=7):
     tokens = torch.randint(1, vocab, (b, length), generator=generator)
-    pad_from = torch.randint(2, length + 1, (b, 1), generator=generator)
-    tokens = torch.where(torch.arange(length) >= pad_from, 0, tokens)  # trailing pads
+    # pads inside the sequence feed later real tokens, so a wrong padding rule shows
+    pads = torch.rand(b, length, generator=generator) < 0.3
+    pads[:, 0] = False
+    tokens = torch.where(pads, 0, tokens)
     return torch.randn(b, 5, 10, generator=generator), tokens
 
 
