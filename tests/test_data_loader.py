@@ -1,0 +1,170 @@
+"""Readers: Poisson reads exactly the sampled indices, streaming splits disjointly, both resume exactly."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.loader import PoissonReader, StreamingReader
+from data.shards import ShardLimits, write_shards
+from data.sources import Example
+from data.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTextTransform
+
+TEXT_LENGTH = 12
+NUM_EXAMPLES = 40
+
+
+def _tokenize(text):
+    ids = list(text.encode())[:TEXT_LENGTH]
+    return ids + [0] * (TEXT_LENGTH - len(ids))
+
+
+def _captions(batch) -> list[str]:
+    return [bytes(t for t in row.tolist() if t).decode() for row in batch.tokens]
+
+
+def _examples():
+    for i in range(NUM_EXAMPLES):
+        pixels = np.full((12, 12, 3), (i * 6) % 256, dtype=np.uint8)
+        yield Example(Image.fromarray(pixels), f"s{i}")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    index = write_shards(_examples(), out, ShardLimits(max_count=7))  # 6 shards: 7,7,7,7,7,5
+    return index, sorted(str(p) for p in out.glob("*.tar"))
+
+
+TRANSFORM = ImageTextTransform(8, _tokenize, TEXT_LENGTH)
+
+
+class Bernoulli:
+    """Stand-in for privacy.sampling.PoissonSampler: each example joins a step with probability q."""
+
+    def __init__(self, q=0.3, seed=5, micro=4):
+        self.q, self.seed, self.micro = q, seed, micro
+
+    def step_batches(self, step):
+        if step == 2:
+            return []  # an empty logical step is valid
+        chosen = np.flatnonzero(np.random.default_rng([self.seed, step]).random(NUM_EXAMPLES) < self.q).tolist()
+        return [chosen[i : i + self.micro] for i in range(0, len(chosen), self.micro)]
+
+
+def _read_steps(reader, steps):
+    return {step: [b for b in reader.micro_batches(step)] for step in steps}
+
+
+def test_transform_normalises_and_checks_token_length():
+    image = Image.new("RGB", (20, 10), (255, 0, 128))
+    pixels, tokens = TRANSFORM(image, "hi")
+    assert pixels.shape == (3, 8, 8) and tokens.dtype == torch.long and tokens.tolist()[:3] == [104, 105, 0]
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(pixels[:, 4, 4], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="text_length"):
+        ImageTextTransform(8, lambda s: [1, 2], TEXT_LENGTH)(image, "hi")
+
+
+def test_poisson_reader_yields_exactly_the_sampled_examples(shards):
+    index, _ = shards
+    source = Bernoulli()
+    reader = PoissonReader(index, source, TRANSFORM)
+    assert reader.num_examples == NUM_EXAMPLES
+    for step in range(4):
+        batches = list(reader.micro_batches(step))
+        expected = source.step_batches(step)
+        assert [_captions(b) for b in batches] == [[f"s{i}" for i in micro] for micro in expected]
+        for batch, micro in zip(batches, expected):  # pixels belong to the same examples
+            grey = torch.tensor([((i * 6) % 256) / 255 for i in micro])
+            assert torch.allclose(batch.images[:, 0, 0, 0], (grey - IMAGENET_MEAN[0]) / IMAGENET_STD[0], atol=1e-5)
+        assert reader.state_dict()["next_step"] == step + 1
+    assert reader.skipped == 0
+
+
+def test_poisson_reader_is_deterministic_with_workers_and_resumes_exactly(shards):
+    index, _ = shards
+    reference = _read_steps(PoissonReader(index, Bernoulli(), TRANSFORM), range(6))
+    with_workers = PoissonReader(index, Bernoulli(), TRANSFORM, num_workers=2)
+    first = _read_steps(with_workers, range(3))
+    state = with_workers.state_dict()
+    resumed = PoissonReader(index, Bernoulli(), TRANSFORM, num_workers=2)
+    resumed.load_state_dict(state)
+    assert resumed.next_step == 3
+    rest = _read_steps(resumed, range(3, 6))
+    assert reference[2] == [] and len(reference[0]) > 1
+    for step, batches in {**first, **rest}.items():
+        assert len(batches) == len(reference[step])
+        for got, want in zip(batches, reference[step]):
+            assert torch.equal(got.images, want.images) and torch.equal(got.tokens, want.tokens)
+
+
+def test_poisson_reader_refuses_indices_outside_the_dataset(shards):
+    index, _ = shards
+
+    class OutOfRange:
+        def step_batches(self, step):
+            return [[0, NUM_EXAMPLES]]
+
+    with pytest.raises(ValueError, match="num_examples"):
+        list(PoissonReader(index, OutOfRange(), TRANSFORM).micro_batches(0))
+
+
+def _one_epoch(reader):
+    stream, seen = iter(reader), []
+    while True:
+        batch = next(stream)
+        if reader.epoch > 0:
+            return seen
+        seen += _captions(batch)
+
+
+def test_streaming_splits_shards_disjointly_across_ranks_and_workers(shards):
+    _, urls = shards
+    per_rank = []
+    for rank in range(2):
+        reader = StreamingReader(urls, TRANSFORM, batch_size=3, seed=1, rank=rank, world_size=2, num_workers=2,
+                                 shuffle_buffer=5)
+        per_rank.append(_one_epoch(reader))
+    everything = per_rank[0] + per_rank[1]
+    assert sorted(everything) == sorted(f"s{i}" for i in range(NUM_EXAMPLES))
+    assert set(per_rank[0]).isdisjoint(per_rank[1]) and per_rank[0] and per_rank[1]
+    shards_0, shards_1 = (StreamingReader(urls, TRANSFORM, batch_size=3, rank=r, world_size=2).epoch_shards(0)
+                          for r in range(2))
+    assert sorted(shards_0 + shards_1) == urls
+
+
+def test_streaming_reshuffles_each_epoch(shards):
+    _, urls = shards
+    reader = StreamingReader(urls, TRANSFORM, batch_size=4, seed=3, shuffle_buffer=8)
+    stream = iter(reader)
+    epochs = [[], []]
+    while reader.epoch < 2:
+        batch = next(stream)
+        if reader.epoch < 2:
+            epochs[reader.epoch] += _captions(batch)
+    assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1] and len(epochs[0]) == NUM_EXAMPLES
+
+
+@pytest.mark.parametrize("num_workers, stop_after", [(0, 4), (2, 3), (2, 9), (3, 13), (3, 16)])
+def test_streaming_resumes_exactly(shards, num_workers, stop_after):
+    _, urls = shards
+
+    def make():
+        return StreamingReader(urls, TRANSFORM, batch_size=3, seed=7, num_workers=num_workers, shuffle_buffer=6)
+
+    uninterrupted = iter(make())
+    reference = [next(uninterrupted) for _ in range(stop_after + 10)]
+    interrupted = make()
+    stream = iter(interrupted)
+    for _ in range(stop_after):
+        next(stream)
+    state = interrupted.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    continued = iter(resumed)
+    for want in reference[stop_after:]:
+        got = next(continued)
+        assert _captions(got) == _captions(want) and torch.equal(got.images, want.images)
+    with pytest.raises(ValueError, match="num_workers"):
+        StreamingReader(urls, TRANSFORM, batch_size=3, num_workers=num_workers + 2).load_state_dict(state)
