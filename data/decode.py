@@ -44,16 +44,22 @@ class BadSample(Exception):
 
 
 class SkipCounter(Counter):
-    """Counts skipped samples by reason; logs the first occurrence of each reason."""
+    """Counts skipped samples by reason. Logging is per process (workers hold
+    short-lived counters): the 1st, 10th, 100th, ... sample skipped for a reason."""
 
     def record(self, reason: str, where: str = "") -> None:
-        if self[reason] == 0:
-            log.warning("skipping bad sample (%s) %s; further ones are counted, not logged", reason, where)
         self[reason] += 1
+        _SEEN_IN_PROCESS[reason] += 1
+        seen = _SEEN_IN_PROCESS[reason]
+        if seen == 10 ** (len(str(seen)) - 1):
+            log.warning("skipping bad sample (%s) %s; %d skipped for this reason in this process", reason, where, seen)
 
     @property
     def total(self) -> int:
         return sum(self.values())
+
+
+_SEEN_IN_PROCESS: Counter = Counter()
 
 
 def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:

@@ -94,9 +94,6 @@ class _IndexedSamples(Dataset):
     def __init__(self, index: TarIndex, transform: ImageTextTransform):
         self.index, self.transform = index, transform
 
-    def __getitem__(self, request: _Request):
-        return request
-
     def __getitems__(self, requests: list[_Request]) -> _Tagged:
         """One micro-batch, decoded in the worker."""
         first, skipped = requests[0], SkipCounter()

@@ -146,6 +146,7 @@ def test_streaming_reshuffles_each_epoch(shards):
     assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1] and len(epochs[0]) == NUM_EXAMPLES
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("num_workers, stop_after", [(0, 4), (2, 3), (2, 9), (3, 13), (3, 16)])
 def test_streaming_resumes_exactly(shards, num_workers, stop_after):
     _, urls = shards
