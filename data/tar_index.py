@@ -112,3 +112,8 @@ def _scan(path: str) -> MemberTable:
         if table:
             table.pop()  # the sample being read when the tar broke may be incomplete
     return table
+
+
+def indexed_sample_count(index_path: str | Path) -> int:
+    """Number of samples a wids index lists: the `num_examples` of the Poisson sampler."""
+    return len(TarIndex(index_path))

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from data import read_samples
+from data.decode import decode_image
 from data.loader import PoissonReader, StreamingReader
 from data.transform import ImageTextTransform
 
@@ -106,6 +107,12 @@ def test_truncated_and_missing_tars_end_only_themselves(hostile, tmp_path):
     assert not marker.exists()
 
 
+def test_large_jpeg_is_decoded_at_reduced_scale_but_not_below_the_target():
+    full = decode_image(_jpeg(7, size=512))
+    reduced = decode_image(_jpeg(7, size=512), draft_size=100)
+    assert full.size == (512, 512) and reduced.size == (128, 128) and reduced.mode == "RGB"
+
+
 def _tokenize(text, length=16):
     ids = list(text.encode())[:length]
     return ids + [0] * (length - len(ids))
@@ -119,15 +126,18 @@ class _AllAtOnce:
         return [list(range(self.count))]
 
 
-def test_both_readers_survive_hostile_shards(hostile):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_both_readers_survive_hostile_shards(hostile, num_workers):
     shard, truncated, marker, num_keys = hostile
     transform = ImageTextTransform(8, _tokenize, 16)
     index = shard.parent / "index.json"
     index.write_text(json.dumps({"wids_version": 1, "shardlist": [{"url": "hostile.tar", "nsamples": num_keys}]}))
-    poisson = PoissonReader(index, _AllAtOnce(num_keys), transform)
+    poisson = PoissonReader(index, _AllAtOnce(num_keys), transform, num_workers=num_workers)
     (batch,) = list(poisson.micro_batches(0))
     assert batch.images.shape == (3, 3, 8, 8) and dict(poisson.skipped_reasons) == EXPECTED_SKIPS
-    streaming = StreamingReader([shard, truncated], transform, batch_size=4, shuffle_buffer=0, shard_shuffle=False)
+    streaming = StreamingReader(
+        [shard, truncated], transform, batch_size=4, shuffle_buffer=0, shard_shuffle=False, num_workers=num_workers // 2
+    )
     stream = iter(streaming)
     sizes = [len(next(stream).tokens) for _ in range(3)]
     assert sizes == [1, 1, 2]  # chunks of 4 raw samples run across the two shards

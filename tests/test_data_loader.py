@@ -8,6 +8,7 @@ from PIL import Image
 from data.loader import PoissonReader, StreamingReader
 from data.shards import ShardLimits, write_shards
 from data.sources import Example
+from data.tar_index import indexed_sample_count
 from data.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTextTransform
 
 TEXT_LENGTH = 12
@@ -70,7 +71,7 @@ def test_poisson_reader_yields_exactly_the_sampled_examples(shards):
     index, _ = shards
     source = Bernoulli()
     reader = PoissonReader(index, source, TRANSFORM)
-    assert reader.num_examples == NUM_EXAMPLES
+    assert reader.num_examples == NUM_EXAMPLES == indexed_sample_count(index)
     for step in range(4):
         batches = list(reader.micro_batches(step))
         expected = source.step_batches(step)
@@ -132,6 +133,15 @@ def test_streaming_splits_shards_disjointly_across_ranks_and_workers(shards):
     shards_0, shards_1 = (StreamingReader(urls, TRANSFORM, batch_size=3, rank=r, world_size=2).epoch_shards(0)
                           for r in range(2))
     assert sorted(shards_0 + shards_1) == urls
+
+
+def test_resampled_epochs_draw_shards_with_replacement_deterministically(shards):
+    _, urls = shards
+    reader = StreamingReader(urls, TRANSFORM, batch_size=4, seed=2, resampled=True)
+    drawn = [reader.epoch_shards(epoch) for epoch in range(6)]
+    assert drawn == [reader.epoch_shards(epoch) for epoch in range(6)]
+    assert all(len(d) == len(urls) and set(d) <= set(urls) for d in drawn)
+    assert any(len(set(d)) < len(urls) for d in drawn)
 
 
 def test_streaming_reshuffles_each_epoch(shards):
