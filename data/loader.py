@@ -1,8 +1,8 @@
 """The two training readers: streaming (shuffled shards) and Poisson (random access).
 
 Both yield `Batch(images [b, 3, H, W] float, tokens [b, text_length] long)`,
-skip bad samples (so a batch can be smaller than asked, and a batch whose
-samples are all bad is not yielded), count them in `skipped_reasons`, and have
+skip bad samples (so a batch can be smaller than asked), count them in
+`skipped_reasons`, and have
 `state_dict()` / `load_state_dict()` such that a new reader loaded with a state
 yields exactly what the saved one would have yielded next. The state is per
 rank: save each rank's reader state.
@@ -50,21 +50,21 @@ class _Tagged:
     num_micro: int = 0
 
 
-def _collate(decoded: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch | None:
-    if not decoded:
-        return None
-    images, tokens = zip(*decoded)
-    return Batch(torch.stack(images), torch.stack(tokens))
-
-
-def _decode_all(raw: list[RawSample], transform: ImageTextTransform, skipped: SkipCounter) -> Batch | None:
-    decoded = []
+def _decode_all(raw: list[RawSample], transform: ImageTextTransform, skipped: SkipCounter) -> Batch:
+    """The good samples of `raw` as one batch, possibly of zero examples."""
+    images, tokens = [], []
     for key, members in raw:
         try:
-            decoded.append(transform(*decode_sample(members, draft_size=transform.img_size)))
+            pixels, ids = transform(*decode_sample(members, draft_size=transform.img_size))
         except BadSample as bad:
             skipped.record(bad.reason, str(key))
-    return _collate(decoded)
+            continue
+        images.append(pixels)
+        tokens.append(ids)
+    if not images:
+        size = transform.img_size
+        return Batch(torch.zeros(0, 3, size, size), torch.zeros(0, transform.text_length, dtype=torch.long))
+    return Batch(torch.stack(images), torch.stack(tokens))
 
 
 def _as_is(item):
@@ -87,7 +87,7 @@ class _Request:
     step: int
     micro: int
     num_micro: int
-    index: int | None  # None: placeholder for a step without samples
+    index: int | None  # None: placeholder for an empty micro-batch or step
 
 
 class _IndexedSamples(Dataset):
@@ -118,7 +118,7 @@ class _StepPlan:
     def __iter__(self) -> Iterator[list[_Request]]:
         step = self.start
         while True:
-            micro_batches = [list(b) for b in self.source.step_batches(step) if len(b) > 0]
+            micro_batches = [list(b) for b in self.source.step_batches(step)]
             if not micro_batches:
                 yield [_Request(step, 0, 0, None)]
             for micro, indices in enumerate(micro_batches):
@@ -128,7 +128,8 @@ class _StepPlan:
                         f"batch source gave indices {bad[:5]} outside [0, {self.num_examples}): "
                         "build the sampler with num_examples=reader.num_examples"
                     )
-                yield [_Request(step, micro, len(micro_batches), int(i)) for i in indices]
+                requests = [_Request(step, micro, len(micro_batches), int(i)) for i in indices]
+                yield requests or [_Request(step, micro, len(micro_batches), None)]
             step += 1
 
 
@@ -138,7 +139,9 @@ class PoissonReader:
     `batch_source.step_batches(step)` (privacy.sampling.PoissonSampler, built
     with `num_examples=reader.num_examples`) says which examples this rank
     reads at each logical step, already split into micro-batches;
-    `micro_batches(step)` yields them decoded, in order. Steps are read in
+    `micro_batches(step)` yields them decoded, in order: exactly one batch per
+    micro-batch, so ranks stay in lockstep, even when it has zero examples
+    (an empty micro-batch, or all its samples bad). Steps are read in
     increasing order; worker processes prefetch across step boundaries. The
     state is the next step to read.
     """
@@ -179,10 +182,10 @@ class PoissonReader:
             if tagged.step != step:
                 raise RuntimeError(f"reader out of order: expected step {step}, got {tagged.step}")
             self.skipped_reasons.update(tagged.skipped)
-            last = tagged.micro + 1 >= tagged.num_micro
+            last = tagged.micro + 1 >= tagged.num_micro  # an empty step has num_micro 0
             if last:
                 self._stream_step, self.next_step = step + 1, step + 1
-            if tagged.batch is not None:
+            if tagged.num_micro:
                 yield tagged.batch
             if last:
                 return
@@ -263,7 +266,9 @@ class StreamingReader:
     replacement) from (seed, epoch), identically on all ranks; rank r takes
     shards r, r+world_size, ... (as wds.split_by_node); each loader worker a
     disjoint share of those (as wds.split_by_worker); samples pass a shuffle
-    buffer seeded by (seed, epoch, rank, worker). Iteration never ends: epochs
+    buffer seeded by (seed, epoch, rank, worker). Batches are cut from raw
+    samples, then bad ones dropped: a batch can be smaller than batch_size, and
+    one with no good sample is not yielded. Iteration never ends: epochs
     follow each other. The state is (epoch, items each worker delivered, whose
     turn is next): resuming skips the delivered items without decoding them and
     restarts the worker round-robin at the same worker, so the batch sequence
@@ -332,7 +337,7 @@ class StreamingReader:
                 self._delivered[tagged.worker] += 1
                 self._next_worker = (tagged.worker + 1) % self._workers
                 self.skipped_reasons.update(tagged.skipped)
-                if tagged.batch is not None:
+                if tagged.batch is not None and len(tagged.batch.tokens):
                     yield tagged.batch
             self.epoch += 1
             self._delivered = [0] * self._workers

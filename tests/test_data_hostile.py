@@ -123,7 +123,7 @@ class _AllAtOnce:
         self.count = count
 
     def step_batches(self, step):
-        return [list(range(self.count))]
+        return [list(range(self.count)), [1, 2]]  # the second: only bad samples (garbage, latin1)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -133,8 +133,10 @@ def test_both_readers_survive_hostile_shards(hostile, num_workers):
     index = shard.parent / "index.json"
     index.write_text(json.dumps({"wids_version": 1, "shardlist": [{"url": "hostile.tar", "nsamples": num_keys}]}))
     poisson = PoissonReader(index, _AllAtOnce(num_keys), transform, num_workers=num_workers)
-    (batch,) = list(poisson.micro_batches(0))
-    assert batch.images.shape == (3, 3, 8, 8) and dict(poisson.skipped_reasons) == EXPECTED_SKIPS
+    batch, all_bad = list(poisson.micro_batches(0))  # one batch per micro-batch, even an empty one
+    assert batch.images.shape == (3, 3, 8, 8) and all_bad.images.shape == (0, 3, 8, 8)
+    assert all_bad.tokens.shape == (0, 16) and poisson.skipped == sum(EXPECTED_SKIPS.values()) + 2
+    assert set(poisson.skipped_reasons) == set(EXPECTED_SKIPS)
     streaming = StreamingReader(
         [shard, truncated], transform, batch_size=4, shuffle_buffer=0, shard_shuffle=False, num_workers=num_workers // 2
     )

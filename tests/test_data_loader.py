@@ -50,7 +50,10 @@ class Bernoulli:
         if step == 2:
             return []  # an empty logical step is valid
         chosen = np.flatnonzero(np.random.default_rng([self.seed, step]).random(NUM_EXAMPLES) < self.q).tolist()
-        return [chosen[i : i + self.micro] for i in range(0, len(chosen), self.micro)]
+        micro_batches = [chosen[i : i + self.micro] for i in range(0, len(chosen), self.micro)]
+        if step == 3:
+            micro_batches.append([])  # a rank with fewer examples pads with empty micro-batches
+        return micro_batches
 
 
 def _read_steps(reader, steps):
@@ -72,13 +75,14 @@ def test_poisson_reader_yields_exactly_the_sampled_examples(shards):
     source = Bernoulli()
     reader = PoissonReader(index, source, TRANSFORM)
     assert reader.num_examples == NUM_EXAMPLES == indexed_sample_count(index)
-    for step in range(4):
+    for step in range(5):
         batches = list(reader.micro_batches(step))
         expected = source.step_batches(step)
         assert [_captions(b) for b in batches] == [[f"s{i}" for i in micro] for micro in expected]
         for batch, micro in zip(batches, expected):  # pixels belong to the same examples
             grey = torch.tensor([((i * 6) % 256) / 255 for i in micro])
             assert torch.allclose(batch.images[:, 0, 0, 0], (grey - IMAGENET_MEAN[0]) / IMAGENET_STD[0], atol=1e-5)
+        assert all(b.images.shape[1:] == (3, 8, 8) and b.tokens.shape[1] == TEXT_LENGTH for b in batches)
         assert reader.state_dict()["next_step"] == step + 1
     assert reader.skipped == 0
 
