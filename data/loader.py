@@ -163,7 +163,7 @@ class PoissonReader:
         self.next_step = 0
         self.skipped_reasons = SkipCounter()
         self._stream: Iterator[_Tagged] | None = None
-        self._stream_step = -1  # the step the live stream's next item belongs to
+        self._stream_step = -1  # the step at whose start the live stream stands, -1: none
 
     @property
     def num_examples(self) -> int:
@@ -177,6 +177,7 @@ class PoissonReader:
         """The decoded micro-batches of logical `step` (none for an empty step)."""
         if self._stream is None or self._stream_step != step:
             self._stream = self._open(step)
+        self._stream_step = -1  # mid-step until its last micro-batch: a caller that stops early gets a fresh stream
         while True:
             tagged = next(self._stream)
             if tagged.step != step:
@@ -206,7 +207,6 @@ class PoissonReader:
             batch_sampler=_StepPlan(self.batch_source, step, self.num_examples),
             **extra,
         )
-        self._stream_step = step
         return iter(loader)
 
 
