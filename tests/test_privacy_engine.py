@@ -331,3 +331,27 @@ def test_added_parameter_broadcast_over_tokens():
     expected = (2 * (x + module.weight.detach())).sum((0, 1), keepdim=True) / 2
     engine.finish_step()
     torch.testing.assert_close(module.weight.grad, expected)
+
+
+class Patches(nn.Module):
+    """Rectangular non-overlapping patches on an image they do not tile (the conv drops the rest)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 5, kernel_size=(2, 3), stride=(2, 3))
+
+    def forward(self, images):
+        return torch.tanh(self.conv(images)).square().flatten(1).sum(1)
+
+
+def test_patch_embedding_on_an_untiled_image_matches_reference():
+    torch.manual_seed(0)
+    model = Patches()
+    images = torch.randn(5, 2, 9, 11)
+    reference = per_example_grads(model, images)
+    max_norm = flat_norms(reference).median().item()
+    expected = clipped_mean(reference, max_norm, EXPECTED_BATCH)
+    grads, norms, _ = run_engine(model, (images,), (2, 3), max_norm)
+    torch.testing.assert_close(norms, flat_norms(reference), rtol=1e-5, atol=0)
+    for name, value in grads.items():
+        assert relative_error(value, expected[name]) < 1e-5, name
