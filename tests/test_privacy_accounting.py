@@ -91,3 +91,36 @@ def test_tan_keeps_sigma_over_batch():
 def test_bad_arguments_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_composing_by_count_equals_composing_step_by_step():
+    sigma, q, steps, delta = 0.9, 0.02, 25, 1e-5
+    acc = rdp_privacy_accountant.RdpAccountant()
+    for _ in range(steps):
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)))
+    assert epsilon(sigma, q, steps, delta) == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+
+
+def test_calibrate_noise_pld_needs_less_noise_than_rdp():
+    rdp = calibrate_noise(8.0, DELTA, Q, 5708, method="rdp")
+    pld = calibrate_noise(8.0, DELTA, Q, 5708, method="pld", tol=1e-3)
+    assert epsilon(pld, Q, 5708, DELTA, method="pld") <= 8.0
+    assert epsilon(pld - 2e-3, Q, 5708, DELTA, method="pld") > 8.0
+    assert 0.9 * rdp < pld < rdp
+
+
+def test_pld_at_small_sigma_stays_fast_and_close():
+    q = 20_480 / N  # the TAN run at B/64
+    # sigma 0.3: the widened PLD grid against dp-accounting's at the fine step
+    fine = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    assert epsilon(0.3, q, 5708, DELTA, method="pld") == pytest.approx(
+        direct_epsilon(fine, [(0.3, q, 5708)], DELTA), rel=1e-3)
+    # sigma 0.728 / 64: the fine grid would not finish; PLD stays below RDP
+    tiny = epsilon(0.728 / 64, q, 5708, DELTA, method="pld")
+    assert 0 < tiny < epsilon(0.728 / 64, q, 5708, DELTA, method="rdp")
+
+
+def test_segments_without_steps_or_noise():
+    assert epsilon_of_segments([], 1e-5) == 0.0
+    assert epsilon_of_segments([(1.0, 0.01, 0), (1.0, 0.0, 10)], 1e-5) == 0.0
+    assert math.isinf(epsilon_of_segments([(1.0, 0.01, 10), (0.0, 0.01, 1)], 1e-5, method="pld"))
