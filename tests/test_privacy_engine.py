@@ -355,3 +355,19 @@ def test_patch_embedding_on_an_untiled_image_matches_reference():
     torch.testing.assert_close(norms, flat_norms(reference), rtol=1e-5, atol=0)
     for name, value in grads.items():
         assert relative_error(value, expected[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", ["vit", "decoder"])
+def test_bf16_parameters_as_fsdp_mixed_precision_computes_them(kind):
+    """FSDP2 with param_dtype=bf16 runs the layers on bf16 parameters, no autocast."""
+    model, inputs = build(kind)
+    reference = per_example_grads(model, *inputs)
+    max_norm = flat_norms(reference).median().item()
+    expected = clipped_mean(reference, max_norm, EXPECTED_BATCH)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    low_inputs = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs]
+    grads, norms, _ = run_engine(low, low_inputs, (2, 4), max_norm)
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms, flat_norms(reference), rtol=5e-2, atol=0)
+    for name, value in grads.items():
+        assert relative_error(value.float(), expected[name]) < 8e-2, name
