@@ -36,8 +36,11 @@ def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
 def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     """fp32 [b]: squared norms of ``sum_t g[i, t] a[i, t]^T``; a [b,T,d], g [b,T,p]."""
     if use_ghost(a.shape[1], g.shape[2], a.shape[2]):
-        return (gram(a) * gram(g)).sum((1, 2))
-    return bmm_fp32(g.transpose(1, 2), a).square().sum((1, 2))
+        b = a.shape[0]
+        # <gram(a), gram(g)> per example as a batched dot product: no [b, T, T] temporary
+        return torch.bmm(gram(a).view(b, 1, -1), gram(g).view(b, -1, 1)).view(b)
+    per_example = bmm_fp32(g.transpose(1, 2), a)  # [b, p, d]
+    return torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()  # no squared temporary
 
 
 def clipped_weight_sum(a: Tensor, g: Tensor, scale: Tensor, dropped: bool) -> Tensor:
@@ -81,6 +84,8 @@ class LinearRule(Rule):
         return grad.to(weight.dtype) @ weight
 
     def _pairs(self, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
+        """Token-stacked (activation, output gradient); rebuilt when needed rather
+        than kept, so a layer called several times holds no extra copies."""
         a = stacked(calls, lambda c: tokens_view(c.saved[0]))
         g = stacked(calls, lambda c: tokens_view(c.grad.to(c.saved[0].dtype)))
         return a, g
