@@ -212,6 +212,7 @@ class PrivacyEngine:
             raise ValueError(
                 f"per_example_loss must have shape [b] (one loss per example, not reduced), got {tuple(per_example_loss.shape)}"
             )
+        self._drop_stale_calls()
         try:
             # an empty micro-batch still runs backward, so that every rank runs the
             # same hooks and collectives, but it has no per-example gradient to clip
@@ -223,6 +224,18 @@ class PrivacyEngine:
         finally:
             for target in self._targets:
                 target.calls.clear()
+
+    def _drop_stale_calls(self) -> None:
+        """Forget layer calls that a backward outside the engine already reached,
+        so a stray ``loss.backward()`` never leaks into the clipped sum."""
+        stale = 0
+        for target in self._targets:
+            kept = [call for call in target.calls if call.grad is None]
+            stale += len(target.calls) - len(kept)
+            target.calls[:] = kept
+        if stale:
+            logger.warning("%d layer calls had a gradient from a backward outside engine.backward "
+                           "(e.g. loss.backward()); it was discarded, use engine.backward(per_example_loss)", stale)
 
     def _clip_and_accumulate(self, batch: int, device: torch.device) -> None:
         active, sq_norms = [], torch.zeros(batch, dtype=FP32, device=device)

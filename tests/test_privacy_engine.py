@@ -371,3 +371,16 @@ def test_bf16_parameters_as_fsdp_mixed_precision_computes_them(kind):
     torch.testing.assert_close(norms, flat_norms(reference), rtol=5e-2, atol=0)
     for name, value in grads.items():
         assert relative_error(value.float(), expected[name]) < 8e-2, name
+
+
+def test_a_backward_outside_the_engine_is_discarded(caplog):
+    model, (images, targets) = build("odd")
+    reference = per_example_grads(model, images[3:], targets[3:])
+    engine = PrivacyEngine(model, 1e6, 0.0, 3.0)
+    model(images[:3], targets[:3]).sum().backward()  # stray: reaches the wrapped layers
+    engine.backward(model(images[3:], targets[3:]))
+    engine.finish_step()
+    assert "outside engine.backward" in caplog.text
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert relative_error(p.grad, reference[name].mean(0)) < 1e-5, name
