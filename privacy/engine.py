@@ -154,7 +154,8 @@ class PrivacyEngine:
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if not expected_batch_size > 0:
-            raise ValueError(f"expected_batch_size must be > 0 (the Poisson rate times the dataset size), got {expected_batch_size}")
+            raise ValueError(f"expected_batch_size must be > 0 (the Poisson rate times the dataset size), "
+                             f"got {expected_batch_size}")
         if seed is not None and not (isinstance(seed, int) and seed >= 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self.max_grad_norm = float(max_grad_norm)
@@ -171,7 +172,8 @@ class PrivacyEngine:
         self._attached = True
         for target in self._targets:
             target.module.forward = self._wrapped_forward(target)
-        logger.info("privacy engine clips %d parameter tensors in %d layers", len(self.covered_parameters), len(self._targets))
+        logger.info("privacy engine clips %d parameter tensors in %d layers",
+                    len(self.covered_parameters), len(self._targets))
 
     # -- installation -------------------------------------------------------
 
@@ -210,7 +212,8 @@ class PrivacyEngine:
             raise ValueError("this PrivacyEngine was detached; create a new one")
         if per_example_loss.dim() != 1:
             raise ValueError(
-                f"per_example_loss must have shape [b] (one loss per example, not reduced), got {tuple(per_example_loss.shape)}"
+                "per_example_loss must have shape [b] (one loss per example, not reduced), "
+                f"got {tuple(per_example_loss.shape)}"
             )
         self._drop_stale_calls()
         try:

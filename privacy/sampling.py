@@ -46,7 +46,8 @@ class PoissonSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if not max_physical_batch >= 1:
-            raise ValueError(f"max_physical_batch must be >= 1 (the largest micro-batch that fits), got {max_physical_batch}")
+            raise ValueError(f"max_physical_batch must be >= 1 (the largest micro-batch that fits), "
+                             f"got {max_physical_batch}")
         self.num_examples = int(num_examples)
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)

@@ -40,7 +40,8 @@ def test_matches_dp_accounting_directly(sigma, q, steps):
         direct_epsilon(rdp_privacy_accountant.RdpAccountant(), [(sigma, q, steps)], delta), rel=1e-9
     )
     assert epsilon(sigma, q, steps, delta, "pld") == pytest.approx(
-        direct_epsilon(pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3), [(sigma, q, steps)], delta),
+        direct_epsilon(pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3),
+                       [(sigma, q, steps)], delta),
         rel=1e-6,
     )
 

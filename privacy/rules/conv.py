@@ -32,11 +32,13 @@ def _patches(x: Tensor, kernel: tuple[int, int]) -> Tensor:
 class Conv2dRule(Rule):
     def check(self, module: nn.Conv2d, name: str) -> None:
         if module.groups != 1:
-            raise ValueError(f"{name}: Conv2d with groups={module.groups} is not supported by the privacy engine; use groups=1")
+            raise ValueError(f"{name}: Conv2d with groups={module.groups} is not supported by the privacy engine; "
+                             "use groups=1")
         if module.padding_mode != "zeros":
             raise ValueError(f"{name}: Conv2d padding_mode={module.padding_mode!r} is not supported; use 'zeros'")
         if isinstance(module.padding, str) and module.padding != "valid":
-            raise ValueError(f"{name}: Conv2d padding={module.padding!r} is not supported; give explicit integer padding")
+            raise ValueError(f"{name}: Conv2d padding={module.padding!r} is not supported; "
+                             "give explicit integer padding")
 
     def _padding(self, module: nn.Conv2d):
         return 0 if module.padding == "valid" else module.padding

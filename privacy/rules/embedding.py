@@ -19,9 +19,11 @@ class EmbeddingRule(Rule):
 
     def check(self, module: nn.Embedding, name: str) -> None:
         if module.max_norm is not None:
-            raise ValueError(f"{name}: Embedding(max_norm=...) rewrites its weight in forward; the privacy engine needs max_norm=None")
+            raise ValueError(f"{name}: Embedding(max_norm=...) rewrites its weight in forward; "
+                             "the privacy engine needs max_norm=None")
         if module.scale_grad_by_freq:
-            raise ValueError(f"{name}: Embedding(scale_grad_by_freq=True) is not supported by the privacy engine; set it to False")
+            raise ValueError(f"{name}: Embedding(scale_grad_by_freq=True) is not supported by the privacy engine; "
+                             "set it to False")
         if module.sparse:
             raise ValueError(f"{name}: Embedding(sparse=True) is not supported by the privacy engine; set sparse=False")
 
