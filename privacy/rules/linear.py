@@ -36,9 +36,8 @@ def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
 def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     """fp32 [b]: squared norms of ``sum_t g[i, t] a[i, t]^T``; a [b,T,d], g [b,T,p]."""
     if use_ghost(a.shape[1], g.shape[2], a.shape[2]):
-        b = a.shape[0]
-        # <gram(a), gram(g)> per example as a batched dot product: no [b, T, T] temporary
-        return torch.bmm(gram(a).view(b, 1, -1), gram(g).view(b, -1, 1)).view(b)
+        # elementwise, not a matmul: TF32 (if enabled) would round this fp32 sum
+        return (gram(a) * gram(g)).sum((1, 2))
     per_example = bmm_fp32(g.transpose(1, 2), a)  # [b, p, d]
     return torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()  # no squared temporary
 
