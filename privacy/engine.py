@@ -13,6 +13,12 @@ layer's clipped sum ``sum_i c_i g_i`` (one matmul) to its own fp32 buffers.
 Parameters are addressed as (module, attribute name) and read again when
 needed, so FSDP2's swapping between sharded and unsharded parameters is
 transparent. The noise seed is secret: whoever knows it can remove the noise.
+
+Limits: activation checkpointing stays exact but saves no memory (the engine
+keeps each layer's input from the first forward until the step's norms are
+known); torch.compile breaks the graph at every wrapped layer; with TF32
+matmuls enabled, norms and clipped sums of fp32 layers are TF32-rounded, so a
+clipped gradient may exceed C by about 1e-3 relative: keep TF32 off.
 """
 
 import logging
