@@ -104,10 +104,12 @@ def gram(x: Tensor) -> Tensor:
 
 
 def scale_in(scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """``scale`` in ``dtype``, rounded towards zero so no clipped norm exceeds C.
+    """``scale`` in ``dtype``, rounded towards zero, never above C / ||g_i||.
 
-    Rounding a clip factor up in bf16 would let a clipped gradient grow by up
-    to 2^-8 beyond the clipping norm, which the privacy analysis does not allow.
+    Rounding a clip factor up in bf16 would scale every example by up to 2^-8
+    too much. The scaled bf16 products still round (at most 2^-9 relative per
+    element, like every bf16 product of the model); only fp32 layers are free
+    of that.
     """
     low = scale.to(dtype)
     too_big = low.to(FP32) > scale
