@@ -46,11 +46,16 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 
 def _write_tar(path, members):
+    """`members`: (name, bytes) for regular files, (name, (link type, target)) for links."""
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            if isinstance(data, tuple):
+                info.type, info.linkname = data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture
@@ -69,6 +74,8 @@ def hostile(tmp_path):
         ("good1.jpg", _jpeg(5)), ("good1.pyd", payload), ("good1.txt", b"good one"),
         ("onlypickle.pickle", payload), ("onlypickle.pth", payload),
         ("exe.exe", b"MZ\x90\x00"), ("exe.txt", b"program"),
+        ("symlink.jpg", (tarfile.SYMTYPE, "/etc/passwd")), ("symlink.txt", b"followed a symlink"),
+        ("hardlink.jpg", (tarfile.LNKTYPE, "good0.jpg")), ("hardlink.txt", b"followed a hard link"),
         ("good2.jpg", _jpeg(6)), ("good2.json", b'{"k": 1}'), ("good2.txt", "good two \u00e9".encode()),
     ]
     shard = tmp_path / "hostile.tar"
@@ -81,7 +88,7 @@ def hostile(tmp_path):
 
 EXPECTED_SKIPS = {
     "undecodable image": 1, "caption not UTF-8": 1, "empty caption": 1, "member too large": 1,
-    "missing caption": 1, "image too large": 1, "no readable member": 1, "missing image": 1,
+    "missing caption": 1, "image too large": 1, "no readable member": 1, "missing image": 3,
 }
 
 

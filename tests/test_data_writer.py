@@ -6,6 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 import wids
+from wids.wids import compute_file_md5sum, compute_num_samples
 from PIL import Image
 
 from data import read_samples
@@ -71,6 +72,8 @@ def test_synthetic_shards_respect_count_limit_and_index_reads_with_wids(tmp_path
     paths, index = _shard_paths(index_path)
     assert index["wids_version"] == 1 and [s["nsamples"] for s in index["shardlist"]] == [10, 10, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"] + [f"shard-00000{i}.tar" for i in range(3)]
+    for path, shard in zip(paths, index["shardlist"]):  # the figures `widsindex create` would write
+        assert shard["nsamples"] == compute_num_samples(path) and shard["md5sum"] == compute_file_md5sum(path)
     ours = list(read_samples(paths))
     dataset = wids.ShardListDataset(str(index_path), localname=lambda url: url, transformations=[])
     assert len(dataset) == 23

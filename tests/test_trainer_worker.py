@@ -65,8 +65,8 @@ def tiny_config(tmp: Path, **overrides) -> dict:
     cfg = {
         "name": "tiny", "ds_config": "default.json", "steps": 6, "seed": 3,
         "ds": {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": False}},
-        "model": {"name": "dpcap_tiny_standin"},
-        "data": {"num_examples": 96},
+        "model": {"name": "dpcap_tiny_standin", "overrides": {"img_size": 2}},
+        "data": {"num_examples": 96, "text_length": TEXT},
         "privacy": {"noise_multiplier": 0.0, "max_grad_norm": 0.5, "delta": 1e-3},
         "optim": {"lr": 0.05, "warmup_steps": 2},
         "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0, "keep_last": 2},
@@ -96,14 +96,14 @@ def main(argv: list[str]) -> None:
     cfg = load_config(config_path, overrides)
     standin = cfg.model.name == "dpcap_tiny_standin"
     trainer = Trainer(cfg, allow_non_private=True,
-                      model_factory=(lambda c: TinyCaptioner()) if standin else None,
+                      model_factory=(lambda c, t: TinyCaptioner()) if standin else None,
                       train_data=tiny_data(cfg.data.num_examples) if standin else None)
     if delay:  # slow steps so a test can kill the run mid-way
         step = trainer.train_step
 
-        def slow(micro):
+        def slow(*args):
             time.sleep(delay)
-            return step(micro)
+            return step(*args)
 
         trainer.train_step = slow
     summary = trainer.train()

@@ -45,11 +45,8 @@ def launcher_env(local_rank_arg: int | None = None) -> tuple[int, int, int]:
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
-        if "MASTER_ADDR" not in env:
-            if "SLURM_LAUNCH_NODE_IPADDR" not in env:
-                raise ValueError("Slurm job without MASTER_ADDR: export MASTER_ADDR (first node)")
-            env["MASTER_ADDR"] = env["SLURM_LAUNCH_NODE_IPADDR"]
-        env.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in env and "SLURM_LAUNCH_NODE_IPADDR" not in env:
+            raise ValueError("Slurm job without MASTER_ADDR: export MASTER_ADDR (first node)")
     else:
         rank, world, local = 0, 1, 0
     if local_rank_arg is not None and local_rank_arg != local:
@@ -67,9 +64,13 @@ def _free_port() -> int:
 
 def init_distributed(local_rank_arg: int | None = None) -> Distributed:
     rank, local, world = launcher_env(local_rank_arg)
-    if world == 1 and "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
+    if "MASTER_ADDR" not in os.environ:
+        if world == 1:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        else:  # Slurm
+            os.environ["MASTER_ADDR"] = os.environ["SLURM_LAUNCH_NODE_IPADDR"]
+            os.environ.setdefault("MASTER_PORT", "29500")
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

@@ -26,9 +26,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, bf16: bool) -> nn.Module:
     (trainer.reducer). FSDP2 skips parameters without gradients (checked in
     tests/test_trainer_fsdp.py).
     """
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
-                              reduce_dtype=torch.float32)
+    dtype = torch.bfloat16 if bf16 else None  # None: parameters keep their (fp32) dtype
+    # Only the root casts its inputs. FSDP's input cast rebuilds dataclass arguments, so a
+    # block would write its KV cache (models' DecodeCache) into a copy and lose it.
+    block_mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=block_mp)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype,
+                                                                 reduce_dtype=torch.float32))
     return model

@@ -16,6 +16,7 @@ from privacy import accounting
 from trainer.config import Geometry, JobConfig, delta_of, learning_rate, reference_batch
 
 Segment = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+PLD_MIN_SIGMA = 0.3  # below, a PLD's privacy-loss grid explodes (minutes) and epsilon is huge anyway
 
 
 @dataclass(kw_only=True)
@@ -49,7 +50,7 @@ def resolve(cfg: JobConfig, geo: Geometry) -> PrivacyPlan:
                                                method=p.accountant)
     else:
         sigma_ref = p.noise_multiplier
-    sigma = accounting.tan_noise(sigma_ref, geo.batch_size, b_ref) if b_ref != geo.batch_size else sigma_ref
+    sigma = accounting.tan_noise_multiplier(sigma_ref, geo.batch_size, b_ref) if b_ref != geo.batch_size else sigma_ref
     return PrivacyPlan(enabled=True, sigma=sigma, reference_sigma=sigma_ref, q=q, steps=cfg.steps,
                        delta=delta, max_grad_norm=p.max_grad_norm,
                        target_epsilon=None if p.tan_reference_batch else p.target_epsilon,
@@ -58,31 +59,7 @@ def resolve(cfg: JobConfig, geo: Geometry) -> PrivacyPlan:
 
 def composed_epsilon(segments: list[Segment], delta: float, method: str = "rdp") -> float:
     """Epsilon of the composition of the segments (each a Poisson-subsampled Gaussian)."""
-    segments = [s for s in segments if s[2] > 0]
-    if not segments:
-        return 0.0
-    if any(sigma == 0 for sigma, _, _ in segments):
-        return math.inf
-    if len(segments) == 1:
-        sigma, q, steps = segments[0]
-        return float(accounting.epsilon(sigma, q, steps, delta, method=method))
-    return float(_compose(segments, delta, method))
-
-
-def _compose(segments: list[Segment], delta: float, method: str) -> float:
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    events = [dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in segments]
-    if method == "rdp":
-        acc = rdp_privacy_accountant.RdpAccountant()
-    else:
-        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
-    acc.compose(dp_accounting.ComposedDpEvent(events))
-    return acc.get_epsilon(delta)
+    return accounting.epsilon_of_segments(segments, delta, method=method)
 
 
 def budget_steps(history: list[Segment], plan: PrivacyPlan, limit: int) -> int:
@@ -139,9 +116,10 @@ def format_plan(cfg: JobConfig, geo: Geometry, plan: PrivacyPlan) -> str:
     for frac in (0.25, 0.5, 0.75, 1.0):
         k = max(1, round(cfg.steps * frac))
         seg = [plan.segment(k)]
+        pld = (f"{composed_epsilon(seg, plan.delta, 'pld'):8.4f}" if plan.sigma >= PLD_MIN_SIGMA
+               else "n/a (sigma too small for PLD)")
         lines.append(f"  after {k:>7,} steps ({frac:4.0%}): "
-                     f"{composed_epsilon(seg, plan.delta, 'rdp'):8.4f} / "
-                     f"{composed_epsilon(seg, plan.delta, 'pld'):8.4f}")
+                     f"{composed_epsilon(seg, plan.delta, 'rdp'):8.4f} / {pld}")
     if plan.target_epsilon is not None:
         allowed = budget_steps([], plan, cfg.steps)
         if allowed < cfg.steps:
@@ -154,7 +132,7 @@ def format_plan(cfg: JobConfig, geo: Geometry, plan: PrivacyPlan) -> str:
             b2 = b // div
             if b2 < 1:
                 break
-            s2 = accounting.tan_noise(plan.sigma, b2, b)
+            s2 = accounting.tan_noise_multiplier(plan.sigma, b2, b)
             lines.append(f"  B/{div:<4}= {b2:>9,}: sigma' = {s2:.4g}, its own epsilon "
                          f"{composed_epsilon([(s2, b2 / cfg.data.num_examples, cfg.steps)], plan.delta, 'rdp'):.4g} "
                          f"(RDP); ds.train_batch_size={b2} privacy.tan_reference_batch={b}")

@@ -15,7 +15,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from torch import nn
 from trainer import plan as privacy_plan
 from trainer.checkpoint import Checkpointer, ModelOptimizerState, load_model_weights
 from trainer.config import JobConfig, learning_rate, load_config, validate
-from trainer.data import StepLoader
+from trainer.data import InMemoryReader
 from trainer.distributed import Distributed, init_distributed, launcher_env, shutdown
 from trainer.metrics import Metrics, peak_flops
 from trainer.optim import build_optimizer, lr_factor
@@ -36,10 +36,32 @@ from trainer.reducer import FSDPGradReducer
 logger = logging.getLogger(__name__)
 
 
-def build_model(cfg: JobConfig) -> nn.Module:
+def build_tokenizer(cfg: JobConfig):
+    """DP-Cap's tokenizer: BERT WordPiece, restricted to the synthetic captions' words
+    when training on synthetic data; None for ViP."""
+    if not cfg.is_captioner:
+        return None
+    if cfg.data.source == "synthetic":
+        from trainer.datasets import synthetic_tokenizer
+
+        return synthetic_tokenizer(cfg.data.seed)
+    from models.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def build_model(cfg: JobConfig, tokenizer) -> nn.Module:
     import models
 
-    return models.create_model(cfg.model.name, **cfg.model.overrides)
+    overrides = dict(cfg.model.overrides)
+    if tokenizer is not None:
+        if overrides.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+            raise ValueError(f"model.overrides.vocab_size={overrides['vocab_size']} but the tokenizer "
+                             f"has {tokenizer.vocab_size} ids; drop the override")
+        overrides["vocab_size"] = tokenizer.vocab_size
+    if cfg.is_captioner:
+        overrides.setdefault("text_max_length", cfg.data.text_length)
+    return models.create_model(cfg.model.name, **overrides)
 
 
 def _step_seed(*words: int) -> int:
@@ -52,7 +74,7 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig, *, allow_non_private: bool = False,
                  local_rank: int | None = None,
-                 model_factory: Callable[[JobConfig], nn.Module] | None = None,
+                 model_factory: Callable[[JobConfig, Any], nn.Module] | None = None,
                  train_data: Sequence | None = None,
                  eval_fn: Callable[[Trainer], dict[str, Any]] | None = None):
         self.cfg = cfg
@@ -65,10 +87,12 @@ class Trainer:
         self.dist: Distributed = init_distributed(local_rank)
         device = self.dist.device
         self.bf16 = self.geo.bf16 and device.type == "cuda"
+        self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
 
         # 2. model (same init on every rank), 3. parallelize
         torch.manual_seed(cfg.seed)
-        model = (model_factory or build_model)(cfg).to(device)
+        self.tokenizer = build_tokenizer(cfg)
+        model = (model_factory or build_model)(cfg, self.tokenizer).to(device)
         self.flops_per_example = self._count_flops(model) if device.type == "cuda" else None
         self.model = parallelize(model, self.dist.mesh, bf16=self.bf16)
         if cfg.init:
@@ -92,21 +116,28 @@ class Trainer:
                                         expected_batch_size=self.geo.batch_size,
                                         seed=self._shared_secret_seed(), reducer=self.reducer)
 
-        # 7. data
+        # 7. data: the Poisson sampler (same seed on every rank) decides each step's examples
         from privacy.sampling import PoissonSampler
 
         if train_data is None:
-            from trainer.datasets import build_train_data
+            from trainer.datasets import build_reader, count_examples, prepare_shards
 
-            train_data = build_train_data(cfg, self.dist)
-        if len(train_data) != cfg.data.num_examples:
+            index = prepare_shards(cfg, self.dist)
+            num_examples = count_examples(index)
+        else:
+            num_examples = len(train_data)
+        if num_examples != cfg.data.num_examples:
             raise ValueError(f"data.num_examples={cfg.data.num_examples} but the data set has "
-                             f"{len(train_data)} examples; set data.num_examples={len(train_data)}")
-        self.train_data = train_data
-        self.sampler = PoissonSampler(len(train_data), self.plan.q, cfg.seed,
+                             f"{num_examples} examples; set data.num_examples={num_examples}")
+        self.sampler = PoissonSampler(num_examples, self.plan.q, cfg.seed,
                                       world_size=self.dist.world_size, rank=self.dist.rank,
                                       max_physical_batch=self.geo.micro_batch)
-        self._empty = tuple(torch.empty((0, *x.shape), dtype=x.dtype) for x in train_data[0])
+        if train_data is None:
+            self.reader = build_reader(cfg, index, self.sampler, self.tokenizer)
+        else:
+            self.reader = InMemoryReader(train_data, self.sampler)
+        size = cfg.model.overrides.get("img_size", 224)
+        self._empty = (torch.empty(0, 3, size, size), torch.zeros(0, cfg.data.text_length, dtype=torch.long))
         self.eval_fn = eval_fn
 
         # 8. checkpointer; resume
@@ -174,6 +205,7 @@ class Trainer:
         if self.engine is not None:
             self.engine.load_state_dict(meta["engine"])
         self.step = int(meta["step"])
+        self.reader.load_state_dict({**meta["reader"], "next_step": self.step})
         self.resumed_from = str(path)
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -195,12 +227,15 @@ class Trainer:
     def epsilon(self, method: str = "rdp") -> float:
         if not self.plan.enabled:
             return math.inf
+        if method == "pld" and min(s for s, _, _ in self.segments) < privacy_plan.PLD_MIN_SIGMA:
+            return math.nan  # e.g. a TAN run: its own epsilon is astronomical; RDP says how much
         return privacy_plan.composed_epsilon(self.segments, self.plan.delta, method)
 
     def save(self) -> None:
         meta = {"step": self.step, "privacy": self._privacy_state(),
                 "engine": self.engine.state_dict() if self.engine is not None else None,
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict(),
+                "reader": self.reader.state_dict(),  # rank 0's; every rank's position is the step
                 "epsilon_rdp": self.epsilon("rdp") if self.plan.enabled else None}
         self.checkpointer.save(self.step, ModelOptimizerState(self.model, self.optimizer), meta)
 
@@ -212,8 +247,9 @@ class Trainer:
             return model(images, tokens)
         return model(batch[0], mask_ratio=self.cfg.model.mask_ratio)
 
-    def train_step(self, micro_batches: list) -> dict[str, float]:
-        """One logical step: every micro-batch, then the noised update."""
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, ...]], n_micro: int) -> dict[str, float]:
+        """One logical step: this rank's micro-batches, padded with empty ones to
+        `n_micro` (the same on every rank), then the noised update."""
         device = self.dist.device
         # same RNG on every rank and step (ViP masking); resume-exact
         torch.manual_seed(_step_seed(self.cfg.seed, self.step, self.dist.rank))
@@ -225,8 +261,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         examples = 0
         self.reducer.bytes_sent = 0
-        for i, batch in enumerate(micro_batches):
-            batch = tuple(x.to(device, non_blocking=True) for x in (batch or self._empty))
+        batches = iter(micro_batches)
+        for i in range(n_micro):
+            batch = next(batches, None) or self._empty
+            batch = tuple(x.to(device, non_blocking=True) for x in batch)
             loss = self._loss(self.model, batch)
             loss_sum += loss.detach().float().sum()
             examples += loss.shape[0]
@@ -234,8 +272,9 @@ class Trainer:
                 self.engine.backward(loss)
             else:
                 # FSDP averages over ranks; its reduce-scatter runs once, on the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                self.model.set_requires_gradient_sync(i == n_micro - 1)
                 (loss.sum() * (self.dist.world_size / self.geo.batch_size)).backward()
+        assert next(batches, None) is None, "the reader yielded more micro-batches than planned"
         stats: dict[str, float] = {}
         if self.engine is not None:
             stats = self.engine.finish_step()
@@ -285,17 +324,16 @@ class Trainer:
         cfg, m = self.cfg, self.cfg.metrics
         window = {"loss_sum": 0.0, "examples": 0, "clipped": 0.0, "skipped": 0, "steps": 0}
         t0, saved_at = time.perf_counter(), self.step
-        loader = StepLoader(self.train_data, self.sampler, self.step, self.stop_at, cfg.data.num_workers)
-        for step, micro in loader:
-            assert step == self.step, (step, self.step)
-            # one scalar collective: the largest micro-batch count (pad with empty ones so
-            # every rank runs the same FSDP collectives) and whether any rank was signalled
-            n_micro, stop = self._sync([len(micro), float(self.stop_requested)], dist.ReduceOp.MAX)
+        while self.step < self.stop_at:
+            # one scalar collective per step: the most micro-batches any rank may run (a rank
+            # with fewer, or whose reader dropped empty/bad ones, pads with empty micro-batches
+            # so every rank runs the same FSDP collectives), and whether any rank was signalled
+            planned = len(self.sampler.step_batches(self.step))
+            n_micro, stop = self._sync([planned, float(self.stop_requested)], dist.ReduceOp.MAX)
             if stop:
                 self.stop_requested = True
                 break
-            micro = micro + [None] * (int(n_micro) - len(micro))
-            out = self.train_step(micro)
+            out = self.train_step(self.reader.micro_batches(self.step), int(n_micro))
             self.step += 1
             if self.plan.enabled:
                 sigma, q, k = self.segments[-1]
@@ -303,8 +341,7 @@ class Trainer:
             for key in ("loss_sum", "examples", "clipped", "skipped"):
                 window[key] += out[key]
             window["steps"] += 1
-            last = self.step == self.stop_at
-            if self.step % m.log_every == 0 or last:
+            if self.step % m.log_every == 0 or self.step == self.stop_at:
                 self._log(out, window, time.perf_counter() - t0)
                 window = dict.fromkeys(window, 0)
                 t0 = time.perf_counter()

@@ -1,0 +1,31 @@
+"""TensorBoard event files written by a real run, read back."""
+
+from __future__ import annotations
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from test_trainer_worker import run_worker, tiny_config
+from trainer.plan import composed_epsilon
+
+
+def test_tensorboard_scalars(tmp_path):
+    cfg = tiny_config(tmp_path, **{"privacy.noise_multiplier": 1.0, "steps": 6})
+    run_worker(1, tmp_path, cfg, launcher="python")
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/examples_per_s", "train/realised_batch",
+                "privacy/epsilon_rdp", "privacy/epsilon_pld", "privacy/sigma", "privacy/q",
+                "privacy/clip_fraction", "privacy/norm_p50_rank0", "privacy/norm_p90_rank0",
+                "comm/bytes_per_step"):
+        assert tag in tags, (tag, sorted(tags))
+    eps = {e.step: e.value for e in events.Scalars("privacy/epsilon_rdp")}
+    assert sorted(eps) == [1, 2, 3, 4, 5, 6]
+    for step, value in eps.items():
+        assert value == pytest.approx(composed_epsilon([(1.0, 1 / 3, step)], 1e-3, "rdp"), rel=1e-5)
+    assert sorted(e.step for e in events.Scalars("privacy/epsilon_pld")) == [3, 6]
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[0] == pytest.approx(0.025) and lrs[1] == pytest.approx(0.05) and lrs[-1] < lrs[1]
+    assert all(0 <= e.value <= 1 for e in events.Scalars("privacy/clip_fraction"))
+    assert all(20 <= e.value <= 45 for e in events.Scalars("train/realised_batch"))  # Poisson around 32
