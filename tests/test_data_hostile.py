@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from data import read_samples
-from data.decode import decode_image
+from data.decode import MAX_METADATA_BYTES, BadSample, decode_image, decode_metadata
 from data.loader import PoissonReader, StreamingReader
 from data.transform import ImageTextTransform
 
@@ -118,6 +118,18 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_not_below_the_target():
     full = decode_image(_jpeg(7, size=512))
     reduced = decode_image(_jpeg(7, size=512), draft_size=100)
     assert full.size == (512, 512) and reduced.size == (128, 128) and reduced.mode == "RGB"
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"[1, 2]", "metadata not an object"),
+    (b"{not json", "undecodable metadata"),
+    (b'{"k": "\xff"}', "undecodable metadata"),
+    (b'{"k": "' + b"x" * MAX_METADATA_BYTES + b'"}', "metadata too large"),
+])
+def test_metadata_decoder_accepts_only_bounded_json_objects(data, reason):
+    assert decode_metadata(b'{"py/object": "os.system", "n": 1}') == {"py/object": "os.system", "n": 1}
+    with pytest.raises(BadSample, match=reason):
+        decode_metadata(data)
 
 
 def _tokenize(text, length=16):
