@@ -246,6 +246,7 @@ class PrivacyEngine:
             logger.warning("%d layer calls had a gradient from a backward outside engine.backward "
                            "(e.g. loss.backward()); it was discarded, use engine.backward(per_example_loss)", stale)
 
+    @torch.no_grad()  # saved inputs may require grad: the arithmetic must not build a graph
     def _clip_and_accumulate(self, batch: int, device: torch.device) -> None:
         active, sq_norms = [], torch.zeros(batch, dtype=FP32, device=device)
         for target in self._targets:
@@ -282,6 +283,7 @@ class PrivacyEngine:
 
     # -- the logical step ---------------------------------------------------
 
+    @torch.no_grad()
     def finish_step(self) -> dict[str, float]:
         """Reduce, add noise once, divide by the expected batch, assign ``p.grad``."""
         if not self._attached:

@@ -57,7 +57,7 @@ def run_engine(model, inputs, splits, max_norm, sigma=0.0, expected=EXPECTED_BAT
         norms.append(engine.per_example_norms)
         start += size
     stats = engine.finish_step()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     engine.zero_grad()
     engine.detach()
     return grads, torch.cat(norms), stats
@@ -77,7 +77,7 @@ def test_clipped_gradient_matches_per_example_reference(case, splits):
     torch.testing.assert_close(engine_norms, norms, rtol=1e-5, atol=0)
     assert set(grads) == set(expected)
     for name, value in grads.items():
-        assert value.dtype == torch.float32
+        assert value.dtype == torch.float32 and value.grad_fn is None and not value.requires_grad
         assert relative_error(value, expected[name]) < 1e-5, name
     assert stats["examples"] == BATCH and stats["skipped_nonfinite"] == 0
     assert stats["clip_fraction"] == pytest.approx((norms > max_norm).float().mean().item(), abs=1 / BATCH + 1e-6)
@@ -384,3 +384,29 @@ def test_a_backward_outside_the_engine_is_discarded(caplog):
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert relative_error(p.grad, reference[name].mean(0)) < 1e-5, name
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_randomly_shaped_models_match_reference(seed):
+    """Random widths, heads, patch, image, memory and sequence sizes."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(*choices):
+        return choices[int(torch.randint(len(choices), (1,), generator=rng))]
+
+    torch.manual_seed(seed)
+    heads, patch, img, classes = pick(1, 2, 4), pick(2, 4), pick(8, 12), pick(2, 5)
+    vit = TinyViT(img=img, patch=patch, dim=heads * pick(2, 4, 8), heads=heads, classes=classes)
+    vit_inputs = (torch.randn(5, 3, img, img, generator=rng), torch.randint(0, classes, (5,), generator=rng))
+    length, vocab, feat = pick(3, 6, 9), pick(5, 30), pick(3, 10)
+    decoder = TinyDecoder(vocab=vocab, dim=heads * pick(2, 6), heads=heads, length=length, feat=feat)
+    _, tokens = decoder_batch(5, rng, vocab=vocab, length=length)
+    decoder_inputs = (torch.randn(5, pick(2, 4), feat, generator=rng), tokens)  # 1 memory token: q has no grad
+    for model, inputs in ((vit, vit_inputs), (decoder, decoder_inputs)):
+        reference = per_example_grads(model, *inputs)
+        max_norm = flat_norms(reference).quantile(0.3).item()
+        expected = clipped_mean(reference, max_norm, 4.0)
+        grads, norms, _ = run_engine(model, inputs, (3, 2), max_norm, expected=4.0)
+        torch.testing.assert_close(norms, flat_norms(reference), rtol=1e-5, atol=0)
+        for name, value in grads.items():
+            assert relative_error(value, expected[name]) < 1e-5, name
