@@ -77,7 +77,7 @@ def synthetic_examples(count: int, seed: int, size: int, split: str = "train") -
 
 
 def _rows(table: Path, suffix: str, skips: SkipCounter) -> Iterator[object]:
-    with open(table, newline="", encoding="utf-8") as f:
+    with open(table, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
         if suffix == ".jsonl":
             for line in f:
                 if line.strip():

@@ -67,6 +67,15 @@ def test_table_sources_with_configurable_columns(tmp_path, suffix):
         next(table_examples(tmp_path / "pairs.xlsx", skips))
 
 
+def test_csv_with_byte_order_mark_and_default_columns(tmp_path):
+    _image(0).save(tmp_path / "a.png")
+    table = tmp_path / "pairs.csv"
+    table.write_bytes("path,caption\na.png,from a spreadsheet\n".encode("utf-8-sig"))
+    skips = SkipCounter()
+    examples = list(table_examples(table, skips))
+    assert [e.caption for e in examples] == ["from a spreadsheet"] and not skips
+
+
 def test_synthetic_shards_respect_count_limit_and_index_reads_with_wids(tmp_path):
     index_path = write_shards(synthetic_examples(23, seed=0, size=32), tmp_path, ShardLimits(max_count=10))
     paths, index = _shard_paths(index_path)
