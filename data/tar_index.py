@@ -4,14 +4,17 @@ The index (`index.json`, the wids format) gives the shards in order and their
 sample counts; global index i is sample i - offset of its shard, where a
 shard's samples are its runs of regular members sharing a key, the same
 grouping wids uses. Member positions come from one header scan per shard,
-done lazily and cached (every shard stays cached, like wids with lru_size >=
-number of shards). Members are read with pread, only for known extensions and
-under the size caps, so nothing else in a shard is ever read.
+done lazily and cached (every shard's table stays cached, like wids with
+lru_size >= number of shards). Members are read with pread, only for known
+extensions and under the size caps, so nothing else in a shard is ever read.
+At most `max_open_files` shard files are open at once (least recently used
+closed first): a data set has more shards than a process may open files.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 import json
 import logging
 import os
@@ -31,7 +34,10 @@ _TOO_LARGE = "__too_large__"  # table entry marking a sample with an oversized m
 class TarIndex:
     """`len(index)` samples; `index.members(i) -> {extension: bytes}` raises BadSample."""
 
-    def __init__(self, index_path: str | Path):
+    def __init__(self, index_path: str | Path, max_open_files: int = 64):
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+        self.max_open_files = max_open_files
         index_path = Path(index_path)
         try:
             spec = json.loads(index_path.read_text())
@@ -46,17 +52,17 @@ class TarIndex:
         for count in counts:
             self.starts.append(self.starts[-1] + count)
         self._tables: dict[int, MemberTable] = {}
-        self._files: dict[int, int] = {}
+        self._files: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently used first
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return self.starts[-1]
 
     def __getstate__(self):  # worker processes reopen files and rescan lazily
-        return {"paths": self.paths, "starts": self.starts}
+        return {"paths": self.paths, "starts": self.starts, "max_open_files": self.max_open_files}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _tables={}, _files={}, _pid=os.getpid())
+        self.__dict__.update(state, _tables={}, _files=OrderedDict(), _pid=os.getpid())
 
     def members(self, index: int) -> dict[str, bytes]:
         if not 0 <= index < len(self):
@@ -70,8 +76,11 @@ class TarIndex:
             raise BadSample("no readable member")
         if _TOO_LARGE in table[inner]:
             raise BadSample("member too large")
-        fd = self._file(shard)
-        return {ext: os.pread(fd, size, offset) for ext, (offset, size) in table[inner].items()}
+        try:
+            fd = self._file(shard)
+            return {ext: os.pread(fd, size, offset) for ext, (offset, size) in table[inner].items()}
+        except OSError as exn:  # the shard vanished or failed since it was scanned
+            raise BadSample("unreadable shard") from exn
 
     def _table(self, shard: int) -> MemberTable:
         if shard not in self._tables:
@@ -79,10 +88,14 @@ class TarIndex:
         return self._tables[shard]
 
     def _file(self, shard: int) -> int:
-        if self._pid != os.getpid():  # forked: descriptors and offsets are not ours
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        if self._pid != os.getpid():  # forked: the parent's descriptors are left to the parent
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        if len(self._files) >= self.max_open_files:
+            os.close(self._files.popitem(last=False)[1])
+        self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
         return self._files[shard]
 
 

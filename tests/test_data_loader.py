@@ -1,5 +1,7 @@
 """Readers: Poisson reads exactly the sampled indices, streaming splits disjointly, both resume exactly."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ from PIL import Image
 from data.loader import PoissonReader, StreamingReader
 from data.shards import ShardLimits, write_shards
 from data.sources import Example
-from data.tar_index import indexed_sample_count
+from data.decode import BadSample
+from data.tar_index import TarIndex, indexed_sample_count
 from data.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTextTransform
 
 TEXT_LENGTH = 12
@@ -105,6 +108,24 @@ def test_poisson_reader_is_deterministic_with_workers_and_resumes_exactly(shards
         assert len(batches) == len(reference[step])
         for got, want in zip(batches, reference[step]):
             assert torch.equal(got.images, want.images) and torch.equal(got.tokens, want.tokens)
+
+
+def test_tar_index_bounds_open_files_and_reports_vanished_shards(tmp_path):
+    index_path = write_shards(_examples(), tmp_path, ShardLimits(max_count=7))
+    index = TarIndex(index_path, max_open_files=2)
+    open_before = len(os.listdir("/proc/self/fd"))
+    order = np.random.default_rng(0).permutation(NUM_EXAMPLES).tolist()
+    captions = {i: index.members(i)["txt"].decode() for i in order}
+    assert captions == {i: f"s{i}" for i in range(NUM_EXAMPLES)}
+    assert len(os.listdir("/proc/self/fd")) - open_before <= 2
+    index.members(0), index.members(7)  # shards 0 and 1 are now the open ones
+    for shard in tmp_path.glob("*.tar"):
+        shard.unlink()
+    assert index.members(0)["txt"] == b"s0"
+    with pytest.raises(BadSample, match="unreadable shard"):
+        index.members(14)
+    with pytest.raises(ValueError, match="max_open_files"):
+        TarIndex(index_path, max_open_files=0)
 
 
 def test_poisson_reader_refuses_indices_outside_the_dataset(shards):
