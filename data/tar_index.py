@@ -3,10 +3,12 @@
 The index (`index.json`, the wids format) gives the shards in order and their
 sample counts; global index i is sample i - offset of its shard, where a
 shard's samples are its runs of regular members sharing a key, the same
-grouping wids uses. Member positions come from one header scan per shard,
-done lazily and cached (every shard's table stays cached, like wids with
-lru_size >= number of shards). Members are read with pread, only for known
-extensions and under the size caps, so nothing else in a shard is ever read.
+grouping wids uses. One header scan per shard, done lazily and cached
+(every shard's table stays cached, like wids with lru_size >= number of
+shards), records where each sample's first header starts: 8 bytes a sample,
+so a process can hold the table of a data set of hundreds of millions.
+Reading a sample parses its headers again from there and reads only members
+with a known extension under the size caps; nothing else is ever read.
 At most `max_open_files` shard files are open at once (least recently used
 closed first): a data set has more shards than a process may open files.
 """
@@ -14,21 +16,20 @@ closed first): a data set has more shards than a process may open files.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
 import json
 import logging
 import os
 import tarfile
+from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 from data.decode import KNOWN_EXTENSIONS, MAX_MEMBER_BYTES, BadSample
 from data.tar_samples import split_member_name
 
 log = logging.getLogger(__name__)
-
-# One sample's members: {extension: (data offset, size)}.
-MemberTable = list[dict[str, tuple[int, int]]]
-_TOO_LARGE = "__too_large__"  # table entry marking a sample with an oversized member
 
 
 class TarIndex:
@@ -51,8 +52,8 @@ class TarIndex:
         self.starts = [0]
         for count in counts:
             self.starts.append(self.starts[-1] + count)
-        self._tables: dict[int, MemberTable] = {}
-        self._files: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently used first
+        self._tables: dict[int, np.ndarray] = {}  # shard -> int64 header offset of each sample
+        self._files: OrderedDict[int, BinaryIO] = OrderedDict()  # least recently used first
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -72,59 +73,79 @@ class TarIndex:
         inner = index - self.starts[shard]
         if inner >= len(table):
             raise BadSample("sample missing from shard")
-        if not table[inner]:
-            raise BadSample("no readable member")
-        if _TOO_LARGE in table[inner]:
-            raise BadSample("member too large")
         try:
-            fd = self._file(shard)
-            return {ext: os.pread(fd, size, offset) for ext, (offset, size) in table[inner].items()}
-        except OSError as exn:  # the shard vanished or failed since it was scanned
+            stream = self._file(shard)
+        except OSError as exn:  # the shard vanished since it was scanned
             raise BadSample("unreadable shard") from exn
+        stream.seek(int(table[inner]))
+        return _read_sample(stream)
 
-    def _table(self, shard: int) -> MemberTable:
+    def _table(self, shard: int) -> np.ndarray:
         if shard not in self._tables:
             self._tables[shard] = _scan(self.paths[shard])
         return self._tables[shard]
 
-    def _file(self, shard: int) -> int:
-        if self._pid != os.getpid():  # forked: the parent's descriptors are left to the parent
+    def _file(self, shard: int) -> BinaryIO:
+        if self._pid != os.getpid():  # forked: file positions are shared with the parent
             self._files, self._pid = OrderedDict(), os.getpid()
         if shard in self._files:
             self._files.move_to_end(shard)
             return self._files[shard]
         if len(self._files) >= self.max_open_files:
-            os.close(self._files.popitem(last=False)[1])
-        self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            self._files.popitem(last=False)[1].close()
+        self._files[shard] = open(self.paths[shard], "rb")
         return self._files[shard]
 
 
-def _scan(path: str) -> MemberTable:
-    """Member positions of each sample; a bad sample gets an empty dict (decoding then rejects it)."""
-    table: MemberTable = []
+def _scan(path: str) -> np.ndarray:
+    """Header offset of each sample's first member."""
+    starts: list[int] = []
     key = None
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
-                if not info.isreg():
-                    continue
-                member_key, ext = split_member_name(info.name)
-                if member_key is None:
-                    continue
-                if member_key != key:
-                    table.append({})
+                member_key, _ = _member_key(info)
+                if member_key is not None and member_key != key:
+                    starts.append(info.offset)
                     key = member_key
-                sample = table[-1]
-                if ext not in KNOWN_EXTENSIONS:
-                    continue  # never read
-                if info.size > MAX_MEMBER_BYTES[ext]:
-                    sample[_TOO_LARGE] = (0, 0)
-                sample[ext] = (info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError) as exn:
         log.warning("shard %s is truncated or unreadable (%s); its later samples count as missing", path, exn)
-        if table:
-            table.pop()  # the sample being read when the tar broke may be incomplete
-    return table
+        if starts:
+            starts.pop()  # the sample being read when the tar broke may be incomplete
+    return np.array(starts, dtype=np.int64)
+
+
+def _read_sample(stream: BinaryIO) -> dict[str, bytes]:
+    """{extension: bytes} of the sample whose first header is at the stream's position."""
+    members: dict[str, bytes] = {}
+    key = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r:") as tar:  # reads from the current position
+            for info in tar:
+                member_key, ext = _member_key(info)
+                if member_key is None:
+                    continue
+                if key is None:
+                    key = member_key
+                elif member_key != key:
+                    break
+                if ext not in KNOWN_EXTENSIONS:
+                    continue  # never read
+                if ext in members:
+                    raise BadSample("duplicate member")
+                if info.size > MAX_MEMBER_BYTES[ext]:
+                    raise BadSample("member too large")
+                members[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        raise BadSample("truncated or unreadable tar") from exn
+    if not members:
+        raise BadSample("no readable member")
+    return members
+
+
+def _member_key(info: tarfile.TarInfo) -> tuple[str, str] | tuple[None, None]:
+    """(key, extension) of a regular member; (None, None) for links, folders and names without a dot."""
+    return split_member_name(info.name) if info.isreg() else (None, None)
 
 
 def indexed_sample_count(index_path: str | Path) -> int:

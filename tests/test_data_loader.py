@@ -1,6 +1,9 @@
 """Readers: Poisson reads exactly the sampled indices, streaming splits disjointly, both resume exactly."""
 
+import io
+import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -126,6 +129,22 @@ def test_tar_index_bounds_open_files_and_reports_vanished_shards(tmp_path):
         index.members(14)
     with pytest.raises(ValueError, match="max_open_files"):
         TarIndex(index_path, max_open_files=0)
+
+
+def test_tar_index_reads_long_pax_names_and_refuses_duplicate_members(tmp_path):
+    long_key = "deep/" * 30 + "sample"  # over 100 characters: stored with a pax extended header
+    members = [(f"{long_key}.txt", b"long"), (f"{long_key}.cls", b"7"), ("dup.txt", b"a"), ("dup.txt", b"b"),
+               ("last.txt", b"last")]
+    with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "index.json").write_text(json.dumps({"shardlist": [{"url": "s.tar", "nsamples": 3}]}))
+    index = TarIndex(tmp_path / "index.json")
+    assert index.members(0) == {"txt": b"long"} and index.members(2) == {"txt": b"last"}
+    with pytest.raises(BadSample, match="duplicate member"):
+        index.members(1)
 
 
 def test_poisson_reader_refuses_indices_outside_the_dataset(shards):
