@@ -5,9 +5,10 @@ Each example becomes `{key}.jpg`, `{key}.txt` and, when it has metadata,
 it holds `max_count` samples or the next sample would make the file exceed
 `max_size` bytes (a single sample larger than that gets a shard of its own).
 Shards and the index are written under temporary names and renamed when
-complete, so a reader never sees a partial file. The index is the format
-`widsindex create` writes (shard URLs relative to the index file), so
-`wids.ShardListDataset(index_path)` reads it too.
+complete, so a reader never sees a partial file. Each shard gets its offset
+table (`<shard>.offsets`, see `data.offset_tables`) for random access. The
+index is the format `widsindex create` writes (shard URLs relative to the
+index file), so `wids.ShardListDataset(index_path)` reads it too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from data.offset_tables import scan_sample_offsets, write_offset_table
 from data.sources import Example
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class _OpenShard:
             for chunk in iter(lambda: f.read(2**20), b""):
                 md5.update(chunk)
         os.replace(self.tmp_path, self.path)
+        write_offset_table(self.path, scan_sample_offsets(self.path))
         return {
             "url": self.path.name,
             "nsamples": self.count,

@@ -3,10 +3,11 @@
 The index (`index.json`, the wids format) gives the shards in order and their
 sample counts; global index i is sample i - offset of its shard, where a
 shard's samples are its runs of regular members sharing a key, the same
-grouping wids uses. One header scan per shard, done lazily and cached
-(every shard's table stays cached, like wids with lru_size >= number of
-shards), records where each sample's first header starts: 8 bytes a sample,
-so a process can hold the table of a data set of hundreds of millions.
+grouping wids uses. Each shard's table of where its samples' first headers
+start (8 bytes a sample, so a process can hold the tables of hundreds of
+millions) is loaded lazily from the shard's saved offset table
+(`data.offset_tables`), or found by scanning its headers, and stays cached
+(like wids with lru_size >= number of shards).
 Reading a sample parses its headers again from there and reads only members
 with a known extension under the size caps; nothing else is ever read.
 At most `max_open_files` shard files are open at once (least recently used
@@ -27,7 +28,8 @@ from typing import BinaryIO
 import numpy as np
 
 from data.decode import KNOWN_EXTENSIONS, MAX_MEMBER_BYTES, BadSample
-from data.tar_samples import split_member_name
+from data.offset_tables import load_offset_table, scan_sample_offsets
+from data.tar_samples import member_key
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class TarIndex:
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def __getstate__(self):  # worker processes reopen files and rescan lazily
+    def __getstate__(self):  # worker processes reopen files and reload tables lazily
         return {"paths": self.paths, "starts": self.starts, "max_open_files": self.max_open_files}
 
     def __setstate__(self, state):
@@ -82,7 +84,12 @@ class TarIndex:
 
     def _table(self, shard: int) -> np.ndarray:
         if shard not in self._tables:
-            self._tables[shard] = _scan(self.paths[shard])
+            path, count = self.paths[shard], self.starts[shard + 1] - self.starts[shard]
+            table = load_offset_table(path, count)
+            if table is None:
+                table = scan_sample_offsets(path)
+                _hint_once(path)
+            self._tables[shard] = table
         return self._tables[shard]
 
     def _file(self, shard: int) -> BinaryIO:
@@ -97,24 +104,6 @@ class TarIndex:
         return self._files[shard]
 
 
-def _scan(path: str) -> np.ndarray:
-    """Header offset of each sample's first member."""
-    starts: list[int] = []
-    key = None
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                member_key, _ = _member_key(info)
-                if member_key is not None and member_key != key:
-                    starts.append(info.offset)
-                    key = member_key
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        log.warning("shard %s is truncated or unreadable (%s); its later samples count as missing", path, exn)
-        if starts:
-            starts.pop()  # the sample being read when the tar broke may be incomplete
-    return np.array(starts, dtype=np.int64)
-
-
 def _read_sample(stream: BinaryIO) -> dict[str, bytes]:
     """{extension: bytes} of the sample whose first header is at the stream's position."""
     members: dict[str, bytes] = {}
@@ -122,12 +111,12 @@ def _read_sample(stream: BinaryIO) -> dict[str, bytes]:
     try:
         with tarfile.open(fileobj=stream, mode="r:") as tar:  # reads from the current position
             for info in tar:
-                member_key, ext = _member_key(info)
-                if member_key is None:
+                sample_key, ext = member_key(info)
+                if sample_key is None:
                     continue
                 if key is None:
-                    key = member_key
-                elif member_key != key:
+                    key = sample_key
+                elif sample_key != key:
                     break
                 if ext not in KNOWN_EXTENSIONS:
                     continue  # never read
@@ -143,11 +132,17 @@ def _read_sample(stream: BinaryIO) -> dict[str, bytes]:
     return members
 
 
-def _member_key(info: tarfile.TarInfo) -> tuple[str, str] | tuple[None, None]:
-    """(key, extension) of a regular member; (None, None) for links, folders and names without a dot."""
-    return split_member_name(info.name) if info.isreg() else (None, None)
-
-
 def indexed_sample_count(index_path: str | Path) -> int:
     """Number of samples a wids index lists: the `num_examples` of the Poisson sampler."""
     return len(TarIndex(index_path))
+
+
+_hinted = False
+
+
+def _hint_once(path: str) -> None:
+    global _hinted
+    if not _hinted:
+        log.info("no offset table for %s: scanned its headers (write tables once with python -m "
+                 "data.offset_tables INDEX to skip the scan in every worker)", path)
+        _hinted = True

@@ -28,6 +28,11 @@ def split_member_name(name: str) -> tuple[str, str] | tuple[None, None]:
     return match.group(1), match.group(2).lower()
 
 
+def member_key(info: tarfile.TarInfo) -> tuple[str, str] | tuple[None, None]:
+    """(key, extension) of a regular member; (None, None) for links, folders and names without a dot."""
+    return split_member_name(info.name) if info.isreg() else (None, None)
+
+
 def iter_tar_samples(path: str, skips: SkipCounter) -> Iterator[RawSample]:
     """(key, {extension: bytes}) for each usable sample of one tar file, in order.
 
@@ -38,14 +43,12 @@ def iter_tar_samples(path: str, skips: SkipCounter) -> Iterator[RawSample]:
     try:
         with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
-                if not info.isreg():
+                sample_key, ext = member_key(info)
+                if sample_key is None:
                     continue
-                member_key, ext = split_member_name(info.name)
-                if member_key is None:
-                    continue
-                if member_key != key:
+                if sample_key != key:
                     yield from _finish(key, members, skips, path)
-                    key, members = member_key, {}
+                    key, members = sample_key, {}
                 if ext not in KNOWN_EXTENSIONS or _BAD in members:
                     continue  # unknown members are never read, let alone decoded
                 if ext in members:
