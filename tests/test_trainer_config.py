@@ -62,7 +62,7 @@ def test_overrides_and_files(tmp_path):
     (["privacy.noise_multiplier=-1"], "noise_multiplier must be >= 0"),
     (["privacy.delta=0.5"], "exceeds 1/N"),
     (["ds.gradient_clipping=1.0"], "gradient_clipping"),
-    (["ds.gradient_accumulation_steps=3"], "train_batch_size 256"),
+    (["ds.gradient_accumulation_steps=3"], "train_batch_size 512"),
     (["ds.fp16={enabled: true}"], "fp16"),
     (["ds.train_batch_size=100000"], "exceeds data.num_examples"),
     (["privacy.tan_reference_batch=16"], "tan_reference_batch"),
@@ -79,7 +79,7 @@ def test_invalid_settings_are_refused_with_a_message(overrides, message):
 
 def test_geometry_follows_the_world_size():
     cfg = load_config("default", ["ds.gradient_accumulation_steps=2"])
-    assert geometry(cfg, 2).accumulation == 2  # 256 = 64 x 2 x 2
+    assert geometry(cfg, 2).accumulation == 2  # 512 = 128 x 2 x 2
     with pytest.raises(ValueError):
         geometry(cfg, 1)
 

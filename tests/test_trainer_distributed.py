@@ -20,10 +20,10 @@ def one_rank(tmp_path_factory):
     return run_worker(1, tmp, tiny_config(tmp), launcher="python")
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_reach_the_same_parameters_as_one_rank(tmp_path, one_rank, world):
+@pytest.mark.parametrize("world, launcher", [(2, "deepspeed"), (3, "torchrun")])
+def test_ranks_reach_the_same_parameters_as_one_rank(tmp_path, one_rank, world, launcher):
     """Noise off: 2 and 3 ranks (uneven shards: 7-row layers) == 1 rank on the same data."""
-    out = run_worker(world, tmp_path, tiny_config(tmp_path))
+    out = run_worker(world, tmp_path, tiny_config(tmp_path), launcher=launcher)
     torch.manual_seed(3)
     init = TinyCaptioner().state_dict()
     moved = max((one_rank["params"][k] - init[k]).abs().max().item() for k in init)

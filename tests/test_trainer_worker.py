@@ -89,8 +89,9 @@ def main(argv: list[str]) -> None:
     from trainer.config import load_config
     from trainer.train import Trainer
 
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's
     config_path, out = argv[0], Path(argv[1])
-    rest = [a for a in argv[2:] if not a.startswith("--local_rank")]
+    rest = argv[2:]
     delay = float(next((a.split("=", 1)[1] for a in rest if a.startswith("delay=")), 0))
     overrides = [a for a in rest if not a.startswith("delay=")]
     cfg = load_config(config_path, overrides)
@@ -140,7 +141,8 @@ def worker_command(world: int, config: Path, out: Path, overrides=(), launcher: 
     if world == 1 and launcher == "python":
         return [PY, *script]
     if launcher == "deepspeed":
-        return [str(Path(PY).parent / "deepspeed"), "--no_ssh", "--num_gpus", str(world),
+        return [str(Path(PY).parent / "deepspeed"), "--no_ssh", "--node_rank", "0",
+                "--num_gpus", str(world), "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port()), *script]
     return [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
             "--master-port", str(free_port()), *script]

@@ -38,7 +38,7 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "synthetic"  # "synthetic": write shards from data.synthetic first; "shards": use `shards`
-    shards: str = ""  # folder of tar shards (synthetic: where they are written)
+    shards: str = ""  # folder of tar shards + index.json ("" with synthetic: runs/<name>/shards)
     num_examples: int = 0  # N, the data set size (q = B / N); for "shards" checked against the data
     heldout_examples: int = 256  # synthetic held-out images for zero-shot evaluation
     text_length: int = 16  # caption tokens, [CLS] ... [SEP] and padding
@@ -95,7 +95,7 @@ class MetricsConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     zero_shot: bool = True  # DP-Cap: zero-shot accuracy on the held-out synthetic images
-    label_set: str = "shape"  # which synthetic attribute is the class
+    tasks: list[str] = field(default_factory=lambda: ["colour", "shape", "object"])  # the classes
     batch_size: int = 64
 
 
@@ -155,17 +155,18 @@ def default() -> JobConfig:
         return default_gpu()
     return JobConfig(
         name="default",
-        ds_config="default.json",
-        steps=200,
+        ds_config="default.json",  # B = 512, micro-batches of 128
+        steps=400,
         model=ModelConfig(
             name="dpcap_nano",
             overrides=dict(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=3,
                            decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=3),
         ),
-        data=DataConfig(source="synthetic", shards="runs/default/shards", num_examples=20_000,
+        data=DataConfig(source="synthetic", num_examples=50_000,
                         heldout_examples=300, text_length=16),
-        privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0),
-        optim=OptimConfig(lr=2e-3, warmup_steps=20, weight_decay=0.005),
+        # epsilon 8 at delta = 1/N by PLD (the tight accountant; RDP says about 9.6)
+        privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0, accountant="pld"),
+        optim=OptimConfig(lr=4e-3, warmup_steps=40, weight_decay=0.005),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
         metrics=MetricsConfig(log_every=10, pld_every=50),
     )
@@ -178,10 +179,10 @@ def default_gpu() -> JobConfig:
         ds_config="default_gpu.json",
         steps=1000,
         model=ModelConfig(name="dpcap_nano", overrides=dict(img_size=64, patch_size=8)),
-        data=DataConfig(source="synthetic", shards="runs/default/shards", num_examples=200_000,
+        data=DataConfig(source="synthetic", num_examples=200_000,
                         heldout_examples=1000, text_length=16, num_workers=4),
-        privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0),
-        optim=OptimConfig(lr=1e-3, warmup_steps=100),
+        privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0, accountant="pld"),
+        optim=OptimConfig(lr=2e-3, warmup_steps=100),
         checkpoint=CheckpointConfig(every_steps=250, keep_last=2),
         metrics=MetricsConfig(log_every=10, pld_every=100),
     )
@@ -230,7 +231,7 @@ def vip_stage1() -> JobConfig:
         ds_config="vip_stage1.json",
         steps=5000,
         model=ModelConfig(name="vip_base", mask_ratio=0.75),
-        data=DataConfig(source="synthetic", shards="runs/vip_stage1/shards", num_examples=100_000,
+        data=DataConfig(source="synthetic", num_examples=100_000,
                         num_workers=8),
         privacy=PrivacyConfig(enabled=False),
         optim=OptimConfig(blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500),
@@ -378,9 +379,15 @@ def _parse_value(text: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 4e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 # --------------------------------------------------------------------------- derived plan

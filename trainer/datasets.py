@@ -86,10 +86,9 @@ def prepare_shards(cfg: JobConfig, d: Distributed) -> Path:
     from data.shards import write_shards
     from data.sources import synthetic_examples
 
-    if not cfg.data.shards:
-        raise ValueError("set data.shards=FOLDER (tar shards with index.json; for "
-                         "data.source=synthetic, where to write them)")
-    index = Path(cfg.data.shards) / INDEX_NAME
+    if not cfg.data.shards and cfg.data.source != "synthetic":
+        raise ValueError("set data.shards=FOLDER (tar shards with index.json)")
+    index = Path(cfg.data.shards or cfg.run_dir / "shards") / INDEX_NAME
     if cfg.data.source == "synthetic" and d.is_main and not index.is_file():
         size = cfg.model.overrides.get("img_size", 224)
         logger.info("writing %d synthetic examples (%dx%d) to %s", cfg.data.num_examples, size, size,

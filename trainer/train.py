@@ -227,7 +227,7 @@ class Trainer:
     def epsilon(self, method: str = "rdp") -> float:
         if not self.plan.enabled:
             return math.inf
-        if method == "pld" and min(s for s, _, _ in self.segments) < privacy_plan.PLD_MIN_SIGMA:
+        if method == "pld" and 0 < min(s for s, _, _ in self.segments) < privacy_plan.PLD_MIN_SIGMA:
             return math.nan  # e.g. a TAN run: its own epsilon is astronomical; RDP says how much
         return privacy_plan.composed_epsilon(self.segments, self.plan.delta, method)
 
@@ -310,8 +310,8 @@ class Trainer:
                                    "checkpoint_dir": str(cfg.checkpoint_dir)}
         if not self.stop_requested and self.eval_fn is not None:
             results = self.eval_fn(self)
-            self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in results.items()
-                                             if isinstance(v, (int, float))})
+            self.metrics.scalars(self.step, {f"eval/zero_shot_{task}": r["accuracy"]
+                                             for task, r in results.get("zero_shot", {}).items()})
             summary.update(results)
         self.metrics.close()
         return summary
@@ -379,7 +379,7 @@ class Trainer:
         self.metrics.scalars(self.step, values)
         eps = values.get("privacy/epsilon_rdp")
         self.metrics.progress(self.step, {"loss": f"{values['train/loss']:.3f}",
-                                          "eps": "off" if eps is None else f"{eps:.3f}"})
+                                          "eps_rdp": "off" if eps is None else f"{eps:.3f}"})
         self.metrics.flush()
 
     def _captions(self) -> None:
@@ -447,10 +447,9 @@ def _summary_text(s: dict[str, Any]) -> str:
                      f"at delta = {s['delta']:.3g}; sigma = {s['sigma']:.4g}, q = {s['q']:.4g}")
     else:
         lines.append("privacy: NONE (non-private run)")
-    if "zero_shot_accuracy" in s:
-        lines.append(f"zero-shot accuracy: {s['zero_shot_accuracy']:.3f} "
-                     f"({s['num_classes']} classes, chance {1 / s['num_classes']:.3f}, "
-                     f"{s['eval_examples']} held-out images)")
+    for task, r in s.get("zero_shot", {}).items():
+        lines.append(f"zero-shot {task}: accuracy {r['accuracy']:.3f} ({r['classes']} classes, "
+                     f"chance {1 / r['classes']:.3f}; {s['eval_examples']} held-out images)")
     lines.append(f"TensorBoard logs: {s['log_dir']}  (tensorboard --logdir {s['log_dir']})")
     lines.append(f"checkpoints: {s['checkpoint_dir']}")
     return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The real CLI on the real models/ and data/: a miniature default job, --init."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from test_trainer_worker import REPO
+
+TINY_JOB = ["steps=3", "optim.warmup_steps=1", "data.num_examples=300", "data.heldout_examples=12", "ds.train_batch_size=32",
+            "ds.train_micro_batch_size_per_gpu=16", "model.overrides.depth=1",
+            "model.overrides.decoder_depth=1", "model.overrides.embed_dim=32",
+            "model.overrides.num_heads=2", "model.overrides.decoder_embed_dim=32",
+            "model.overrides.decoder_num_heads=2", "metrics.log_every=1", "metrics.num_captions=2",
+            "checkpoint.every_steps=0"]
+
+
+def _train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "default", *TINY_JOB, *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _params(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    out = tmp / f"{step_dir.parent.parent.name}.pt"
+    dcp_to_torch_save(step_dir, out)
+    return torch.load(out, weights_only=True)["app"]["model"]
+
+
+def test_default_job_in_miniature_then_init_from_an_upstream_checkpoint(tmp_path):
+    proc = _train(tmp_path, "name=mini")
+    text = proc.stdout
+    assert "trained 3/3 steps" in text and "epsilon = " in text and "zero-shot colour: accuracy" in text
+    assert "runs/mini/tb" in text and "runs/mini/checkpoints" in text
+    assert (tmp_path / "runs/mini/shards/index.json").is_file()
+    step = tmp_path / "runs/mini/checkpoints/step_00000003"
+    assert (step / "meta.json").is_file()
+    events = EventAccumulator(str(tmp_path / "runs/mini/tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "captions/text_summary" in events.Tags()["tensors"]
+
+    # --init with the same weights in the original DP-Cap layout, trained with lr 0
+    import models
+
+    ours = _params(step, tmp_path)
+    upstream = models.to_upstream_state_dict(ours)
+    torch.save({"model": upstream}, tmp_path / "upstream.pth")
+    _train(tmp_path, "name=init", "optim.lr=0.0", "steps=1", "--init", str(tmp_path / "upstream.pth"))
+    again = _params(tmp_path / "runs/init/checkpoints/step_00000001", tmp_path)
+    for key, value in ours.items():
+        assert torch.equal(again[key], value), key
+    # and from our own checkpoint folder (DCP, weights only: a fresh run at step 0)
+    _train(tmp_path, "name=init2", "optim.lr=0.0", "steps=1", "--init", str(tmp_path / "runs/mini/checkpoints"))
+    again = _params(tmp_path / "runs/init2/checkpoints/step_00000001", tmp_path)
+    for key, value in ours.items():
+        assert torch.equal(again[key], value), key
