@@ -153,6 +153,7 @@ class Trainer:
         self.metrics = Metrics(cfg.log_dir, enabled=self.dist.is_main, total_steps=cfg.steps,
                                start_step=self.step, progress=cfg.metrics.progress)
         self.stop_requested = False
+        self._last_pld = math.nan  # shown by the progress bar between PLD evaluations
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -377,9 +378,14 @@ class Trainer:
                 values["gpu/mfu"] = (self.flops_per_example * examples / max(seconds, 1e-9)
                                      / (peak * self.dist.world_size))
         self.metrics.scalars(self.step, values)
-        eps = values.get("privacy/epsilon_rdp")
-        self.metrics.progress(self.step, {"loss": f"{values['train/loss']:.3f}",
-                                          "eps_rdp": "off" if eps is None else f"{eps:.3f}"})
+        postfix = {"loss": f"{values['train/loss']:.3f}"}
+        if self.plan.enabled:
+            self._last_pld = values.get("privacy/epsilon_pld", self._last_pld)
+            postfix |= {"eps_rdp": f"{values['privacy/epsilon_rdp']:.3f}",
+                        "eps_pld": f"{self._last_pld:.3f}"}
+        else:
+            postfix["eps"] = "off (non-private)"
+        self.metrics.progress(self.step, postfix)
         self.metrics.flush()
 
     def _captions(self) -> None:
