@@ -75,3 +75,13 @@ def test_noise_std_is_sigma_c_over_b_once_per_coordinate():
     half = noise.numel() // 2
     a, b = noise[: half // 2], noise[half: half + half // 2]
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.05
+
+
+def test_ranks_without_examples_pad_with_empty_micro_batches(tmp_path):
+    """B = 2 on 3 ranks: most steps leave a rank (or every rank) without examples; the
+    empty ones still run the FSDP collectives, and the result matches 1 rank."""
+    settings = {"ds.train_batch_size": 2, "steps": 8, "optim.lr": 0.2}
+    one = run_worker(1, tmp_path, tiny_config(tmp_path / "a", **settings), launcher="python", name="a")
+    three = run_worker(3, tmp_path, tiny_config(tmp_path / "b", **settings), name="b")
+    for key, ref in one["params"].items():
+        torch.testing.assert_close(three["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
