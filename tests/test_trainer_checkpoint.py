@@ -15,7 +15,7 @@ import torch
 from test_trainer_worker import REPO, run_worker, tiny_config, worker_command
 from trainer.checkpoint import Checkpointer
 
-NOISY = {"privacy.noise_multiplier": 1.0, "privacy.noise_seed": 7, "steps": 8, "checkpoint.every_steps": 2}
+NOISY = {"privacy.noise_multiplier": 1.0, "privacy.secret_seed": 7, "steps": 8, "checkpoint.every_steps": 2}
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -117,3 +117,21 @@ def test_guard_stops_before_the_target_epsilon(tmp_path):
     out = run_worker(1, tmp_path, cfg, launcher="python")
     assert out["summary"]["step"] == 4 and out["summary"]["stopped_early"]
     assert out["summary"]["epsilon_rdp"] <= target
+
+
+def test_sampling_seed_is_secret_and_survives_resume(tmp_path):
+    """Private runs draw batches from a secret seed (not the public config seed), saved
+    in the checkpoint and reused on resume so the resumed run draws the same batches."""
+    noisy = {"privacy.noise_multiplier": 1.0, "steps": 2, "checkpoint.every_steps": 1}
+
+    def sampling_seed(run: Path, step: int) -> int:
+        return Checkpointer.read_meta(run / "ckpt" / f"step_{step:08d}")["sampling_seed"]
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_worker(1, tmp_path, tiny_config(first, **noisy), launcher="python", name="first")
+    run_worker(1, tmp_path, tiny_config(second, **noisy), launcher="python", name="second")
+    seed = sampling_seed(first, 2)
+    assert seed != sampling_seed(second, 2)  # fresh secret per run, same public config seed
+    assert seed != tiny_config(first)["seed"]
+    run_worker(1, tmp_path, tiny_config(first, **noisy), ["steps=3"], launcher="python", name="resumed")
+    assert sampling_seed(first, 3) == seed

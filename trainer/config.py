@@ -58,9 +58,11 @@ class PrivacyConfig:
     # noise_multiplier / target_epsilon describe the reference run at B_ref.
     tan_reference_batch: int | None = None
     allow_privacy_change: bool = False  # on resume, accept changed sigma/q/delta (composed)
-    # None: a secret random seed (saved in the checkpoint). A fixed seed makes the noise
-    # known to anyone who knows it: for reproducing runs and tests, never for releases.
-    noise_seed: int | None = None
+    # Seeds the noise and the Poisson sampling, which must both stay secret: the guarantee
+    # assumes nobody can tell which steps drew an example. None: a secret random seed
+    # (saved in the checkpoint). A fixed seed reveals noise and batches to anyone who knows
+    # it: for reproducing runs and tests, never for releases.
+    secret_seed: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -105,7 +107,7 @@ class JobConfig:
     ds_config: str = "default.json"  # file in ds_configs/ (or a path)
     ds: dict[str, Any] = field(default_factory=dict)  # loaded from ds_config; overridable
     steps: int = 100  # logical (privacy) steps
-    seed: int = 0  # shared by all ranks: init, sampling; noise streams derive from it per rank
+    seed: int = 0  # shared by all ranks: init, and sampling when privacy is off (private runs use privacy.secret_seed)
     init: str = ""  # weights-only initialisation (ours, DCP dir, or an original-layout DP-Cap .pth)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -23,8 +23,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, bf16: bool) -> nn.Module:
 
     Gradients never go through FSDP's own reduce-scatter: the privacy engine
     returns no weight gradients to autograd and reduces its clipped sums itself
-    (trainer.reducer). FSDP2 skips parameters without gradients (checked in
-    tests/test_trainer_fsdp.py).
+    (trainer.reducer). FSDP2 skips parameters without gradients (checked by
+    tests/test_trainer_distributed.py).
     """
     dtype = torch.bfloat16 if bf16 else None  # None: parameters keep their (fp32) dtype
     # Only the root casts its inputs. FSDP's input cast rebuilds dataclass arguments, so a

@@ -29,9 +29,11 @@ class FSDPGradReducer:
     def reduce(self, param: nn.Parameter, summed: Tensor) -> Tensor:
         assert summed.dtype == torch.float32, summed.dtype
         if not isinstance(param, DTensor):
-            summed = summed.contiguous()
-            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
-            self.bytes_sent += summed.numel() * 4
+            # A replicated parameter would be noised once per rank (each rank has its own
+            # noise stream): every parameter must be sharded by trainer.parallelize.
+            if self.world_size > 1:
+                raise ValueError(f"parameter of shape {tuple(param.shape)} is not FSDP-sharded; "
+                                 "apply trainer.parallelize.parallelize to the whole model")
             return summed
         assert tuple(param.placements) == (Shard(0),), param.placements
         assert tuple(summed.shape) == tuple(param.shape), (summed.shape, param.shape)

@@ -103,17 +103,21 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.peak_lr = learning_rate(cfg)
 
-        # 6. privacy engine; the noise seed is secret (never from the config), shared
-        # by all ranks, each rank on its own noise stream
+        # 6. privacy engine; one secret seed (never from the config) shared by all ranks
+        # seeds the noise (each rank on its own stream) and the Poisson sampling
         self.reducer = FSDPGradReducer(self.dist.mesh, noise_stream=self.dist.rank)
         self.engine = None
         if self.plan.enabled:
             from privacy import PrivacyEngine
 
+            secret = self._shared_secret_seed()
             self.engine = PrivacyEngine(self.model, max_grad_norm=self.plan.max_grad_norm,
                                         noise_multiplier=self.plan.sigma,
                                         expected_batch_size=self.geo.batch_size,
-                                        seed=self._shared_secret_seed(), reducer=self.reducer)
+                                        seed=secret, reducer=self.reducer)
+            sampling_seed = _step_seed(secret, 1)
+        else:
+            sampling_seed = cfg.seed
 
         # 7. data: the Poisson sampler (same seed on every rank) decides each step's examples
         from privacy.sampling import PoissonSampler
@@ -128,7 +132,7 @@ class Trainer:
         if num_examples != cfg.data.num_examples:
             raise ValueError(f"data.num_examples={cfg.data.num_examples} but the data set has "
                              f"{num_examples} examples; set data.num_examples={num_examples}")
-        self.sampler = PoissonSampler(num_examples, self.plan.q, cfg.seed,
+        self.sampler = PoissonSampler(num_examples, self.plan.q, sampling_seed,
                                       world_size=self.dist.world_size, rank=self.dist.rank,
                                       max_physical_batch=self.geo.micro_batch)
         if train_data is None:
@@ -157,10 +161,10 @@ class Trainer:
     # ------------------------------------------------------------------ set-up helpers
 
     def _shared_secret_seed(self) -> int:
-        if self.cfg.privacy.noise_seed is not None:
-            logger.warning("privacy.noise_seed is set: the noise is reproducible by anyone who "
+        if self.cfg.privacy.secret_seed is not None:
+            logger.warning("privacy.secret_seed is set: noise and batches are reproducible by anyone who "
                            "knows it; do not release models trained this way")
-            return self.cfg.privacy.noise_seed
+            return self.cfg.privacy.secret_seed
         seed = torch.tensor([secrets.randbits(62)], dtype=torch.int64, device=self.dist.device)
         dist.broadcast(seed, src=0)
         return int(seed.item())
@@ -204,6 +208,8 @@ class Trainer:
         Checkpointer.load(path, ModelOptimizerState(self.model, self.optimizer))
         if self.engine is not None:
             self.engine.load_state_dict(meta["engine"])
+        # the secret sampling seed of the run being resumed (a fresh one was drawn above)
+        self.sampler.seed = int(meta["sampling_seed"])
         self.step = int(meta["step"])
         self.reader.load_state_dict({**meta["reader"], "next_step": self.step})
         self.resumed_from = str(path)
@@ -234,6 +240,7 @@ class Trainer:
     def save(self) -> None:
         meta = {"step": self.step, "privacy": self._privacy_state(),
                 "engine": self.engine.state_dict() if self.engine is not None else None,
+                "sampling_seed": self.sampler.seed,
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict(),
                 "reader": self.reader.state_dict(),  # rank 0's; every rank's position is the step
                 "epsilon_rdp": self.epsilon("rdp") if self.plan.enabled else None}
