@@ -62,3 +62,21 @@ def test_default_job_in_miniature_then_init_from_an_upstream_checkpoint(tmp_path
     again = _params(tmp_path / "runs/init2/checkpoints/step_00000001", tmp_path)
     for key, value in ours.items():
         assert torch.equal(again[key], value), key
+
+
+def test_init_refuses_a_file_that_needs_unpickling(tmp_path):
+    """An original training checkpoint also pickles its argparse.Namespace: never unpickled."""
+    import argparse
+
+    import pytest
+
+    import models
+    from trainer.checkpoint import load_model_weights
+
+    model = models.create_model("dpcap_nano", img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    path = tmp_path / "base-eps7.pth"
+    torch.save({"model": models.to_upstream_state_dict(model.state_dict()),
+                "args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(ValueError, match="not unpickled"):
+        load_model_weights(model, str(path), models.convert_upstream_state_dict)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -155,7 +156,14 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
         return
     if not p.is_file():
         raise ValueError(f"--init {path}: no such file or folder")
-    sd = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"--init {path}: the file holds more than tensors (e.g. the original training "
+            "script's argparse.Namespace) and is not unpickled here, since unpickling runs "
+            "code. If you trust it, save only its weights first: "
+            "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')") from e
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict):
