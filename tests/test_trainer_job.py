@@ -80,3 +80,26 @@ def test_init_refuses_a_file_that_needs_unpickling(tmp_path):
                 "args": argparse.Namespace(lr=1e-3)}, path)
     with pytest.raises(ValueError, match="not unpickled"):
         load_model_weights(model, str(path), models.convert_upstream_state_dict)
+
+
+def test_the_deepspeed_launcher_runs_the_real_job_on_two_ranks(tmp_path):
+    """The README's multi-rank command: deepspeed --module trainer.train, real models and data."""
+    from test_trainer_worker import free_port
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([str(launcher), "--no_ssh", "--node_rank", "0", "--num_gpus", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                           "--module", "trainer.train", "--config", "default", *TINY_JOB,
+                           "steps=2", "eval.zero_shot=false", "name=ds"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "trained 2/2 steps" in proc.stdout and "epsilon = " in proc.stdout
+    meta = (tmp_path / "runs/ds/checkpoints/step_00000002/meta.json").read_text()
+    assert '"world_size": 2' in meta
+
+
+def test_running_the_trainer_as_a_file_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "trainer" / "train.py"), "--config", "default"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "python -m trainer.train" in proc.stderr

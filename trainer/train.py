@@ -468,4 +468,7 @@ def _summary_text(s: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    if not __package__:  # run as a file, trainer/ would shadow the top-level packages (data.py)
+        sys.exit("run the trainer as a module: python -m trainer.train ... "
+                 "(deepspeed --module trainer.train ..., torchrun -m trainer.train ...)")
     sys.exit(main())
