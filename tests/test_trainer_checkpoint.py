@@ -122,7 +122,8 @@ def test_guard_stops_before_the_target_epsilon(tmp_path):
 def test_sampling_seed_is_secret_and_survives_resume(tmp_path):
     """Private runs draw batches from a secret seed (not the public config seed), saved
     in the checkpoint and reused on resume so the resumed run draws the same batches."""
-    noisy = {"privacy.noise_multiplier": 1.0, "steps": 2, "checkpoint.every_steps": 1}
+    noisy = {"privacy.noise_multiplier": 1.0, "privacy.secret_seed": None, "steps": 2,
+             "checkpoint.every_steps": 1}
 
     def sampling_seed(run: Path, step: int) -> int:
         return Checkpointer.read_meta(run / "ckpt" / f"step_{step:08d}")["sampling_seed"]

@@ -26,7 +26,7 @@ from trainer import plan as privacy_plan
 from trainer.checkpoint import Checkpointer, ModelOptimizerState, load_model_weights
 from trainer.config import JobConfig, learning_rate, load_config, validate
 from trainer.data import InMemoryReader
-from trainer.distributed import Distributed, init_distributed, launcher_env, shutdown
+from trainer.distributed import Distributed, exit_process, init_distributed, launcher_env, shutdown
 from trainer.metrics import Metrics, peak_flops
 from trainer.optim import build_optimizer, lr_factor
 from trainer.parallelize import parallelize
@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if trainer.dist.is_main:
         print(_summary_text(summary))
     shutdown()
-    return 0
+    exit_process(0)
 
 
 def _summary_text(s: dict[str, Any]) -> str:
