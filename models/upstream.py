@@ -26,18 +26,32 @@ import torch
 
 CAUSAL_MASK_SIZE = 128  # the original decoder's block size: its mask buffer is [1, 1, 128, 128]
 
-_RENAMES = [  # (original pattern, ours), applied to key prefixes
-    (r"text_embedding_layer_SimVLM\.", "text_embed."),
-    (r"decoder\.layers\.(\d+)\.self_attn\.c_attn\.", r"decoder_blocks.\1.self_attn.qkv."),
-    (r"decoder\.layers\.(\d+)\.self_attn\.c_proj\.", r"decoder_blocks.\1.self_attn.proj."),
-    (r"decoder\.layers\.(\d+)\.multihead_attn\.q_proj\.", r"decoder_blocks.\1.cross_attn.q."),
-    (r"decoder\.layers\.(\d+)\.multihead_attn\.kv_proj\.", r"decoder_blocks.\1.cross_attn.kv."),
-    (r"decoder\.layers\.(\d+)\.multihead_attn\.c_proj\.", r"decoder_blocks.\1.cross_attn.proj."),
-    (r"decoder\.layers\.(\d+)\.linear([12])\.", r"decoder_blocks.\1.fc\2."),
-    (r"decoder\.layers\.(\d+)\.norm([123])\.", r"decoder_blocks.\1.norm\2."),
-    (r"decoder_pred_text\.0\.", "head_norm."),
-    (r"decoder_pred_text\.1\.", "head."),
+_KEY_PREFIXES = [  # (original, ours); {i} is a decoder layer, {j} a one-digit sub-layer
+    ("text_embedding_layer_SimVLM.", "text_embed."),
+    ("decoder.layers.{i}.self_attn.c_attn.", "decoder_blocks.{i}.self_attn.qkv."),
+    ("decoder.layers.{i}.self_attn.c_proj.", "decoder_blocks.{i}.self_attn.proj."),
+    ("decoder.layers.{i}.multihead_attn.q_proj.", "decoder_blocks.{i}.cross_attn.q."),
+    ("decoder.layers.{i}.multihead_attn.kv_proj.", "decoder_blocks.{i}.cross_attn.kv."),
+    ("decoder.layers.{i}.multihead_attn.c_proj.", "decoder_blocks.{i}.cross_attn.proj."),
+    ("decoder.layers.{i}.linear{j}.", "decoder_blocks.{i}.fc{j}."),
+    ("decoder.layers.{i}.norm{j}.", "decoder_blocks.{i}.norm{j}."),
+    ("decoder_pred_text.0.", "head_norm."),
+    ("decoder_pred_text.1.", "head."),
 ]
+
+
+def _rename_table(reverse: bool) -> list[tuple[str, str]]:
+    """(regex, replacement) pairs from _KEY_PREFIXES, in either direction."""
+    table = []
+    for original, ours in _KEY_PREFIXES:
+        src, dst = (ours, original) if reverse else (original, ours)
+        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d)")
+        table.append((pattern, dst.replace("{i}", r"\g<i>").replace("{j}", r"\g<j>")))
+    return table
+
+
+_RENAMES = _rename_table(reverse=False)
+_OURS_TO_ORIGINAL = _rename_table(reverse=True)
 _MASK_KEY = re.compile(r"decoder\.layers\.(\d+)\.self_attn\.bias$")
 
 
@@ -66,20 +80,6 @@ def convert_upstream_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
             continue
         out[_rename(key, _RENAMES)] = value
     return out
-
-
-_OURS_TO_ORIGINAL = [
-    (r"text_embed\.", "text_embedding_layer_SimVLM."),
-    (r"decoder_blocks\.(\d+)\.self_attn\.qkv\.", r"decoder.layers.\1.self_attn.c_attn."),
-    (r"decoder_blocks\.(\d+)\.self_attn\.proj\.", r"decoder.layers.\1.self_attn.c_proj."),
-    (r"decoder_blocks\.(\d+)\.cross_attn\.q\.", r"decoder.layers.\1.multihead_attn.q_proj."),
-    (r"decoder_blocks\.(\d+)\.cross_attn\.kv\.", r"decoder.layers.\1.multihead_attn.kv_proj."),
-    (r"decoder_blocks\.(\d+)\.cross_attn\.proj\.", r"decoder.layers.\1.multihead_attn.c_proj."),
-    (r"decoder_blocks\.(\d+)\.fc([12])\.", r"decoder.layers.\1.linear\2."),
-    (r"decoder_blocks\.(\d+)\.norm([123])\.", r"decoder.layers.\1.norm\2."),
-    (r"head_norm\.", "decoder_pred_text.0."),
-    (r"head\.", "decoder_pred_text.1."),
-]
 
 
 def to_upstream_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
