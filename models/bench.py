@@ -15,14 +15,13 @@ import argparse
 import ast
 import json
 import logging
-import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import DPCap, create_model
 from models.tokenizer import BOS_ID, EOS_ID
+from privacy.bench import measure
 from privacy.engine import PrivacyEngine
 
 logger = logging.getLogger("models.bench")
@@ -37,24 +36,6 @@ def _batch(model, batch: int, device: torch.device, gen: torch.Generator) -> tup
     tokens = torch.randint(1, c.vocab_size, (batch, c.text_max_length), generator=gen)  # no PAD
     tokens[:, 0], tokens[:, -1] = BOS_ID, EOS_ID
     return images, tokens.to(device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_steps(step, steps: int, warmup: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,16 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
     for mode, step in modes.items():
         if mode == "private":
             engine = PrivacyEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=args.batch)
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t = statistics.median(_time_steps(step, args.steps, args.warmup, device))
+        t, peak_gib = measure(step, args.steps, args.warmup, device)
         rate = flops * args.batch / t
         result[mode] = {
             "step_s": t, "images_per_s": args.batch / t, "tflop_per_s": rate / 1e12,
             "mfu": rate / (args.peak_tflops * 1e12),
         }
-        if on_cuda:
-            result[mode]["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if peak_gib is not None:
+            result[mode]["peak_gib"] = peak_gib
         logger.info("%-8s step %.4g s  %.4g img/s  %.3g TFLOP/s  MFU %.3g%%",
                     mode, t, args.batch / t, rate / 1e12, 100 * result[mode]["mfu"])
     if "private" in result:

@@ -99,19 +99,19 @@ def test_changed_privacy_on_resume_is_refused_unless_allowed(tmp_path):
     assert proc.returncode != 0 and "privacy.allow_privacy_change" in proc.stderr
     out = run_worker(1, tmp_path, cfg, ["steps=5", "privacy.noise_multiplier=2.0",
                                         "privacy.allow_privacy_change=true"], launcher="python", name="ok")
-    from trainer.plan import composed_epsilon
+    from privacy.accounting import epsilon_of_segments
 
     q, delta = 32 / 96, 1e-3
     assert out["summary"]["epsilon_rdp"] == pytest.approx(
-        composed_epsilon([(1.0, q, 3), (2.0, q, 2)], delta, "rdp"), rel=1e-9)
-    assert out["summary"]["epsilon_rdp"] < composed_epsilon([(1.0, q, 5)], delta, "rdp")
+        epsilon_of_segments([(1.0, q, 3), (2.0, q, 2)], delta, "rdp"), rel=1e-9)
+    assert out["summary"]["epsilon_rdp"] < epsilon_of_segments([(1.0, q, 5)], delta, "rdp")
 
 
 def test_guard_stops_before_the_target_epsilon(tmp_path):
-    from trainer.plan import composed_epsilon
+    from privacy.accounting import epsilon_of_segments
 
     q, delta = 32 / 96, 1e-3
-    target = composed_epsilon([(1.0, q, 4)], delta, "rdp") * 1.001
+    target = epsilon_of_segments([(1.0, q, 4)], delta, "rdp") * 1.001
     cfg = tiny_config(tmp_path, **{"privacy.noise_multiplier": 1.0, "privacy.target_epsilon": target,
                                    "steps": 10})
     out = run_worker(1, tmp_path, cfg, launcher="python")

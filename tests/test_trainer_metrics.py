@@ -6,7 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from test_trainer_worker import run_worker, tiny_config
-from trainer.plan import composed_epsilon
+from privacy.accounting import epsilon_of_segments
 
 
 def test_tensorboard_scalars(tmp_path):
@@ -23,7 +23,7 @@ def test_tensorboard_scalars(tmp_path):
     eps = {e.step: e.value for e in events.Scalars("privacy/epsilon_rdp")}
     assert sorted(eps) == [1, 2, 3, 4, 5, 6]
     for step, value in eps.items():
-        assert value == pytest.approx(composed_epsilon([(1.0, 1 / 3, step)], 1e-3, "rdp"), rel=1e-5)
+        assert value == pytest.approx(epsilon_of_segments([(1.0, 1 / 3, step)], 1e-3, "rdp"), rel=1e-5)
     assert sorted(e.step for e in events.Scalars("privacy/epsilon_pld")) == [3, 6]
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] == pytest.approx(0.025) and lrs[1] == pytest.approx(0.05) and lrs[-1] < lrs[1]

@@ -15,7 +15,6 @@ from privacy import accounting
 
 from trainer.config import Geometry, JobConfig, delta_of, learning_rate, reference_batch
 
-Segment = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 PLD_MIN_SIGMA = 0.3  # below, a PLD's privacy-loss grid explodes (minutes) and epsilon is huge anyway
 
 
@@ -31,7 +30,7 @@ class PrivacyPlan:
     target_epsilon: float | None
     accountant: str
 
-    def segment(self, steps: int) -> Segment:
+    def segment(self, steps: int) -> accounting.Segment:
         return (self.sigma, self.q, steps)
 
 
@@ -57,18 +56,13 @@ def resolve(cfg: JobConfig, geo: Geometry) -> PrivacyPlan:
                        accountant=p.accountant)
 
 
-def composed_epsilon(segments: list[Segment], delta: float, method: str = "rdp") -> float:
-    """Epsilon of the composition of the segments (each a Poisson-subsampled Gaussian)."""
-    return accounting.epsilon_of_segments(segments, delta, method=method)
-
-
-def budget_steps(history: list[Segment], plan: PrivacyPlan, limit: int) -> int:
+def budget_steps(history: list[accounting.Segment], plan: PrivacyPlan, limit: int) -> int:
     """The most steps (<= limit) this run may take without exceeding the target epsilon."""
     if plan.target_epsilon is None:
         return limit
 
     def ok(k: int) -> bool:
-        return composed_epsilon(history + [plan.segment(k)], plan.delta, plan.accountant) \
+        return accounting.epsilon_of_segments(history + [plan.segment(k)], plan.delta, plan.accountant) \
             <= plan.target_epsilon * (1 + 1e-9)
 
     if ok(limit):
@@ -116,10 +110,10 @@ def format_plan(cfg: JobConfig, geo: Geometry, plan: PrivacyPlan) -> str:
     for frac in (0.25, 0.5, 0.75, 1.0):
         k = max(1, round(cfg.steps * frac))
         seg = [plan.segment(k)]
-        pld = (f"{composed_epsilon(seg, plan.delta, 'pld'):8.4f}" if plan.sigma >= PLD_MIN_SIGMA
+        pld = (f"{accounting.epsilon_of_segments(seg, plan.delta, 'pld'):8.4f}" if plan.sigma >= PLD_MIN_SIGMA
                else "n/a (sigma too small for PLD)")
         lines.append(f"  after {k:>7,} steps ({frac:4.0%}): "
-                     f"{composed_epsilon(seg, plan.delta, 'rdp'):8.4f} / {pld}")
+                     f"{accounting.epsilon_of_segments(seg, plan.delta, 'rdp'):8.4f} / {pld}")
     if plan.target_epsilon is not None:
         allowed = budget_steps([], plan, cfg.steps)
         if allowed < cfg.steps:
@@ -134,6 +128,6 @@ def format_plan(cfg: JobConfig, geo: Geometry, plan: PrivacyPlan) -> str:
                 break
             s2 = accounting.tan_noise_multiplier(plan.sigma, b2, b)
             lines.append(f"  B/{div:<4}= {b2:>9,}: sigma' = {s2:.4g}, its own epsilon "
-                         f"{composed_epsilon([(s2, b2 / cfg.data.num_examples, cfg.steps)], plan.delta, 'rdp'):.4g} "
+                         f"{accounting.epsilon_of_segments([(s2, b2 / cfg.data.num_examples, cfg.steps)], plan.delta, 'rdp'):.4g} "
                          f"(RDP); ds.train_batch_size={b2} privacy.tan_reference_batch={b}")
     return "\n".join(lines)

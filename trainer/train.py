@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from privacy import accounting
 from trainer import plan as privacy_plan
 from trainer.checkpoint import Checkpointer, ModelOptimizerState, load_model_weights
 from trainer.config import JobConfig, learning_rate, load_config, validate
@@ -146,7 +147,7 @@ class Trainer:
         # 8. checkpointer; resume
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.dist.rank)
         self.step = 0
-        self.segments: list[privacy_plan.Segment] = [self.plan.segment(0)]
+        self.segments: list[accounting.Segment] = [self.plan.segment(0)]
         self.resumed_from = None
         if cfg.checkpoint.resume and (latest := self.checkpointer.latest()) is not None:
             self._resume(latest)
@@ -235,7 +236,7 @@ class Trainer:
             return math.inf
         if method == "pld" and 0 < min(s for s, _, _ in self.segments) < privacy_plan.PLD_MIN_SIGMA:
             return math.nan  # e.g. a TAN run: its own epsilon is astronomical; RDP says how much
-        return privacy_plan.composed_epsilon(self.segments, self.plan.delta, method)
+        return accounting.epsilon_of_segments(self.segments, self.plan.delta, method)
 
     def save(self) -> None:
         meta = {"step": self.step, "privacy": self._privacy_state(),
