@@ -146,6 +146,3 @@ def tan_noise_multiplier(sigma: float, batch_size: float, reference_batch_size: 
     if not sigma >= 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     return sigma * batch_size / reference_batch_size
-
-
-tan_noise = tan_noise_multiplier  # the name ARCHITECTURE.md and trainer.plan use

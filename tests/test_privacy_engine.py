@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from privacy import AddedParameter, PrivacyEngine
+from privacy.rules.base import gram, pad_tokens
 from privacy.rules.linear import use_ghost, weight_sq_norms
 from tests.privacy_helpers import (
     OddLayers,
@@ -321,6 +322,16 @@ def test_linear_weight_norm_both_paths(tokens, out_features, in_features):
     expected = per_example.square().sum((1, 2)).float()
     torch.testing.assert_close(weight_sq_norms(a, g), expected, rtol=1e-5, atol=0)
     assert use_ghost(5, 16, 16) and not use_ghost(9, 3, 4)
+
+
+def test_zero_padded_tokens_leave_the_ghost_norm_unchanged():
+    """The CUDA path pads tokens to a multiple of 16 before the Gram bmm."""
+    generator = torch.Generator().manual_seed(0)
+    a, g = torch.randn(3, 197, 24, generator=generator), torch.randn(3, 197, 40, generator=generator)
+    padded_a, padded_g = pad_tokens(a), pad_tokens(g)
+    assert padded_a.shape == (3, 208, 24) and pad_tokens(padded_a) is padded_a
+    torch.testing.assert_close((gram(padded_a) * gram(padded_g)).sum((1, 2)),
+                               (gram(a) * gram(g)).sum((1, 2)), rtol=1e-6, atol=0)
 
 
 def test_added_parameter_broadcast_over_tokens():

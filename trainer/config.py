@@ -402,7 +402,7 @@ class Geometry:
     batch_size: int  # expected logical batch B (Poisson: realised sizes vary)
     micro_batch: int  # largest physical micro-batch per rank
     accumulation: int  # expected micro-batches per rank per step
-    bf16: bool  # ds bf16.enabled: bf16 parameters on GPU (fp32 reduction); CPU runs fp32
+    bf16: bool  # ds bf16.enabled: bf16 compute parameters, fp32 master copy and reduction (slow on CPU)
 
 
 def geometry(cfg: JobConfig, world_size: int) -> Geometry:

@@ -29,8 +29,3 @@ def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> flo
     t = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    decay = cfg.optim.decay_steps if cfg.optim.decay_steps is not None else cfg.steps
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, decay, cfg.optim.min_lr_ratio))

@@ -15,8 +15,6 @@ from privacy import accounting
 
 from trainer.config import Geometry, JobConfig, delta_of, learning_rate, reference_batch
 
-PLD_MIN_SIGMA = 0.3  # below, a PLD's privacy-loss grid explodes (minutes) and epsilon is huge anyway
-
 
 @dataclass(kw_only=True)
 class PrivacyPlan:
@@ -110,10 +108,9 @@ def format_plan(cfg: JobConfig, geo: Geometry, plan: PrivacyPlan) -> str:
     for frac in (0.25, 0.5, 0.75, 1.0):
         k = max(1, round(cfg.steps * frac))
         seg = [plan.segment(k)]
-        pld = (f"{accounting.epsilon_of_segments(seg, plan.delta, 'pld'):8.4f}" if plan.sigma >= PLD_MIN_SIGMA
-               else "n/a (sigma too small for PLD)")
         lines.append(f"  after {k:>7,} steps ({frac:4.0%}): "
-                     f"{accounting.epsilon_of_segments(seg, plan.delta, 'rdp'):8.4f} / {pld}")
+                     f"{accounting.epsilon_of_segments(seg, plan.delta, 'rdp'):8.4f} / "
+                     f"{accounting.epsilon_of_segments(seg, plan.delta, 'pld'):8.4f}")
     if plan.target_epsilon is not None:
         allowed = budget_steps([], plan, cfg.steps)
         if allowed < cfg.steps:

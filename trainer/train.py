@@ -86,7 +86,7 @@ class Trainer:
         # 1. distributed
         self.dist: Distributed = init_distributed(local_rank)
         device = self.dist.device
-        self.bf16 = self.geo.bf16 and device.type == "cuda"
+        self.bf16 = self.geo.bf16  # honoured on CPU too (slow there; the CPU presets leave it off)
         self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
 
         # 2. model (same init on every rank), 3. parallelize
@@ -234,8 +234,6 @@ class Trainer:
     def epsilon(self, method: str = "rdp") -> float:
         if not self.plan.enabled:
             return math.inf
-        if method == "pld" and 0 < min(s for s, _, _ in self.segments) < privacy_plan.PLD_MIN_SIGMA:
-            return math.nan  # e.g. a TAN run: its own epsilon is astronomical; RDP says how much
         return accounting.epsilon_of_segments(self.segments, self.plan.delta, method)
 
     def save(self) -> None:

@@ -23,6 +23,7 @@ from privacy.rules.base import (
     compute_dtype,
     gram,
     mm_fp32,
+    pad_tokens,
     scale_in,
     zero_dropped,
 )
@@ -36,6 +37,8 @@ def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
 def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     """fp32 [b]: squared norms of ``sum_t g[i, t] a[i, t]^T``; a [b,T,d], g [b,T,p]."""
     if use_ghost(a.shape[1], g.shape[2], a.shape[2]):
+        if a.is_cuda:
+            a, g = pad_tokens(a), pad_tokens(g)
         # elementwise, not a matmul: TF32 (if enabled) would round this fp32 sum
         return (gram(a) * gram(g)).sum((1, 2))
     per_example = bmm_fp32(g.transpose(1, 2), a)  # [b, p, d]
