@@ -157,7 +157,7 @@ class Trainer:
         self.metrics = Metrics(cfg.log_dir, enabled=self.dist.is_main, total_steps=cfg.steps,
                                start_step=self.step, progress=cfg.metrics.progress)
         self.stop_requested = False
-        self._last_pld = math.nan  # shown by the progress bar between PLD evaluations
+        self._last_pld: float | None = None  # shown by the progress bar between PLD evaluations
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -387,7 +387,7 @@ class Trainer:
         if self.plan.enabled:
             self._last_pld = values.get("privacy/epsilon_pld", self._last_pld)
             postfix |= {"eps_rdp": f"{values['privacy/epsilon_rdp']:.3f}",
-                        "eps_pld": f"{self._last_pld:.3f}"}
+                        "eps_pld": "pending" if self._last_pld is None else f"{self._last_pld:.3f}"}
         else:
             postfix["eps"] = "off (non-private)"
         self.metrics.progress(self.step, postfix)
