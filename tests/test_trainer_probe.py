@@ -18,6 +18,7 @@ from test_trainer_job import _params, _train
 from test_trainer_worker import REPO
 from trainer import probe
 from trainer.config import JobConfig, ModelConfig, load_config
+from trainer.weights import load_trained_model, locate
 
 CPU = torch.device("cpu")
 
@@ -172,10 +173,10 @@ def vip_checkpoint(tmp_path_factory):
 
 def test_vip_checkpoint_loads_its_weights(vip_checkpoint):
     folder, saved = vip_checkpoint
-    cfg, weights = probe.resolve(str(folder), None)
+    cfg, weights = locate(str(folder), None)
     assert weights.name == "step_00000005" and cfg.model.name == "vip_base"
     torch.manual_seed(12)  # a different initialisation, replaced by the checkpoint's
-    model = probe.load_encoder(cfg, weights)
+    model = load_trained_model(cfg, weights)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.features(images), saved.eval().features(images))

@@ -135,8 +135,19 @@ class Checkpointer:
         dcp.load({"app": tensors}, checkpoint_id=str(path))
 
 
+def step_folder(path: Path) -> Path:
+    """A ``step_*`` folder, or a run's checkpoint folder (its latest complete step)."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    latest = Checkpointer(path, 1, 0).latest()
+    if latest is None:
+        raise ValueError(f"{path}: no complete checkpoint (step_*/{META}) in this folder")
+    return latest
+
+
 def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
-    """``--init``: weights only, from a checkpoint folder of ours or a .pt/.pth file.
+    """Weights only (``--init``, probes, export), from a checkpoint folder of ours or a .pt/.pth file.
 
     Collective (every rank loads). A folder may be a run's checkpoint directory
     (its latest step is used) or one ``step_*`` folder. A file holds a state
@@ -145,9 +156,7 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
     """
     p = Path(path)
     if p.is_dir():
-        step_dir = p if (p / META).is_file() else Checkpointer(p, 1, 0).latest()
-        if step_dir is None:
-            raise ValueError(f"--init {path}: no complete checkpoint (step_*/{META}) in this folder")
+        step_dir = step_folder(p)
         tensors = ModelOptimizerState(model, None)
         state = tensors.state_dict()
         dcp.load({"app": state}, checkpoint_id=str(step_dir))
@@ -155,25 +164,25 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
         logger.info("initialised weights from %s", step_dir)
         return
     if not p.is_file():
-        raise ValueError(f"--init {path}: no such file or folder")
+        raise ValueError(f"{path}: no such weights file or checkpoint folder")
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
-            f"--init {path}: the file holds more than tensors (e.g. the original training "
+            f"{path}: the file holds more than tensors (e.g. the original training "
             "script's argparse.Namespace) and is not unpickled here, since unpickling runs "
             "code. If you trust it, save only its weights first: "
             "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')") from e
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict):
-        raise ValueError(f"--init {path}: expected a state dict, got {type(sd).__name__}")
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
     ours = set(get_model_state_dict(model).keys())
     if not ours <= set(sd):
         sd = convert_upstream(sd)
         missing = ours - set(sd)
         if missing:
-            raise ValueError(f"--init {path}: neither our layout nor the original DP-Cap layout; "
+            raise ValueError(f"{path}: neither our layout nor the original DP-Cap layout; "
                              f"missing {sorted(missing)[:5]}...")
     set_model_state_dict(model, {k: sd[k] for k in ours},
                          options=StateDictOptions(full_state_dict=True))

@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from trainer.config import JobConfig
 from trainer.distributed import Distributed
+
+if TYPE_CHECKING:
+    from data.transform import ImageTextTransform
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ def synthetic_tokenizer(seed: int) -> CompactTokenizer:
     return CompactTokenizer(captions + words)
 
 
-def transform(cfg: JobConfig, tokenizer) -> "ImageTextTransform":
+def transform(cfg: JobConfig, tokenizer) -> ImageTextTransform:
     """data/'s decode-side transform with the job's image size and (injected) tokenizer."""
     from data.transform import ImageTextTransform
 

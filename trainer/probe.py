@@ -14,12 +14,10 @@ and the seed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import statistics
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
 from data import synthetic
 from data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
-from trainer.checkpoint import META, Checkpointer, load_model_weights
-from trainer.config import DataConfig, JobConfig, ModelConfig, load_config
+from trainer.config import JobConfig
 from trainer.datasets import transform
 from trainer.evaluate import TASKS, heldout
-from trainer.train import build_model, build_tokenizer
+from trainer.weights import load_trained_model, locate
 
 logger = logging.getLogger(__name__)
 
@@ -53,54 +49,6 @@ class ProbeData:
     test_labels: torch.Tensor  # [M] long
     train_images: Callable[[int], Iterator[torch.Tensor]]  # batch size -> [B, 3, H, W] batches
     test_images: Callable[[int], Iterator[torch.Tensor]]
-
-
-# --------------------------------------------------------------------------- model
-
-def step_folder(path: Path) -> Path:
-    """A ``step_*`` folder, or a run's checkpoint folder (its latest complete step)."""
-    if (path / META).is_file():
-        return path
-    latest = Checkpointer(path, 1, 0).latest()
-    if latest is None:
-        raise ValueError(f"{path}: no complete checkpoint (step_*/{META}) in this folder")
-    return latest
-
-
-def config_from_meta(step: Path) -> JobConfig:
-    """The model and data sections of the run's saved config: all a probe needs."""
-    raw = Checkpointer.read_meta(step)["config"]
-    sections = {}
-    for name, cls in (("model", ModelConfig), ("data", DataConfig)):
-        known = {f.name for f in dataclasses.fields(cls)}
-        if ignored := sorted(set(raw[name]) - known):
-            logger.warning("%s: ignoring unknown %s settings %s", step, name, ", ".join(ignored))
-        sections[name] = cls(**{k: v for k, v in raw[name].items() if k in known})
-    return JobConfig(name=raw.get("name", "default"), **sections)
-
-
-def resolve(checkpoint: str, config: str | None) -> tuple[JobConfig, Path]:
-    """The job config that builds the model, and the weights: a checkpoint folder (config
-    from its meta.json unless `config` is given) or a .pt/.pth state dict (`config` required)."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise ValueError(f"{checkpoint}: no such checkpoint folder or file")
-    if path.is_dir():
-        path = step_folder(path)
-        return (load_config(config) if config else config_from_meta(path)), path
-    if not config:
-        raise ValueError(f"{checkpoint}: a weights file does not say which model it holds; "
-                         f"name its preset or config file with --config (e.g. dpcap_base_paper)")
-    return load_config(config), path
-
-
-def load_encoder(cfg: JobConfig, weights: Path) -> nn.Module:
-    """The job's model (ours or original DP-Cap layout weights), in eval mode."""
-    model = build_model(cfg, build_tokenizer(cfg))
-    with warnings.catch_warnings():  # DCP's note that it loads in one process: intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_model_weights(model, str(weights), models.convert_upstream_state_dict)
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- data
@@ -315,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--device cuda: no CUDA device here; use --device cpu")
         if not args.data.startswith(SYNTHETIC) and not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data}: neither synthetic:TASK nor an existing folder")
-        cfg, weights = resolve(args.checkpoint, args.config)
+        cfg, weights = locate(args.checkpoint, args.config)
         if args.data.startswith(SYNTHETIC):
             count = args.examples if args.examples is not None else cfg.data.heldout_examples
             data = synthetic_data(cfg, args.data[len(SYNTHETIC):], count)
@@ -323,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data = folder_data(Path(args.data), cfg)
         for k in shots:  # before loading the model and extracting features (the long part)
             check_shots(data.train_labels, k, data.classes)
-        model = load_encoder(cfg, weights)
+        model = load_trained_model(cfg, weights)
         results = run_probe(model, data, shots=shots, trials=args.trials, pool=args.pool,
                             batch_size=args.batch_size, device=device, l2=args.l2, seed=args.seed)
     except ValueError as e:

@@ -98,7 +98,10 @@ class Trainer:
         if cfg.init:
             import models
 
-            load_model_weights(self.model, cfg.init, models.convert_upstream_state_dict)
+            try:
+                load_model_weights(self.model, cfg.init, models.convert_upstream_state_dict)
+            except ValueError as e:
+                raise ValueError(f"--init {e}") from None
 
         # 4. optimizer, 5. lr schedule (stateless: a function of the step)
         self.optimizer = build_optimizer(self.model, cfg, device)

@@ -5,7 +5,6 @@ weight is broadcast along (every dimension but the batch where the weight has
 size 1, and any leading dimensions it lacks).
 """
 
-import torch
 from torch import Tensor
 
 from privacy.layers import AddedParameter

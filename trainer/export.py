@@ -1,0 +1,96 @@
+"""Export a trained model's weights, and nothing else, to one file for release.
+
+    python -m trainer.export CHECKPOINT OUT.pth [--config PRESET|FILE] [--layout ours|original]
+
+A checkpoint folder is not fit to publish: its ``meta.json`` holds the run's
+secret seed, from which anyone could regenerate the noise and the batches and
+undo the privacy, and its DCP files hold the optimizer state. The exported file
+is ``{"model": state_dict}`` with tensors only (``torch.load(weights_only=True)``
+reads it), in our layout or in the original DP-Cap layout, which the original
+code loads with ``model.load_state_dict(checkpoint["model"], strict=False)``.
+Both layouts load again with ``trainer.train --init`` and ``trainer.probe``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import models
+from trainer.weights import load_trained_model, locate
+
+LAYOUTS = ("ours", "original")
+ORIGINAL_VOCAB = 30_522  # the original DP-Cap head and text embedding: BERT uncased
+
+
+def exported_state_dict(model: torch.nn.Module, layout: str) -> dict[str, torch.Tensor]:
+    """The model's parameters and persistent buffers, contiguous on the CPU, in ``layout``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if layout == "ours":
+        return sd
+    if not isinstance(model, models.DPCap):
+        raise ValueError(f"--layout original: only DP-Cap has an original layout, not {type(model).__name__}")
+    vocab = model.config.vocab_size
+    if vocab != ORIGINAL_VOCAB:
+        raise ValueError(f"--layout original: this model's vocabulary has {vocab} ids (a synthetic job's "
+                         f"compact one?); the original code expects {ORIGINAL_VOCAB}; use --layout ours")
+    return models.to_upstream_state_dict(sd)
+
+
+def save_weights(sd: dict[str, torch.Tensor], out: Path, force: bool) -> None:
+    """Atomic: a temporary file renamed into place, so an interrupted export leaves no half file."""
+    if out.exists() and not force:
+        raise ValueError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"model": sd}, tmp)
+    os.replace(tmp, out)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.export",
+        description="Write a trained model's weights (no secret seed, no optimizer state) to one file.")
+    parser.add_argument("checkpoint", help="a checkpoint folder (a step_* folder, or a run's checkpoint "
+                        "folder: its latest step) or a .pt/.pth state dict")
+    parser.add_argument("out", help="the file to write, e.g. dpcap_base_eps8.pth")
+    parser.add_argument("--config", default=None, help="preset or .json/.yaml that builds the model: "
+                        "required for a .pth file; for a folder it replaces the saved config")
+    parser.add_argument("--layout", choices=LAYOUTS, default="ours",
+                        help="key names: ours, or the original DP-Cap code's (models_mae.py)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    try:
+        if out.exists() and not args.force:  # before the (long) load
+            raise ValueError(f"{out} exists; pass --force to replace it")
+        cfg, weights = locate(args.checkpoint, args.config)
+        model = load_trained_model(cfg, weights)
+        sd = exported_state_dict(model, args.layout)
+        save_weights(sd, out, args.force)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    params = sum(v.numel() for v in sd.values())
+    print(f"wrote {out}: {cfg.model.name} from {weights}, {len(sd)} tensors ({params:,} values), "
+          f"{args.layout} layout, weights only")
+    return 0
+
+
+if __name__ == "__main__":
+    if not __package__:  # run as a file, trainer/ would shadow the top-level packages (data.py)
+        sys.exit("run the export as a module: python -m trainer.export ...")
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""A trained model outside training (probes, export): which config builds it, and its weights.
+
+A checkpoint folder says both (its ``meta.json`` holds the run's config); a
+``.pt``/``.pth`` state dict, ours or the original DP-Cap layout, needs the
+config named (a preset or a file). Everything runs in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+import models
+from trainer.checkpoint import Checkpointer, load_model_weights, step_folder
+from trainer.config import DataConfig, JobConfig, ModelConfig, load_config
+from trainer.train import build_model, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def config_from_meta(step: Path) -> JobConfig:
+    """The model and data sections of the run's saved config: all that builds the model
+    and its inputs."""
+    raw = Checkpointer.read_meta(step)["config"]
+    sections = {}
+    for name, cls in (("model", ModelConfig), ("data", DataConfig)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        if ignored := sorted(set(raw[name]) - known):
+            logger.warning("%s: ignoring unknown %s settings %s", step, name, ", ".join(ignored))
+        sections[name] = cls(**{k: v for k, v in raw[name].items() if k in known})
+    return JobConfig(name=raw.get("name", "default"), **sections)
+
+
+def locate(checkpoint: str, config: str | None) -> tuple[JobConfig, Path]:
+    """The job config that builds the model, and the weights: a checkpoint folder (config
+    from its meta.json unless `config` is given) or a .pt/.pth state dict (`config` required)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ValueError(f"{checkpoint}: no such checkpoint folder or file")
+    if path.is_dir():
+        path = step_folder(path)
+        return (load_config(config) if config else config_from_meta(path)), path
+    if not config:
+        raise ValueError(f"{checkpoint}: a weights file does not say which model it holds; "
+                         f"name its preset or config file with --config (e.g. dpcap_base_paper)")
+    return load_config(config), path
+
+
+def load_trained_model(cfg: JobConfig, weights: Path) -> nn.Module:
+    """The job's model with the given weights (ours or original DP-Cap layout), in eval mode."""
+    model = build_model(cfg, build_tokenizer(cfg))
+    with warnings.catch_warnings():  # DCP's note that it loads in one process: intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load_model_weights(model, str(weights), models.convert_upstream_state_dict)
+    return model.eval()
