@@ -6,21 +6,16 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
-from test_trainer_worker import REPO
+from test_trainer_worker import REPO, TINY_MODEL, save_like_trainer
 from trainer import export
-from trainer.checkpoint import Checkpointer, ModelOptimizerState
 from trainer.config import load_config
 from trainer.train import build_model, build_tokenizer
 from trainer.weights import load_trained_model
 
-TINY = ["model.overrides.img_size=32", "model.overrides.patch_size=8", "model.overrides.embed_dim=32",
-        "model.overrides.depth=1", "model.overrides.num_heads=2", "model.overrides.decoder_embed_dim=32",
-        "model.overrides.decoder_depth=1", "model.overrides.decoder_num_heads=2"]
 SECRET_SEED = 987_654_321_123
 
 
@@ -31,10 +26,7 @@ def _save(folder, cfg, model):
     loss = model(*_inputs()) if cfg.is_captioner else model(torch.randn(2, 3, 32, 32))
     loss.sum().backward()
     optimizer.step()
-    meta = {"step": 3, "config": cfg.to_dict(), "engine": {"seed": SECRET_SEED}, "sampling_seed": SECRET_SEED}
-    with warnings.catch_warnings():  # DCP's note that it saves in one process
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        Checkpointer(folder, 1, 0).save(3, ModelOptimizerState(model, optimizer), meta)
+    save_like_trainer(folder, cfg, model, optimizer, engine={"seed": SECRET_SEED}, sampling_seed=SECRET_SEED)
 
 
 def _inputs():
@@ -45,7 +37,7 @@ def _inputs():
 @pytest.fixture(scope="module")
 def dpcap_checkpoint(tmp_path_factory):
     """A tiny DP-Cap with the full BERT vocabulary (a shards job), as trained and saved."""
-    cfg = load_config("dpcap_nano_paper", [*TINY, "data.text_length=6"])
+    cfg = load_config("dpcap_nano_paper", [*TINY_MODEL, "data.text_length=6"])
     torch.manual_seed(0)
     model = build_model(cfg, build_tokenizer(cfg))
     folder = tmp_path_factory.mktemp("dpcap") / "checkpoints"
@@ -92,7 +84,7 @@ def test_refusals(dpcap_checkpoint, tmp_path, capsys):
     assert export.main([str(folder), str(out), "--force"]) == 0
     assert torch.load(out, weights_only=True)["model"]
 
-    vip_cfg = load_config("vip_stage1", TINY)
+    vip_cfg = load_config("vip_stage1", TINY_MODEL)
     vip = build_model(vip_cfg, None)
     vip_folder = tmp_path / "vip"
     _save(vip_folder, vip_cfg, vip)
@@ -100,7 +92,7 @@ def test_refusals(dpcap_checkpoint, tmp_path, capsys):
     assert "only DP-Cap has an original layout" in capsys.readouterr().err
     assert export.main([str(vip_folder), str(tmp_path / "vip.pth")]) == 0
 
-    synthetic_cfg = load_config("default", TINY)  # the compact synthetic-caption vocabulary
+    synthetic_cfg = load_config("default", TINY_MODEL)  # the compact synthetic-caption vocabulary
     with pytest.raises(ValueError, match="vocabulary has 149 ids"):
         export.exported_state_dict(build_model(synthetic_cfg, build_tokenizer(synthetic_cfg)), "original")
     assert export.main([str(tmp_path / "nothing"), str(tmp_path / "x.pth")]) == 2

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from test_trainer_job import _params, _train
-from test_trainer_worker import REPO
+from test_trainer_worker import REPO, TINY_MODEL, save_like_trainer
 from trainer import probe
 from trainer.config import JobConfig, ModelConfig, load_config
 from trainer.weights import load_trained_model, locate
@@ -155,19 +154,13 @@ def test_cli_errors_are_one_line_and_exit_2(dpcap_run, tmp_path, capsys, args, m
 @pytest.fixture(scope="module")
 def vip_checkpoint(tmp_path_factory):
     """A tiny ViP saved as the trainer saves (DCP tensors, then meta.json with the config)."""
-    from trainer.checkpoint import Checkpointer, ModelOptimizerState
     from trainer.train import build_model
 
-    cfg = load_config("vip_stage1", ["model.overrides.img_size=32", "model.overrides.patch_size=8",
-                                     "model.overrides.embed_dim=32", "model.overrides.depth=1",
-                                     "model.overrides.num_heads=2", "model.overrides.decoder_embed_dim=32",
-                                     "model.overrides.decoder_depth=1", "model.overrides.decoder_num_heads=2"])
+    cfg = load_config("vip_stage1", TINY_MODEL)
     torch.manual_seed(11)
     model = build_model(cfg, None)
     folder = tmp_path_factory.mktemp("vip") / "checkpoints"
-    with warnings.catch_warnings():  # DCP's note that it saves in one process
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        Checkpointer(folder, 1, 0).save(5, ModelOptimizerState(model, None), {"step": 5, "config": cfg.to_dict()})
+    save_like_trainer(folder, cfg, model, step=5)
     return folder, model
 
 

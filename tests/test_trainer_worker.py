@@ -161,3 +161,21 @@ def run_worker(world: int, tmp: Path, cfg: dict, overrides=(), launcher: str = "
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out, weights_only=True)
+
+
+TINY_MODEL = ["model.overrides.img_size=32", "model.overrides.patch_size=8", "model.overrides.embed_dim=32",
+              "model.overrides.depth=1", "model.overrides.num_heads=2", "model.overrides.decoder_embed_dim=32",
+              "model.overrides.decoder_depth=1", "model.overrides.decoder_num_heads=2"]
+
+
+def save_like_trainer(folder: Path, cfg, model: nn.Module, optimizer=None, step: int = 3, **meta) -> Path:
+    """A checkpoint as the trainer writes it (DCP tensors, then meta.json with the config),
+    from one process; returns its step folder."""
+    import warnings
+
+    from trainer.checkpoint import Checkpointer, ModelOptimizerState
+
+    with warnings.catch_warnings():  # DCP's note that it saves in one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return Checkpointer(folder, 1, 0).save(step, ModelOptimizerState(model, optimizer),
+                                               {"step": step, "config": cfg.to_dict(), **meta})

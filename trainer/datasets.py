@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 
 from trainer.config import JobConfig
@@ -83,6 +84,20 @@ def transform(cfg: JobConfig, tokenizer) -> ImageTextTransform:
         return ImageTextTransform(cfg.model.overrides.get("img_size", 224), lambda s: [0] * length, length)
     return ImageTextTransform(cfg.model.overrides.get("img_size", 224),
                               lambda s: tokenizer.encode(s, length), length)
+
+
+def image_file_pixels(file: Path, to_pixels: ImageTextTransform) -> torch.Tensor:
+    """An image file as a model input [3, H, W]: decoded safely (data.decode: image
+    formats only, size caps), resized and normalised as in training."""
+    from data.decode import BadSample, decode_image
+
+    try:
+        image = decode_image(Path(file).read_bytes(), draft_size=to_pixels.img_size)
+    except BadSample as e:
+        raise ValueError(f"{file}: {e.reason}; remove or replace it") from None
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read it ({e.strerror or e})") from None
+    return to_pixels(image, "")[0]
 
 
 def prepare_shards(cfg: JobConfig, d: Distributed) -> Path:

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import synthetic
-from data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
+from data.decode import IMAGE_EXTENSIONS
 from trainer.config import JobConfig
-from trainer.datasets import transform
+from trainer.datasets import image_file_pixels, transform
 from trainer.evaluate import TASKS, heldout
 from trainer.weights import load_trained_model, locate
 
@@ -85,11 +85,10 @@ def folder_data(root: Path, cfg: JobConfig) -> ProbeData:
         raise ValueError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
                          f"{train_dir if not train else val_dir}/<class>/")
     to_pixels = transform(cfg, None)
-    size = to_pixels.img_size
 
     def batches(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
         for i in range(0, len(files), batch_size):
-            yield torch.stack([to_pixels(_decode(f, size), "")[0] for f in files[i: i + batch_size]])
+            yield torch.stack([image_file_pixels(f, to_pixels) for f in files[i: i + batch_size]])
 
     return ProbeData(classes=classes,
                      train_labels=torch.tensor([label for _, label in train]),
@@ -106,13 +105,6 @@ def _image_files(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return [(f, label) for label, name in enumerate(classes) if (split / name).is_dir()
             for f in sorted((split / name).iterdir())
             if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
-
-
-def _decode(file: Path, size: int):
-    try:
-        return decode_image(file.read_bytes(), draft_size=size)
-    except BadSample as e:
-        raise ValueError(f"{file}: {e.reason}; remove or replace it") from None
 
 
 # --------------------------------------------------------------------------- features

@@ -1,0 +1,71 @@
+"""python -m trainer.caption: captions and zero-shot labels of image files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_trainer_worker import TINY_MODEL, save_like_trainer
+from trainer import caption
+from trainer.config import load_config
+from trainer.datasets import image_file_pixels, transform
+from trainer.train import build_model, build_tokenizer
+
+LABELS = ["red square", "green circle", "blue triangle"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny synthetic-caption DP-Cap (compact vocabulary) saved as the trainer saves it,
+    and a few image files."""
+    tmp = tmp_path_factory.mktemp("caption")
+    cfg = load_config("default", TINY_MODEL)
+    torch.manual_seed(0)
+    model = build_model(cfg, build_tokenizer(cfg)).eval()
+    save_like_trainer(tmp / "checkpoints", cfg, model)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(5):
+        files.append(tmp / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(files[-1])
+    pixels = torch.stack([image_file_pixels(f, transform(cfg, None)) for f in files])
+    return tmp / "checkpoints", model, cfg, files, pixels
+
+
+def test_captions_are_the_models_greedy_captions(run, capsys):
+    folder, model, cfg, files, pixels = run
+    assert caption.main([str(folder), *map(str, files), "--batch-size", "2", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    tokenizer = build_tokenizer(cfg)
+    expected = [tokenizer.decode(row.tolist()) for row in model.generate(pixels)]
+    assert lines == [f"{f}\t{text}" for f, text in zip(files, expected)]
+
+
+@pytest.mark.parametrize("method", ["trie", "loss"])
+def test_zero_shot_labels_are_the_models_choices(run, capsys, method):
+    folder, model, cfg, files, pixels = run
+    assert caption.main([str(folder), *map(str, files), "--labels", ",".join(LABELS), "--method", method,
+                         "--prompt", "a", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    picks = model.zero_shot(pixels, LABELS, method=method, tokenizer=build_tokenizer(cfg), prompt="a")
+    assert lines == [f"{f}\t{LABELS[i]}" for f, i in zip(files, picks.tolist())]
+
+
+def test_errors_are_one_line_and_exit_2(run, tmp_path, capsys):
+    folder, _, _, files, _ = run
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        ([str(folder), str(tmp_path / "missing.png")], "cannot read it"),
+        ([str(folder), str(tmp_path / "notes.png")], "notes.png"),
+        ([str(folder), str(files[0]), "--labels", "zebra"], "outside the compact vocabulary"),
+        ([str(folder), str(files[0]), "--labels", " , "], "no class names"),
+    ]
+    vip_cfg = load_config("vip_stage1", TINY_MODEL)
+    save_like_trainer(tmp_path / "vip", vip_cfg, build_model(vip_cfg, None))
+    cases.append(([str(tmp_path / "vip"), str(files[0])], "not a DP-Cap"))
+    for args, message in cases:
+        assert caption.main(args + ["--device", "cpu"]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], (args, err)

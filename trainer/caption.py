@@ -1,0 +1,95 @@
+"""Caption images, or classify them zero-shot, with a trained DP-Cap.
+
+    python -m trainer.caption CHECKPOINT IMAGE [IMAGE ...] [--config PRESET|FILE]
+        [--labels zebra,dog,cat] [--method trie|loss] [--prompt "this is a photo of a"]
+
+Without ``--labels`` every image gets a greedy caption (one encoder pass, KV
+cache, batched); with them it gets the label whose caption "<prompt> <label>"
+the model finds most likely ("loss": the training loss of each label, as the
+original DP-Cap code scores them) or that constrained decoding after the prompt
+reaches ("trie": cost grows with the labels' length, not their number). One
+line per image, ``IMAGE<TAB>text``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import models
+from trainer.datasets import image_file_pixels, transform
+from trainer.train import build_tokenizer
+from trainer.weights import load_trained_model, locate
+
+PROMPT = models.dpcap.ZERO_SHOT_PROMPT
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trainer.caption",
+                                     description="Caption images, or classify them zero-shot, with a DP-Cap.")
+    parser.add_argument("checkpoint", help="a checkpoint folder (a step_* folder, or a run's checkpoint "
+                        "folder: its latest step) or a .pt/.pth state dict (ours or original DP-Cap)")
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP)")
+    parser.add_argument("--config", default=None, help="preset or .json/.yaml that builds the model: "
+                        "required for a .pth file; for a folder it replaces the saved config")
+    parser.add_argument("--labels", default=None, help="comma-separated class names: classify instead of caption")
+    parser.add_argument("--method", choices=("trie", "loss"), default="trie", help="zero-shot scoring")
+    parser.add_argument("--prompt", default=PROMPT, help="text before the label (zero-shot)")
+    parser.add_argument("--max-length", type=int, default=None, help="caption tokens (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def describe(model: models.DPCap, tokenizer, images: torch.Tensor, labels: Sequence[str] | None,
+             method: str, prompt: str, max_length: int | None) -> list[str]:
+    """Captions of ``images`` [B, 3, H, W], or their zero-shot labels."""
+    if labels is None:
+        return [tokenizer.decode(row.tolist()) for row in model.generate(images, max_length)]
+    picks = model.zero_shot(images, labels, method=method, tokenizer=tokenizer, prompt=prompt)
+    return [labels[i] for i in picks.tolist()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        labels = None
+        if args.labels is not None:
+            labels = [name.strip() for name in args.labels.split(",") if name.strip()]
+            if not labels:
+                raise ValueError(f"--labels {args.labels!r}: no class names")
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+        cfg, weights = locate(args.checkpoint, args.config)
+        if not cfg.is_captioner:
+            raise ValueError(f"{args.checkpoint} holds a {cfg.model.name}, not a DP-Cap: it cannot caption")
+        to_pixels = transform(cfg, None)
+        pixels = [image_file_pixels(Path(f), to_pixels) for f in args.images]  # every file checked first
+        model = load_trained_model(cfg, weights).to(device)
+        tokenizer = build_tokenizer(cfg)
+        lines = []
+        for i in range(0, len(pixels), args.batch_size):
+            batch = torch.stack(pixels[i: i + args.batch_size]).to(device)
+            texts = describe(model, tokenizer, batch, labels, args.method, args.prompt, args.max_length)
+            lines += [f"{name}\t{text}" for name, text in zip(args.images[i: i + args.batch_size], texts)]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    if not __package__:  # run as a file, trainer/ would shadow the top-level packages (data.py)
+        sys.exit("run it as a module: python -m trainer.caption ...")
+    sys.exit(main())
