@@ -14,7 +14,12 @@ from torch import nn
 
 from models.dpcap import DPCap, DPCapConfig
 from models.dpcap import CONFIGS as _DPCAP_CONFIGS
-from models.upstream import convert_upstream_state_dict, to_upstream_state_dict
+from models.upstream import (
+    convert_mae_state_dict,
+    convert_upstream_state_dict,
+    to_mae_state_dict,
+    to_upstream_state_dict,
+)
 from models.vip import CONFIGS as _VIP_CONFIGS
 from models.vip import ViP, ViPConfig
 
@@ -36,7 +41,18 @@ def create_model(name: str, **overrides) -> nn.Module:
     return cls(dataclasses.replace(config, **overrides))
 
 
+def from_original_layout(model: nn.Module, sd: dict) -> dict:
+    """A state dict of the original code (DP-Cap's; MAE's for ViP) in ``model``'s layout."""
+    return convert_upstream_state_dict(sd) if isinstance(model, DPCap) else convert_mae_state_dict(sd)
+
+
+def to_original_layout(model: nn.Module, sd: dict) -> dict:
+    """``model``'s state dict in the original code's layout (DP-Cap's; MAE's for ViP)."""
+    return to_upstream_state_dict(sd) if isinstance(model, DPCap) else to_mae_state_dict(sd)
+
+
 __all__ = [
     "REGISTRY", "DPCap", "DPCapConfig", "ViP", "ViPConfig",
     "create_model", "convert_upstream_state_dict", "to_upstream_state_dict",
+    "convert_mae_state_dict", "to_mae_state_dict", "from_original_layout", "to_original_layout",
 ]

@@ -1,5 +1,6 @@
-"""State dicts of the original DP-Cap code (facebookresearch/dpcap, models_mae.py)
-<-> this package's layout.
+"""State dicts of the original code <-> this package's layout: DP-Cap's
+(facebookresearch/dpcap, models_mae.py) and, for ViP, MAE's (facebookresearch/mae
+and ViP-MAE, models_mae.MaskedAutoencoderViT).
 
 Only names differ, plus one tensor: each original decoder layer stores its causal
 mask as a buffer ``decoder.layers.{i}.self_attn.bias`` ([1, 1, 128, 128] lower-
@@ -91,3 +92,19 @@ def to_upstream_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             out[f"decoder.layers.{m.group(1)}.self_attn.bias"] = _causal_mask().to(value.device)
         out[_rename(key, _OURS_TO_ORIGINAL)] = value
     return out
+
+
+# MAE's state dict (ViP-MAE's released checkpoints) has our ViP's names, timm block names
+# included, except its bare tensors: our AddedParameter layers hold them as ``<name>.weight``
+_MAE_BARE = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed")
+
+
+def convert_mae_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original MAE / ViP-MAE state dict -> our ViP."""
+    return {f"{key}.weight" if key in _MAE_BARE else key: value for key, value in sd.items()}
+
+
+def to_mae_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our ViP state dict -> the original MAE layout."""
+    return {key.removesuffix(".weight") if key.removesuffix(".weight") in _MAE_BARE else key: value
+            for key, value in sd.items()}

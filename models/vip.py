@@ -4,7 +4,7 @@
         --keep (1 - mask_ratio) of the L patches--> ViT encoder --> [B, 1 + K, D]
         --decoder_embed, + mask tokens, unshuffle, + pos--> [B, 1 + L, Dd]
         --decoder blocks, LN, Linear--> pixels [B, L, p*p*3]
-    loss: MSE to the per-patch normalised pixels on the masked patches, per example.
+    loss: MSE to the per-patch normalised pixels (or the raw ones) on the masked patches, per example.
 
 Unlike MAE, every parameter is trained, the position embeddings included (they
 start from the fixed 2-D sin-cos values); position embeddings, the CLS token and
@@ -31,6 +31,9 @@ class ViPConfig:
     decoder_depth: int = 4
     decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
+    # targets: per-patch normalised pixels (MAE's norm_pix_loss; SPEC); False: the pixels as
+    # given, which is what ViP-MAE's released pre-training command trains on
+    norm_pix_loss: bool = True
 
 
 class ViP(nn.Module):
@@ -123,9 +126,10 @@ class ViP(nn.Module):
         return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-example MSE to per-patch normalised pixels on the masked patches: [B]."""
+        """Per-example MSE to the (per-patch normalised) pixels on the masked patches: [B]."""
         target = self.patchify(images).float()
-        target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+        if self.config.norm_pix_loss:
+            target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
         per_patch = (pred.float() - target).square().mean(dim=-1)  # [B, L]
         mask = mask.float()
         return (per_patch * mask).sum(dim=1) / mask.sum(dim=1)

@@ -31,9 +31,9 @@ def test_position_embeddings_start_from_sincos():
     torch.testing.assert_close(model.decoder_pos_embed.weight.detach(), sincos_2d(16, 4, cls_token=True))
 
 
-def _mae_reference(model, images, noise, mask_ratio):
+def _mae_reference(model, images, noise, mask_ratio, norm_pix_loss=True):
     """facebookresearch/mae's forward (random_masking with given noise, mask tokens
-    appended then unshuffled, norm_pix_loss), batch-mean replaced by per example."""
+    appended then unshuffled, norm_pix_loss optional), batch-mean replaced by per example."""
     x = model.patch_embed(images) + model.pos_embed.weight[:, 1:]
     N, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
@@ -56,7 +56,8 @@ def _mae_reference(model, images, noise, mask_ratio):
         x = blk(x)
     pred = model.decoder_pred(model.decoder_norm(x))[:, 1:]
     target = model.patchify(images)
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    if norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     loss = ((pred - target) ** 2).mean(-1)
     return (loss * mask).sum(1) / mask.sum(1)
 
@@ -71,6 +72,26 @@ def test_matches_mae_reference(mask_ratio):
         alone = torch.cat([model(images[i : i + 1], mask_ratio, noise=noise[i : i + 1]) for i in range(3)])
     assert loss.shape == (3,)
     torch.testing.assert_close(loss, alone)  # per example: no mixing across the batch
+
+
+def test_raw_pixel_targets_match_mae_reference():
+    """norm_pix_loss=False: the released ViP pre-training command's loss."""
+    model = _tiny(norm_pix_loss=False)
+    images, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    with torch.no_grad():
+        loss = model(images, noise=noise)
+        torch.testing.assert_close(loss, _mae_reference(model, images, noise, 0.75, norm_pix_loss=False))
+        assert not torch.allclose(loss, _mae_reference(model, images, noise, 0.75))
+
+
+def test_original_mae_layout_round_trip():
+    sd = _tiny().state_dict()
+    mae = models.to_mae_state_dict(sd)
+    assert {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"} <= set(mae)
+    assert not any(k.endswith(("cls_token.weight", "pos_embed.weight", "mask_token.weight")) for k in mae)
+    assert "blocks.0.attn.qkv.weight" in mae and "decoder_pred.weight" in mae
+    back = models.convert_mae_state_dict(mae)
+    assert list(back) == list(sd) and all(back[k] is sd[k] for k in sd)
 
 
 def test_patchify_order():

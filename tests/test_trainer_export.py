@@ -88,8 +88,6 @@ def test_refusals(dpcap_checkpoint, tmp_path, capsys):
     vip = build_model(vip_cfg, None)
     vip_folder = tmp_path / "vip"
     _save(vip_folder, vip_cfg, vip)
-    assert export.main([str(vip_folder), str(tmp_path / "vip.pth"), "--layout", "original"]) == 2
-    assert "only DP-Cap has an original layout" in capsys.readouterr().err
     assert export.main([str(vip_folder), str(tmp_path / "vip.pth")]) == 0
 
     synthetic_cfg = load_config("default", TINY_MODEL)  # the compact synthetic-caption vocabulary
@@ -108,3 +106,28 @@ def test_module_cli(dpcap_checkpoint, tmp_path):
     assert "wrote" in proc.stdout and "dpcap_nano" in proc.stdout and "weights only" in proc.stdout
     meta = json.loads((folder / "step_00000003" / "meta.json").read_text())
     assert meta["sampling_seed"] == SECRET_SEED  # the checkpoint keeps it; the export does not
+
+
+def test_vip_in_the_original_mae_layout_loads_back(tmp_path):
+    """ViP's original layout is MAE's (models_mae.MaskedAutoencoderViT with timm blocks):
+    bare cls/mask tokens and position embeddings, everything else named as ours."""
+    cfg = load_config("vip_stage1", TINY_MODEL)
+    torch.manual_seed(0)
+    vip = build_model(cfg, None).eval()
+    save_like_trainer(tmp_path / "vip", cfg, vip)
+    assert export.main([str(tmp_path / "vip"), str(tmp_path / "mae.pth"), "--layout", "original"]) == 0
+    mae = torch.load(tmp_path / "mae.pth", weights_only=True)["model"]
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+             "mlp.fc2.weight", "mlp.fc2.bias"]
+    expected = {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed.proj.weight",
+                "patch_embed.proj.bias", "norm.weight", "norm.bias", "decoder_embed.weight",
+                "decoder_embed.bias", "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight",
+                "decoder_pred.bias", *(f"blocks.0.{k}" for k in block), *(f"decoder_blocks.0.{k}" for k in block)}
+    assert set(mae) == expected
+    assert mae["pos_embed"].shape == (1, 17, 32) and mae["mask_token"].shape == (1, 1, 32)
+    torch.manual_seed(1)
+    again = load_trained_model(cfg, tmp_path / "mae.pth")  # what --init does with a ViP-Syn file
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(again(images, noise=noise), vip(images, noise=noise), rtol=0, atol=0)

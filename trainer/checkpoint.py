@@ -151,7 +151,7 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
 
     Collective (every rank loads). A folder may be a run's checkpoint directory
     (its latest step is used) or one ``step_*`` folder. A file holds a state
-    dict (or ``{"model": state_dict}``) in our layout or the original DP-Cap
+    dict (or ``{"model": state_dict}``) in our layout or the original code's
     layout (converted with ``convert_upstream``).
     """
     p = Path(path)
@@ -182,7 +182,7 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
         sd = convert_upstream(sd)
         missing = ours - set(sd)
         if missing:
-            raise ValueError(f"{path}: neither our layout nor the original DP-Cap layout; "
+            raise ValueError(f"{path}: neither our layout nor the original code's layout; "
                              f"missing {sorted(missing)[:5]}...")
     set_model_state_dict(model, {k: sd[k] for k in ours},
                          options=StateDictOptions(full_state_dict=True))

@@ -6,8 +6,9 @@ A checkpoint folder is not fit to publish: its ``meta.json`` holds the run's
 secret seed, from which anyone could regenerate the noise and the batches and
 undo the privacy, and its DCP files hold the optimizer state. The exported file
 is ``{"model": state_dict}`` with tensors only (``torch.load(weights_only=True)``
-reads it), in our layout or in the original DP-Cap layout, which the original
-code loads with ``model.load_state_dict(checkpoint["model"], strict=False)``.
+reads it), in our layout or in the original code's layout, which that code
+loads with ``model.load_state_dict(checkpoint["model"], strict=False)``:
+DP-Cap's models_mae.py for DP-Cap, MAE's (ViP-MAE's) models_mae.py for ViP.
 Both layouts load again with ``trainer.train --init`` and ``trainer.probe``.
 """
 
@@ -36,13 +37,11 @@ def exported_state_dict(model: torch.nn.Module, layout: str) -> dict[str, torch.
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if layout == "ours":
         return sd
-    if not isinstance(model, models.DPCap):
-        raise ValueError(f"--layout original: only DP-Cap has an original layout, not {type(model).__name__}")
-    vocab = model.config.vocab_size
-    if vocab != ORIGINAL_VOCAB:
-        raise ValueError(f"--layout original: this model's vocabulary has {vocab} ids (a synthetic job's "
-                         f"compact one?); the original code expects {ORIGINAL_VOCAB}; use --layout ours")
-    return models.to_upstream_state_dict(sd)
+    if isinstance(model, models.DPCap) and model.config.vocab_size != ORIGINAL_VOCAB:
+        raise ValueError(f"--layout original: this model's vocabulary has {model.config.vocab_size} ids (a "
+                         f"synthetic job's compact one?); the original DP-Cap code expects {ORIGINAL_VOCAB}; "
+                         f"use --layout ours")
+    return models.to_original_layout(model, sd)
 
 
 def save_weights(sd: dict[str, torch.Tensor], out: Path, force: bool) -> None:
@@ -65,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="preset or .json/.yaml that builds the model: "
                         "required for a .pth file; for a folder it replaces the saved config")
     parser.add_argument("--layout", choices=LAYOUTS, default="ours",
-                        help="key names: ours, or the original DP-Cap code's (models_mae.py)")
+                        help="key names: ours, or the original code's (DP-Cap's or MAE's models_mae.py)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser.parse_args(argv)
 

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -99,7 +100,7 @@ class Trainer:
             import models
 
             try:
-                load_model_weights(self.model, cfg.init, models.convert_upstream_state_dict)
+                load_model_weights(self.model, cfg.init, partial(models.from_original_layout, self.model))
             except ValueError as e:
                 raise ValueError(f"--init {e}") from None
 

@@ -1,7 +1,8 @@
 """A trained model outside training (probes, export): which config builds it, and its weights.
 
 A checkpoint folder says both (its ``meta.json`` holds the run's config); a
-``.pt``/``.pth`` state dict, ours or the original DP-Cap layout, needs the
+``.pt``/``.pth`` state dict, ours or the original code's layout (DP-Cap's,
+or MAE's for ViP), needs the
 config named (a preset or a file). Everything runs in one process.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from functools import partial
 from pathlib import Path
 
 from torch import nn
@@ -51,9 +53,9 @@ def locate(checkpoint: str, config: str | None) -> tuple[JobConfig, Path]:
 
 
 def load_trained_model(cfg: JobConfig, weights: Path) -> nn.Module:
-    """The job's model with the given weights (ours or original DP-Cap layout), in eval mode."""
+    """The job's model with the given weights (ours or the original code's layout), in eval mode."""
     model = build_model(cfg, build_tokenizer(cfg))
     with warnings.catch_warnings():  # DCP's note that it loads in one process: intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_model_weights(model, str(weights), models.convert_upstream_state_dict)
+        load_model_weights(model, str(weights), partial(models.from_original_layout, model))
     return model.eval()
