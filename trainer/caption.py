@@ -24,7 +24,7 @@ import torch
 import models
 from trainer.datasets import image_file_pixels, transform
 from trainer.train import build_tokenizer
-from trainer.weights import load_trained_model, locate
+from trainer.weights import add_model_arguments, load_trained_model, locate, pick_device
 
 PROMPT = models.dpcap.ZERO_SHOT_PROMPT
 
@@ -32,17 +32,13 @@ PROMPT = models.dpcap.ZERO_SHOT_PROMPT
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.caption",
                                      description="Caption images, or classify them zero-shot, with a DP-Cap.")
-    parser.add_argument("checkpoint", help="a checkpoint folder (a step_* folder, or a run's checkpoint "
-                        "folder: its latest step) or a .pt/.pth state dict (ours or original DP-Cap)")
+    add_model_arguments(parser)
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP)")
-    parser.add_argument("--config", default=None, help="preset or .json/.yaml that builds the model: "
-                        "required for a .pth file; for a folder it replaces the saved config")
     parser.add_argument("--labels", default=None, help="comma-separated class names: classify instead of caption")
     parser.add_argument("--method", choices=("trie", "loss"), default="trie", help="zero-shot scoring")
     parser.add_argument("--prompt", default=PROMPT, help="text before the label (zero-shot)")
     parser.add_argument("--max-length", type=int, default=None, help="caption tokens (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     return parser.parse_args(argv)
 
 
@@ -67,9 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--labels {args.labels!r}: no class names")
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+        device = pick_device(args.device)
         cfg, weights = locate(args.checkpoint, args.config)
         if not cfg.is_captioner:
             raise ValueError(f"{args.checkpoint} holds a {cfg.model.name}, not a DP-Cap: it cannot caption")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import models
-from trainer.weights import load_trained_model, locate
+from trainer.weights import add_model_arguments, load_trained_model, locate
 
 LAYOUTS = ("ours", "original")
 ORIGINAL_VOCAB = 30_522  # the original DP-Cap head and text embedding: BERT uncased
@@ -58,11 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.export",
         description="Write a trained model's weights (no secret seed, no optimizer state) to one file.")
-    parser.add_argument("checkpoint", help="a checkpoint folder (a step_* folder, or a run's checkpoint "
-                        "folder: its latest step) or a .pt/.pth state dict")
+    add_model_arguments(parser, device=False)
     parser.add_argument("out", help="the file to write, e.g. dpcap_base_eps8.pth")
-    parser.add_argument("--config", default=None, help="preset or .json/.yaml that builds the model: "
-                        "required for a .pth file; for a folder it replaces the saved config")
     parser.add_argument("--layout", choices=LAYOUTS, default="ours",
                         help="key names: ours, or the original code's (DP-Cap's or MAE's models_mae.py)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")

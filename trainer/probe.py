@@ -32,7 +32,7 @@ from data.decode import IMAGE_EXTENSIONS
 from trainer.config import JobConfig
 from trainer.datasets import image_file_pixels, transform
 from trainer.evaluate import TASKS, heldout
-from trainer.weights import load_trained_model, locate
+from trainer.weights import add_model_arguments, load_trained_model, locate, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -213,10 +213,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.probe",
         description="Full linear probe and k-shot linear classification on a frozen DP-Cap / ViP encoder.")
-    parser.add_argument("checkpoint", help="a checkpoint folder (a step_* folder, or a run's checkpoint "
-                        "folder: its latest step) or a .pt/.pth state dict (ours or original DP-Cap)")
-    parser.add_argument("--config", default=None, help="preset or .json/.yaml that builds the model: "
-                        "required for a .pth file; for a folder it replaces the saved config")
+    add_model_arguments(parser)
     parser.add_argument("--data", default="synthetic:colour", help="synthetic:colour|shape|object (held-out "
                         "synthetic images, halves for train/test) or FOLDER with train/<class>/ and val/<class>/")
     parser.add_argument("--examples", type=int, default=None,
@@ -228,7 +225,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the classifier weights")
     parser.add_argument("--seed", type=int, default=0, help="seed of the k-shot draws")
     parser.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction batch")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -250,9 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shots = _shots(args.shots)
         if args.trials < 1 or args.batch_size < 1:
             raise ValueError("--trials and --batch-size must be >= 1")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+        device = pick_device(args.device)
         if not args.data.startswith(SYNTHETIC) and not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data}: neither synthetic:TASK nor an existing folder")
         cfg, weights = locate(args.checkpoint, args.config)

@@ -8,12 +8,14 @@ config named (a preset or a file). Everything runs in one process.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import warnings
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch import nn
 
 import models
@@ -59,3 +61,20 @@ def load_trained_model(cfg: JobConfig, weights: Path) -> nn.Module:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         load_model_weights(model, str(weights), partial(models.from_original_layout, model))
     return model.eval()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """CHECKPOINT, --config (and --device): what every tool that loads a trained model takes."""
+    parser.add_argument("checkpoint", help="a checkpoint folder (a step_* folder, or a run's checkpoint "
+                        "folder: its latest step) or a .pt/.pth state dict (ours or the original code's)")
+    parser.add_argument("--config", default=None, help="preset or .json/.yaml that builds the model: "
+                        "required for a .pth file; for a folder it replaces the saved config")
+    if device:
+        parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``--device``: CUDA when there is one, unless told otherwise."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
