@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -34,6 +34,34 @@ def test_ranks_reach_the_same_parameters_as_one_rank(tmp_path, one_rank, world, 
     assert out["bytes_per_step"] == 4 * n_params
 
 
+def test_two_simulated_nodes_reach_the_same_parameters_as_one_rank(tmp_path, one_rank):
+    """The deepspeed launcher on 2 "nodes" of 2 ranks each (--no_ssh --node_rank, as on a
+    cluster without ssh): global ranks, not local ones, decide shards and streams."""
+    import json
+    import subprocess
+
+    from test_trainer_worker import REPO, PY
+
+    (tmp_path / "hostfile").write_text("node-a slots=2\nnode-b slots=2\n")
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(tiny_config(tmp_path)))
+    port = str(free_port())
+    nodes = [subprocess.Popen([str(Path(PY).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"),
+                               "--no_ssh", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+                               "--master_port", port, str(REPO / "tests" / "test_trainer_worker.py"),
+                               str(config), str(tmp_path / "out.pt")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    for key, ref in one_rank["params"].items():
+        torch.testing.assert_close(out["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
+    torch.manual_seed(3)
+    shapes = [p.shape for p in TinyCaptioner().state_dict().values()]
+    assert out["bytes_per_step"] == 4 * sum(-(-s[0] // 4) * 4 * torch.Size(s[1:]).numel() for s in shapes)
+
+
 def _noise_worker(rank: int, world: int, port: int, sigma: float, clip: float, batch: int, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -52,7 +80,18 @@ def _noise_worker(rank: int, world: int, port: int, sigma: float, clip: float, b
     full = _full_grads(model)
     if rank == 0:
         q.put(torch.cat([v.flatten() for v in full.values()]).numpy())  # by value
-    dist.destroy_process_group()
+    _leave(q)
+
+
+def _leave(q) -> None:
+    """End a spawned rank as the trainer does: flush the result queue, shut down, and skip
+    interpreter teardown (where a gloo rank sometimes aborts; trainer.distributed.exit_process)."""
+    from trainer.distributed import exit_process, shutdown
+
+    q.close()
+    q.join_thread()
+    shutdown()
+    exit_process(0)
 
 
 def _full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -122,7 +161,7 @@ def _bf16_worker(rank: int, world: int, port: int, q):
     full = _full_grads(model)
     if rank == 0:
         q.put(({k: v.numpy() for k, v in full.items()}, sorted(map(str, kinds)), str(seen[0]), stats))
-    dist.destroy_process_group()
+    _leave(q)
 
 
 def test_bf16_fsdp_clipped_gradient_matches_fp32_single_process():
