@@ -73,6 +73,29 @@ def test_incomplete_saves_are_ignored_and_only_the_last_k_kept(tmp_path):
     assert not (tmp_path / "ckpt" / ".tmp-step_00000009").exists()
 
 
+def test_a_damaged_checkpoint_is_named_kept_and_the_previous_one_is_a_rename_away(tmp_path):
+    cfg = tiny_config(tmp_path, **{"checkpoint.every_steps": 1, "checkpoint.keep_last": 2, "steps": 4})
+    run_worker(1, tmp_path, cfg, launcher="python")
+    damaged = tmp_path / "ckpt" / "step_00000004"
+    shard = next(damaged.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a transfer cut short
+    (tmp_path / "more.json").write_text(json.dumps(cfg))
+    proc = subprocess.run(worker_command(1, tmp_path / "more.json", tmp_path / "more.pt", ["steps=5"], "python"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    message = next(line for line in proc.stderr.splitlines() if "cannot load checkpoint" in line)
+    assert str(damaged) in message and "RuntimeError" in message
+    assert shard.exists() and (damaged / "meta.json").exists()  # nothing deleted
+    source, target = message.rsplit("mv ", 1)[1].split()
+    os.rename(source, target)
+    out = run_worker(1, tmp_path, cfg, ["steps=5"], launcher="python", name="again")
+    assert out["resumed_from"] == str(tmp_path / "ckpt" / "step_00000003")
+    assert out["summary"]["step"] == 5 and Path(target).is_dir()
+    # resumed from step 3: steps 4 and 5 saved anew, the damaged one kept aside
+    assert [p.name for p in Checkpointer(tmp_path / "ckpt", 2, 0).complete()] == ["step_00000004",
+                                                                                   "step_00000005"]
+
+
 def test_sigterm_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path):
     cfg = tiny_config(tmp_path, steps=50)
     (tmp_path / "c.json").write_text(json.dumps(cfg))

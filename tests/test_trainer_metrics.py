@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from test_trainer_worker import run_worker, tiny_config
+from test_trainer_worker import TinyCaptioner, run_worker, tiny_config, tiny_data
 from privacy.accounting import epsilon_of_segments
 
 
@@ -18,7 +19,7 @@ def test_tensorboard_scalars(tmp_path):
     for tag in ("train/loss", "train/lr", "train/examples_per_s", "train/realised_batch",
                 "privacy/epsilon_rdp", "privacy/epsilon_pld", "privacy/sigma", "privacy/q",
                 "privacy/clip_fraction", "privacy/norm_p50_rank0", "privacy/norm_p90_rank0",
-                "comm/bytes_per_step"):
+                "comm/bytes_per_step", "train/tflops_per_s"):
         assert tag in tags, (tag, sorted(tags))
     eps = {e.step: e.value for e in events.Scalars("privacy/epsilon_rdp")}
     assert sorted(eps) == [1, 2, 3, 4, 5, 6]
@@ -29,3 +30,15 @@ def test_tensorboard_scalars(tmp_path):
     assert lrs[0] == pytest.approx(0.025) and lrs[1] == pytest.approx(0.05) and lrs[-1] < lrs[1]
     assert all(0 <= e.value <= 1 for e in events.Scalars("privacy/clip_fraction"))
     assert all(20 <= e.value <= 45 for e in events.Scalars("train/realised_batch"))  # Poisson around 32
+
+    # achieved training FLOP rate = the model's FLOPs per example x examples per second
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images, tokens = map(torch.stack, zip(*tiny_data(1)))
+    with FlopCounterMode(display=False) as counter:
+        TinyCaptioner()(images, tokens).sum().backward()
+    rates = [e.value for e in events.Scalars("train/tflops_per_s")]
+    per_s = [e.value for e in events.Scalars("train/examples_per_s")]
+    assert counter.get_total_flops() > 0 and len(rates) == len(per_s) == 6
+    for rate, examples in zip(rates, per_s):
+        assert rate == pytest.approx(counter.get_total_flops() * examples / 1e12, rel=1e-4)

@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
     params = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=True))
     if trainer.dist.rank == 0:
-        torch.save({"params": params, "summary": summary,
+        torch.save({"params": params, "summary": summary, "resumed_from": trainer.resumed_from,
                     "bytes_per_step": trainer.reducer.bytes_sent}, out)
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
     shutdown()

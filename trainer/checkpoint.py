@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 logger = logging.getLogger(__name__)
@@ -126,13 +127,31 @@ class Checkpointer:
 
     @staticmethod
     def read_meta(path: Path) -> dict[str, Any]:
-        with open(Path(path) / META) as f:
-            return json.load(f)
+        try:
+            with open(Path(path) / META) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise _unloadable(path, e) from e
 
     @staticmethod
     def load(path: Path, tensors: Stateful) -> None:
         """Collective: load (and reshard) the DCP tensors into `tensors`."""
-        dcp.load({"app": tensors}, checkpoint_id=str(path))
+        try:
+            dcp.load({"app": tensors}, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
+            raise _unloadable(path, e) from e
+
+
+def _unloadable(path: Path, error: BaseException) -> ValueError:
+    """What to do when a checkpoint cannot be loaded: it is left as it is, never deleted,
+    and the previous one is one rename away (a folder not named step_* is ignored)."""
+    path = Path(path)
+    if isinstance(error, CheckpointException) and error.failures:  # the first rank's own error
+        error = next(iter(error.failures.values()))[0]
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"cannot load checkpoint {path} ({type(error).__name__}: {detail[:300]}). It is left "
+                      f"untouched. If it is damaged, move it aside to resume from the one before: "
+                      f"mv {path} {path.parent / ('damaged-' + path.name)}")
 
 
 def step_folder(path: Path) -> Path:

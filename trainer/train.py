@@ -94,7 +94,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)
         model = (model_factory or build_model)(cfg, self.tokenizer).to(device)
-        self.flops_per_example = self._count_flops(model) if device.type == "cuda" else None
+        self.flops_per_example = self._count_flops(model)
         self.model = parallelize(model, self.dist.mesh, bf16=self.bf16)
         if cfg.init:
             import models
@@ -175,12 +175,12 @@ class Trainer:
         return int(seed.item())
 
     def _count_flops(self, model: nn.Module) -> float:
-        """Training FLOPs per example (forward + backward) on one example, GPU only."""
+        """Training FLOPs per example (forward + backward, non-private), counted on one example."""
         from torch.utils.flop_counter import FlopCounterMode
 
         size = self.cfg.model.overrides.get("img_size", 224)
-        tokens = torch.zeros(1, self.cfg.data.text_length, dtype=torch.long, device=self.dist.device)
-        tokens[0, :2] = torch.tensor([101, 102])
+        # shapes are fixed, so the count does not depend on the ids; 1 is in every vocabulary
+        tokens = torch.ones(1, self.cfg.data.text_length, dtype=torch.long, device=self.dist.device)
         sample = (torch.zeros(1, 3, size, size, device=self.dist.device), tokens)
         with FlopCounterMode(display=False) as counter:
             self._loss(model, sample).sum().backward()
@@ -380,12 +380,13 @@ class Trainer:
             pld_every = self.cfg.metrics.pld_every
             if pld_every and (self.step % pld_every == 0 or self.step == self.stop_at):
                 values["privacy/epsilon_pld"] = self.epsilon("pld")
+        # the model's training FLOPs at the achieved rate (the engine's own work not counted)
+        rate = self.flops_per_example * examples / max(seconds, 1e-9)
+        values["train/tflops_per_s"] = rate / 1e12
         if self.dist.device.type == "cuda":
             values["gpu/max_memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-            peak = peak_flops(self.dist.device)
-            if peak and self.flops_per_example:
-                values["gpu/mfu"] = (self.flops_per_example * examples / max(seconds, 1e-9)
-                                     / (peak * self.dist.world_size))
+            if peak := peak_flops(self.dist.device):
+                values["gpu/mfu"] = rate / (peak * self.dist.world_size)
         self.metrics.scalars(self.step, values)
         postfix = {"loss": f"{values['train/loss']:.3f}"}
         if self.plan.enabled:
