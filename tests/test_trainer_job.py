@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from test_trainer_worker import REPO
+from test_trainer_worker import REPO, TINY_MODEL
 
 TINY_JOB = ["steps=3", "optim.warmup_steps=1", "data.num_examples=300", "data.heldout_examples=12", "ds.train_batch_size=32",
             "ds.train_micro_batch_size_per_gpu=16", "model.overrides.depth=1",
@@ -21,12 +21,16 @@ TINY_JOB = ["steps=3", "optim.warmup_steps=1", "data.num_examples=300", "data.he
             "checkpoint.every_steps=0"]
 
 
-def _train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(cwd: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "default", *TINY_JOB, *args],
+    proc = subprocess.run([sys.executable, "-m", module, *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def _train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return _cli(cwd, "trainer.train", "--config", "default", *TINY_JOB, *args)
 
 
 def _params(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -62,6 +66,27 @@ def test_default_job_in_miniature_then_init_from_an_upstream_checkpoint(tmp_path
     again = _params(tmp_path / "runs/init2/checkpoints/step_00000001", tmp_path)
     for key, value in ours.items():
         assert torch.equal(again[key], value), key
+
+
+def test_vip_stage_one_then_private_stage_two_from_it_then_a_probe(tmp_path):
+    """ViP's recipe through the CLI: non-private MAE on synthetic images, then the private
+    stage initialised from it (its preset's --init), then a linear probe of its encoder."""
+    tiny = [*TINY_MODEL, "data.num_examples=200", "ds.train_batch_size=32", "ds.train_micro_batch_size_per_gpu=16",
+            "data.num_workers=0", "optim.warmup_steps=1", "checkpoint.every_steps=0"]
+    one = _cli(tmp_path, "trainer.train", "--config", "vip_stage1", *tiny, "steps=3", "--allow-non-private")
+    assert "trained 3/3 steps" in one.stdout and "NONE (non-private run)" in one.stdout
+    # lr 0: stage two starts from, and keeps, stage one's weights
+    two = _cli(tmp_path, "trainer.train", "--config", "vip_stage2", *tiny, "steps=1", "optim.lr=0.0",
+               "data.shards=runs/vip_stage1/shards")
+    assert "trained 1/1 steps" in two.stdout and "epsilon = " in two.stdout
+    first = _params(tmp_path / "runs/vip_stage1/checkpoints/step_00000003", tmp_path)
+    second = _params(tmp_path / "runs/vip_stage2/checkpoints/step_00000001", tmp_path)
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        assert torch.equal(second[key], value), key
+    probe = _cli(tmp_path, "trainer.probe", "runs/vip_stage2/checkpoints", "--data", "synthetic:colour",
+                 "--examples", "80", "--shots", "1", "--trials", "2", "--device", "cpu")
+    assert probe.stdout.startswith("linear probe: top-1 ") and "(8 classes, chance 0.125" in probe.stdout
 
 
 def test_init_refuses_a_file_that_needs_unpickling(tmp_path):
