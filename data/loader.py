@@ -50,12 +50,14 @@ class _Tagged:
     num_micro: int = 0
 
 
-def _decode_all(raw: list[RawSample], transform: ImageTextTransform, skipped: SkipCounter) -> Batch:
-    """The good samples of `raw` as one batch, possibly of zero examples."""
+def _decode_all(raw: list[RawSample], transform: ImageTextTransform, skipped: SkipCounter,
+                words: list[tuple[int, ...]]) -> Batch:
+    """The good samples of `raw` as one batch, possibly of zero examples; `words[i]` names
+    sample i for the transform's augmentation (the same whenever it is read again)."""
     images, tokens = [], []
-    for key, members in raw:
+    for (key, members), sample_words in zip(raw, words, strict=True):
         try:
-            pixels, ids = transform(*decode_sample(members, draft_size=transform.img_size))
+            pixels, ids = transform(*decode_sample(members, draft_size=transform.decode_size), sample_words)
         except BadSample as bad:
             skipped.record(bad.reason, str(key))
             continue
@@ -97,15 +99,16 @@ class _IndexedSamples(Dataset):
     def __getitems__(self, requests: list[_Request]) -> _Tagged:
         """One micro-batch, decoded in the worker."""
         first, skipped = requests[0], SkipCounter()
-        raw = []
+        raw, words = [], []
         for request in requests:
             if request.index is None:
                 continue
             try:
                 raw.append((str(request.index), self.index.members(request.index)))
+                words.append((request.step, request.index))
             except BadSample as bad:
                 skipped.record(bad.reason, f"sample {request.index}")
-        batch = _decode_all(raw, self.transform, skipped)
+        batch = _decode_all(raw, self.transform, skipped, words)
         return _Tagged(batch, skipped, step=first.step, micro=first.micro, num_micro=first.num_micro)
 
 
@@ -243,7 +246,8 @@ class _EpochStream(IterableDataset):
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(int(seed)))(samples)
         for number, chunk in enumerate(self._chunks(samples)):
             if number >= self.skip[worker]:
-                batch = None if chunk is None else _decode_all(chunk, self.transform, skipped)
+                words = [(self.epoch, self.rank, worker, number, i) for i in range(len(chunk or ()))]
+                batch = None if chunk is None else _decode_all(chunk, self.transform, skipped, words)
                 yield _Tagged(batch, SkipCounter(skipped), worker=worker)
             skipped.clear()  # what was skipped up to here is reported (or was, before the checkpoint)
 

@@ -44,6 +44,9 @@ class DataConfig:
     text_length: int = 16  # caption tokens, [CLS] ... [SEP] and padding
     num_workers: int = 0  # DataLoader worker processes per rank
     seed: int = 0  # synthetic data seed (not the sampling seed: that is JobConfig.seed)
+    # training images only: MAE's random resized crop (scale 0.2-1) and horizontal flip,
+    # random from (JobConfig.seed, step, example); off for DP-Cap, whose captions name positions
+    augment: bool = False
 
 
 @dataclass(kw_only=True)
@@ -233,8 +236,7 @@ def vip_stage1() -> JobConfig:
         ds_config="vip_stage1.json",
         steps=5000,
         model=ModelConfig(name="vip_base", mask_ratio=0.75),
-        data=DataConfig(source="synthetic", num_examples=100_000,
-                        num_workers=8),
+        data=DataConfig(source="synthetic", num_examples=100_000, num_workers=8, augment=True),
         privacy=PrivacyConfig(enabled=False),
         optim=OptimConfig(blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500),
         checkpoint=CheckpointConfig(every_steps=500),
@@ -250,7 +252,7 @@ def vip_stage2() -> JobConfig:
         steps=10_000,
         init="runs/vip_stage1/checkpoints",
         model=ModelConfig(name="vip_base", mask_ratio=0.75),
-        data=DataConfig(source="shards", shards="", num_examples=233_804_767, num_workers=8),
+        data=DataConfig(source="shards", shards="", num_examples=233_804_767, num_workers=8, augment=True),
         privacy=PrivacyConfig(noise_multiplier=0.5, max_grad_norm=0.1),
         optim=OptimConfig(blr=1.5e-5, betas=(0.9, 0.95), weight_decay=0.005, warmup_steps=1000),
         checkpoint=CheckpointConfig(every_steps=200, keep_last=3),

@@ -75,15 +75,15 @@ def synthetic_tokenizer(seed: int) -> CompactTokenizer:
     return CompactTokenizer(captions + words)
 
 
-def transform(cfg: JobConfig, tokenizer) -> ImageTextTransform:
-    """data/'s decode-side transform with the job's image size and (injected) tokenizer."""
-    from data.transform import ImageTextTransform
+def transform(cfg: JobConfig, tokenizer, *, training: bool = False) -> ImageTextTransform:
+    """data/'s decode-side transform with the job's image size and (injected) tokenizer;
+    training images are augmented if ``data.augment`` (evaluation images never are)."""
+    from data.transform import CropFlip, ImageTextTransform
 
     length = cfg.data.text_length
-    if tokenizer is None:  # ViP: no text
-        return ImageTextTransform(cfg.model.overrides.get("img_size", 224), lambda s: [0] * length, length)
-    return ImageTextTransform(cfg.model.overrides.get("img_size", 224),
-                              lambda s: tokenizer.encode(s, length), length)
+    tokenize = (lambda s: [0] * length) if tokenizer is None else (lambda s: tokenizer.encode(s, length))
+    augment = CropFlip(seed=cfg.seed) if training and cfg.data.augment else None
+    return ImageTextTransform(cfg.model.overrides.get("img_size", 224), tokenize, length, augment)
 
 
 def image_file_pixels(file: Path, to_pixels: ImageTextTransform) -> torch.Tensor:
@@ -124,7 +124,7 @@ def prepare_shards(cfg: JobConfig, d: Distributed) -> Path:
 def build_reader(cfg: JobConfig, index: Path, sampler, tokenizer):
     from data.loader import PoissonReader
 
-    return PoissonReader(index, sampler, transform(cfg, tokenizer), num_workers=cfg.data.num_workers)
+    return PoissonReader(index, sampler, transform(cfg, tokenizer, training=True), num_workers=cfg.data.num_workers)
 
 
 def count_examples(index: Path) -> int:
