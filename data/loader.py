@@ -181,13 +181,15 @@ class PoissonReader:
         if self._stream is None or self._stream_step != step:
             self._stream = self._open(step)
         self._stream_step = -1  # mid-step until its last micro-batch: a caller that stops early gets a fresh stream
+        skipped = SkipCounter()  # counted once the step is read whole: a restarted step is not counted twice
         while True:
             tagged = next(self._stream)
             if tagged.step != step:
                 raise RuntimeError(f"reader out of order: expected step {step}, got {tagged.step}")
-            self.skipped_reasons.update(tagged.skipped)
+            skipped.update(tagged.skipped)
             last = tagged.micro + 1 >= tagged.num_micro  # an empty step has num_micro 0
             if last:
+                self.skipped_reasons.update(skipped)
                 self._stream_step, self.next_step = step + 1, step + 1
             if tagged.num_micro:
                 yield tagged.batch

@@ -156,6 +156,10 @@ def test_both_readers_survive_hostile_shards(hostile, num_workers):
     assert batch.images.shape == (3, 3, 8, 8) and all_bad.images.shape == (0, 3, 8, 8)
     assert all_bad.tokens.shape == (0, 16) and poisson.skipped == sum(EXPECTED_SKIPS.values()) + 2
     assert set(poisson.skipped_reasons) == set(EXPECTED_SKIPS)
+    again = PoissonReader(index, _AllAtOnce(num_keys), transform, num_workers=num_workers)
+    next(again.micro_batches(0))  # abandoned mid-step (an interrupted run), then read again whole
+    list(again.micro_batches(0))
+    assert dict(again.skipped_reasons) == dict(poisson.skipped_reasons)
     streaming = StreamingReader(
         [shard, truncated], transform, batch_size=4, shuffle_buffer=0, shard_shuffle=False, num_workers=num_workers // 2
     )

@@ -19,7 +19,7 @@ def test_tensorboard_scalars(tmp_path):
     for tag in ("train/loss", "train/lr", "train/examples_per_s", "train/realised_batch",
                 "privacy/epsilon_rdp", "privacy/epsilon_pld", "privacy/sigma", "privacy/q",
                 "privacy/clip_fraction", "privacy/norm_p50_rank0", "privacy/norm_p90_rank0",
-                "comm/bytes_per_step", "train/tflops_per_s"):
+                "comm/bytes_per_step", "train/tflops_per_s", "data/skipped_samples_rank0"):
         assert tag in tags, (tag, sorted(tags))
     eps = {e.step: e.value for e in events.Scalars("privacy/epsilon_rdp")}
     assert sorted(eps) == [1, 2, 3, 4, 5, 6]
@@ -30,6 +30,7 @@ def test_tensorboard_scalars(tmp_path):
     assert lrs[0] == pytest.approx(0.025) and lrs[1] == pytest.approx(0.05) and lrs[-1] < lrs[1]
     assert all(0 <= e.value <= 1 for e in events.Scalars("privacy/clip_fraction"))
     assert all(20 <= e.value <= 45 for e in events.Scalars("train/realised_batch"))  # Poisson around 32
+    assert all(e.value == 0 for e in events.Scalars("data/skipped_samples_rank0"))
 
     # achieved training FLOP rate = the model's FLOPs per example x examples per second
     from torch.utils.flop_counter import FlopCounterMode

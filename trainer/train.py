@@ -162,6 +162,7 @@ class Trainer:
                                start_step=self.step, progress=cfg.metrics.progress)
         self.stop_requested = False
         self._last_pld: float | None = None  # shown by the progress bar between PLD evaluations
+        self._bad_samples = self.reader.skipped  # undecodable samples rank 0's reader skipped so far
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -366,11 +367,18 @@ class Trainer:
     def _log(self, out: dict[str, float], window: dict[str, float], seconds: float) -> None:
         loss_sum, examples, clipped, skipped = self._sync(
             [window["loss_sum"], window["examples"], window["clipped"], window["skipped"]])
+        # rank 0's reader only: its counts are the ones checkpoints keep
+        bad_samples = self.reader.skipped
+        if bad_samples > self._bad_samples and self.dist.is_main:
+            logger.warning("rank 0 has skipped %d undecodable samples so far: %s", bad_samples,
+                           dict(getattr(self.reader, "skipped_reasons", {})))
+        self._bad_samples = bad_samples
         steps = max(1, window["steps"])
         values = {"train/loss": loss_sum / max(1, examples), "train/lr": out["lr"],
                   "train/examples_per_s": examples / max(seconds, 1e-9),
                   "train/realised_batch": examples / steps,
-                  "comm/bytes_per_step": float(self.reducer.bytes_sent)}
+                  "comm/bytes_per_step": float(self.reducer.bytes_sent),
+                  "data/skipped_samples_rank0": float(bad_samples)}
         if self.plan.enabled:
             values.update({"privacy/epsilon_rdp": self.epsilon("rdp"), "privacy/sigma": self.plan.sigma,
                            "privacy/q": self.plan.q,
