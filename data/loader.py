@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -48,6 +48,13 @@ class _Tagged:
     step: int = 0
     micro: int = 0
     num_micro: int = 0
+
+    def pin_memory(self) -> _Tagged:
+        """Called by DataLoader(pin_memory=True) in its pinning thread: page-locked
+        tensors let the trainer's copy to the GPU run asynchronously."""
+        if self.batch is None:
+            return self
+        return replace(self, batch=Batch(self.batch.images.pin_memory(), self.batch.tokens.pin_memory()))
 
 
 def _decode_all(raw: list[RawSample], transform: ImageTextTransform, skipped: SkipCounter,
@@ -157,12 +164,14 @@ class PoissonReader:
         *,
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        pin_memory: bool = False,
     ):
         self.index = TarIndex(index_path)
         self.batch_source = batch_source
         self.transform = transform
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory  # for a GPU: page-locked batches, copied asynchronously
         self.next_step = 0
         self.skipped_reasons = SkipCounter()
         self._stream: Iterator[_Tagged] | None = None
@@ -210,6 +219,7 @@ class PoissonReader:
             _IndexedSamples(self.index, self.transform),
             self.num_workers,
             batch_sampler=_StepPlan(self.batch_source, step, self.num_examples),
+            pin_memory=self.pin_memory,
             **extra,
         )
         return iter(loader)

@@ -226,3 +226,26 @@ def test_streaming_resumes_exactly(shards, num_workers, stop_after):
         assert _captions(got) == _captions(want) and torch.equal(got.images, want.images)
     with pytest.raises(ValueError, match="num_workers"):
         StreamingReader(urls, TRANSFORM, batch_size=3, num_workers=num_workers + 2).load_state_dict(state)
+
+
+def test_pinning_a_batch_keeps_where_it_came_from(monkeypatch):
+    """DataLoader(pin_memory=True) pins what the workers send through this method (it
+    needs a GPU, so page-locking itself is stood in for here)."""
+    from data.decode import SkipCounter
+    from data.loader import Batch, _Tagged
+
+    pinned = []
+
+    def pin(tensor, *args, **kwargs):
+        pinned.append(tensor)
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    batch = Batch(torch.rand(2, 3, 8, 8), torch.ones(2, TEXT_LENGTH, dtype=torch.long))
+    tagged = _Tagged(batch, SkipCounter({"missing image": 1}), worker=1, step=4, micro=2, num_micro=3)
+    out = tagged.pin_memory()
+    assert (out.worker, out.step, out.micro, out.num_micro) == (1, 4, 2, 3) and out.skipped == tagged.skipped
+    assert torch.equal(out.batch.images, batch.images) and torch.equal(out.batch.tokens, batch.tokens)
+    assert [t is u for t, u in zip(pinned, batch)] == [True, True]
+    empty = _Tagged(None, SkipCounter())
+    assert empty.pin_memory() is empty

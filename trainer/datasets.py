@@ -121,10 +121,11 @@ def prepare_shards(cfg: JobConfig, d: Distributed) -> Path:
     return index
 
 
-def build_reader(cfg: JobConfig, index: Path, sampler, tokenizer):
+def build_reader(cfg: JobConfig, index: Path, sampler, tokenizer, *, pin_memory: bool = False):
     from data.loader import PoissonReader
 
-    return PoissonReader(index, sampler, transform(cfg, tokenizer, training=True), num_workers=cfg.data.num_workers)
+    return PoissonReader(index, sampler, transform(cfg, tokenizer, training=True),
+                         num_workers=cfg.data.num_workers, pin_memory=pin_memory)
 
 
 def count_examples(index: Path) -> int:

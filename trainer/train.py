@@ -141,7 +141,8 @@ class Trainer:
                                       world_size=self.dist.world_size, rank=self.dist.rank,
                                       max_physical_batch=self.geo.micro_batch)
         if train_data is None:
-            self.reader = build_reader(cfg, index, self.sampler, self.tokenizer)
+            self.reader = build_reader(cfg, index, self.sampler, self.tokenizer,
+                                       pin_memory=device.type == "cuda")
         else:
             self.reader = InMemoryReader(train_data, self.sampler)
         size = cfg.model.overrides.get("img_size", 224)
