@@ -43,6 +43,7 @@ def test_default_job_in_miniature_then_init_from_an_upstream_checkpoint(tmp_path
     proc = _train(tmp_path, "name=mini")
     text = proc.stdout
     assert "trained 3/3 steps" in text and "epsilon = " in text and "zero-shot colour: accuracy" in text
+    assert "linear probe shape: top-1 " in text and "(6 classes, chance 0.167; 6 train / 6 test" in text
     assert "runs/mini/tb" in text and "runs/mini/checkpoints" in text
     assert (tmp_path / "runs/mini/shards/index.json").is_file()
     step = tmp_path / "runs/mini/checkpoints/step_00000003"
@@ -50,6 +51,7 @@ def test_default_job_in_miniature_then_init_from_an_upstream_checkpoint(tmp_path
     events = EventAccumulator(str(tmp_path / "runs/mini/tb"), size_guidance={"tensors": 0})
     events.Reload()
     assert "captions/text_summary" in events.Tags()["tensors"]
+    assert {"eval/zero_shot_colour", "eval/probe_colour"} <= set(events.Tags()["scalars"])
 
     # --init with the same weights in the original DP-Cap layout, trained with lr 0
     import models
@@ -75,6 +77,7 @@ def test_vip_stage_one_then_private_stage_two_from_it_then_a_probe(tmp_path):
             "data.num_workers=0", "optim.warmup_steps=1", "checkpoint.every_steps=0"]
     one = _cli(tmp_path, "trainer.train", "--config", "vip_stage1", *tiny, "steps=3", "--allow-non-private")
     assert "trained 3/3 steps" in one.stdout and "NONE (non-private run)" in one.stdout
+    assert "linear probe colour: top-1 " in one.stdout and "linear probe object: top-1 " in one.stdout
     # lr 0: stage two starts from, and keeps, stage one's weights
     two = _cli(tmp_path, "trainer.train", "--config", "vip_stage2", *tiny, "steps=1", "optim.lr=0.0",
                "data.shards=runs/vip_stage1/shards")

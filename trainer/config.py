@@ -100,6 +100,7 @@ class MetricsConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     zero_shot: bool = True  # DP-Cap: zero-shot accuracy on the held-out synthetic images
+    probe: bool = False  # either model: linear probe of the encoder on the held-out synthetic images
     tasks: list[str] = field(default_factory=lambda: ["colour", "shape", "object"])  # the classes
     batch_size: int = 64
 
@@ -174,6 +175,7 @@ def default() -> JobConfig:
         optim=OptimConfig(lr=4e-3, warmup_steps=40, weight_decay=0.005),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
         metrics=MetricsConfig(log_every=10, pld_every=50),
+        eval=EvalConfig(probe=True),
     )
 
 
@@ -190,6 +192,7 @@ def default_gpu() -> JobConfig:
         optim=OptimConfig(lr=2e-3, warmup_steps=100),
         checkpoint=CheckpointConfig(every_steps=250, keep_last=2),
         metrics=MetricsConfig(log_every=10, pld_every=100),
+        eval=EvalConfig(probe=True),
     )
 
 
@@ -240,7 +243,7 @@ def vip_stage1() -> JobConfig:
         privacy=PrivacyConfig(enabled=False),
         optim=OptimConfig(blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500),
         checkpoint=CheckpointConfig(every_steps=500),
-        eval=EvalConfig(zero_shot=False),
+        eval=EvalConfig(zero_shot=False, probe=True),
     )
 
 

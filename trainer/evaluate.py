@@ -1,4 +1,5 @@
-"""Evaluation of a DP-Cap being trained: zero-shot accuracy and a few captions.
+"""Evaluation of a model being trained: zero-shot accuracy and a few captions (DP-Cap),
+linear probes of the encoder (DP-Cap and ViP).
 
 Both run on every rank (the FSDP blocks gather their parameters collectively),
 on the same held-out synthetic images; rank 0 reports.
@@ -95,10 +96,27 @@ def caption_examples(trainer: Trainer) -> str:
                        for i, (row, t) in enumerate(zip(ids, truth)))
 
 
+@torch.no_grad()
+def probe_accuracy(trainer: Trainer, task: str) -> dict[str, Any]:
+    """trainer.probe's full linear probe of the encoder (mean-pooled features, both model
+    families) on the held-out images of `task`: the first half trains it, the second tests it."""
+    from trainer.probe import run_probe, synthetic_data
+
+    cfg = trainer.cfg
+    data = synthetic_data(cfg, task, cfg.data.heldout_examples)
+    trainer.model.eval()
+    with _Unsharded(trainer.model) as model:
+        result = run_probe(model, data, shots=[], trials=1, pool="mean", batch_size=cfg.eval.batch_size,
+                           device=trainer.dist.device, l2=1e-3, seed=0, dtype=trainer.compute_dtype)
+    trainer.model.train()
+    return {"accuracy": result["linear_probe"]["top1"], "classes": result["classes"],
+            "train": result["train_examples"], "test": result["test_examples"]}
+
+
 def evaluate(trainer: Trainer) -> dict[str, Any]:
-    """End-of-training evaluation: captions into TensorBoard, zero-shot accuracy."""
+    """End-of-training evaluation: captions into TensorBoard, zero-shot accuracy, linear probes."""
     results: dict[str, Any] = {}
-    if trainer.cfg.metrics.num_captions:
+    if trainer.cfg.metrics.num_captions and trainer.cfg.is_captioner:
         text = caption_examples(trainer)
         trainer.metrics.text(trainer.step, "captions", text)
         results["captions"] = text
@@ -107,4 +125,6 @@ def evaluate(trainer: Trainer) -> dict[str, Any]:
                                        "classes": len(heldout(trainer.cfg, 1, task)[2])}
                                 for task in trainer.cfg.eval.tasks}
         results["eval_examples"] = trainer.cfg.data.heldout_examples
+    if trainer.cfg.eval.probe:
+        results["probe"] = {task: probe_accuracy(trainer, task) for task in trainer.cfg.eval.tasks}
     return results

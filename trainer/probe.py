@@ -110,11 +110,12 @@ def _image_files(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
 # --------------------------------------------------------------------------- features
 
 @torch.no_grad()
-def encode(model: nn.Module, batches: Iterator[torch.Tensor], pool: str, device: torch.device) -> torch.Tensor:
+def encode(model: nn.Module, batches: Iterator[torch.Tensor], pool: str, device: torch.device,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Frozen features [N, D]: the mean over patch tokens, or the CLS token (token 0)."""
     out = []
     for images in batches:
-        tokens = model.features(images.to(device))  # [B, 1 + L, D]
+        tokens = model.features(images.to(device, dtype))  # [B, 1 + L, D]
         out.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)).float())
     return torch.cat(out)
 
@@ -175,12 +176,13 @@ def sample_shots(labels: torch.Tensor, shots: int, classes: Sequence[str],
 # --------------------------------------------------------------------------- the job
 
 def run_probe(model: nn.Module, data: ProbeData, *, shots: Sequence[int], trials: int, pool: str,
-              batch_size: int, device: torch.device, l2: float, seed: int) -> dict[str, Any]:
-    """Full linear probe and k-shot probes; each k draws its trials from its own seeded
-    generator, so a k's result does not depend on which other k were asked for."""
-    model.to(device)
-    train_x, test_x = standardise(encode(model, data.train_images(batch_size), pool, device),
-                                  encode(model, data.test_images(batch_size), pool, device))
+              batch_size: int, device: torch.device, l2: float, seed: int,
+              dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Full linear probe and k-shot probes of ``model`` (on ``device``, computing in
+    ``dtype``); each k draws its trials from its own seeded generator, so a k's result
+    does not depend on which other k were asked for."""
+    train_x, test_x = standardise(encode(model, data.train_images(batch_size), pool, device, dtype),
+                                  encode(model, data.test_images(batch_size), pool, device, dtype))
     num_classes = len(data.classes)
     results: dict[str, Any] = {
         "classes": num_classes, "chance": 1 / num_classes,
@@ -257,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data = folder_data(Path(args.data), cfg)
         for k in shots:  # before loading the model and extracting features (the long part)
             check_shots(data.train_labels, k, data.classes)
-        model = load_trained_model(cfg, weights)
+        model = load_trained_model(cfg, weights).to(device)
         results = run_probe(model, data, shots=shots, trials=args.trials, pool=args.pool,
                             batch_size=args.batch_size, device=device, l2=args.l2, seed=args.seed)
     except ValueError as e:

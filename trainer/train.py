@@ -322,8 +322,9 @@ class Trainer:
                                    "checkpoint_dir": str(cfg.checkpoint_dir)}
         if not self.stop_requested and self.eval_fn is not None:
             results = self.eval_fn(self)
-            self.metrics.scalars(self.step, {f"eval/zero_shot_{task}": r["accuracy"]
-                                             for task, r in results.get("zero_shot", {}).items()})
+            self.metrics.scalars(self.step, {f"eval/{kind}_{task}": r["accuracy"]
+                                             for kind in ("zero_shot", "probe")
+                                             for task, r in results.get(kind, {}).items()})
             summary.update(results)
         self.metrics.close()
         return summary
@@ -357,7 +358,8 @@ class Trainer:
                 self._log(out, window, time.perf_counter() - t0)
                 window = dict.fromkeys(window, 0)
                 t0 = time.perf_counter()
-            if m.caption_every and self.step % m.caption_every == 0 and self.eval_fn is not None:
+            if (m.caption_every and self.step % m.caption_every == 0 and self.eval_fn is not None
+                    and cfg.is_captioner):
                 self._captions()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
@@ -449,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.world_size is not None:
             raise ValueError("--world-size is for --dry-run; the launcher sets the world size")
         eval_fn = None
-        if cfg.eval.zero_shot or cfg.is_captioner:
+        if cfg.eval.zero_shot or cfg.eval.probe or cfg.is_captioner:
             from trainer.evaluate import evaluate
 
             eval_fn = evaluate
@@ -475,6 +477,9 @@ def _summary_text(s: dict[str, Any]) -> str:
     for task, r in s.get("zero_shot", {}).items():
         lines.append(f"zero-shot {task}: accuracy {r['accuracy']:.3f} ({r['classes']} classes, "
                      f"chance {1 / r['classes']:.3f}; {s['eval_examples']} held-out images)")
+    for task, r in s.get("probe", {}).items():
+        lines.append(f"linear probe {task}: top-1 {r['accuracy']:.3f} ({r['classes']} classes, chance "
+                     f"{1 / r['classes']:.3f}; {r['train']} train / {r['test']} test held-out images)")
     lines.append(f"TensorBoard logs: {s['log_dir']}  (tensorboard --logdir {s['log_dir']})")
     lines.append(f"checkpoints: {s['checkpoint_dir']}")
     return "\n".join(lines)
