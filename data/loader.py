@@ -258,8 +258,10 @@ class _EpochStream(IterableDataset):
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(int(seed)))(samples)
         for number, chunk in enumerate(self._chunks(samples)):
             if number >= self.skip[worker]:
-                words = [(self.epoch, self.rank, worker, number, i) for i in range(len(chunk or ()))]
-                batch = None if chunk is None else _decode_all(chunk, self.transform, skipped, words)
+                batch = None
+                if chunk is not None:
+                    words = [(self.epoch, self.rank, worker, number, i) for i in range(len(chunk))]
+                    batch = _decode_all(chunk, self.transform, skipped, words)
                 yield _Tagged(batch, SkipCounter(skipped), worker=worker)
             skipped.clear()  # what was skipped up to here is reported (or was, before the checkpoint)
 

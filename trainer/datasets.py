@@ -92,7 +92,7 @@ def image_file_pixels(file: Path, to_pixels: ImageTextTransform) -> torch.Tensor
     from data.decode import BadSample, decode_image
 
     try:
-        image = decode_image(Path(file).read_bytes(), draft_size=to_pixels.img_size)
+        image = decode_image(Path(file).read_bytes(), draft_size=to_pixels.decode_size)
     except BadSample as e:
         raise ValueError(f"{file}: {e.reason}; remove or replace it") from None
     except OSError as e:

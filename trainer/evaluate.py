@@ -64,7 +64,7 @@ class _Unsharded:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(trainer: Trainer, task: str) -> float:
+def zero_shot_accuracy(trainer: Trainer, task: str) -> dict[str, Any]:
     """Trie-constrained greedy decoding after the prompt "a" (models' zero_shot "trie"):
     unlike the mean-loss score it does not favour names of more word pieces."""
     cfg = trainer.cfg
@@ -77,7 +77,7 @@ def zero_shot_accuracy(trainer: Trainer, task: str) -> float:
             preds.append(model.zero_shot(batch, classes, method="trie", tokenizer=trainer.tokenizer,
                                          prompt=PROMPT).cpu())
     trainer.model.train()
-    return (torch.cat(preds) == labels).float().mean().item()
+    return {"accuracy": (torch.cat(preds) == labels).float().mean().item(), "classes": len(classes)}
 
 
 @torch.no_grad()
@@ -121,9 +121,7 @@ def evaluate(trainer: Trainer) -> dict[str, Any]:
         trainer.metrics.text(trainer.step, "captions", text)
         results["captions"] = text
     if trainer.cfg.eval.zero_shot:
-        results["zero_shot"] = {task: {"accuracy": zero_shot_accuracy(trainer, task),
-                                       "classes": len(heldout(trainer.cfg, 1, task)[2])}
-                                for task in trainer.cfg.eval.tasks}
+        results["zero_shot"] = {task: zero_shot_accuracy(trainer, task) for task in trainer.cfg.eval.tasks}
         results["eval_examples"] = trainer.cfg.data.heldout_examples
     if trainer.cfg.eval.probe:
         results["probe"] = {task: probe_accuracy(trainer, task) for task in trainer.cfg.eval.tasks}
