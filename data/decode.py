@@ -5,6 +5,9 @@ members; shards come from outside, so this module is the only decoder and it
 knows three kinds of member. Everything else is ignored unread. Each check
 raises `BadSample` with a short reason; readers skip the sample and count the
 reason (see `SkipCounter`).
+
+Images become 8-bit RGB whatever they were stored as (see `to_rgb`); an
+animated WebP or PNG gives its first frame, and no later frame is decoded.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import warnings
 from collections import Counter
 
+import numpy as np
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -76,13 +80,45 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
                 raise BadSample("image too large")
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
-            return image.convert("RGB")
+            return to_rgb(image)
     except BadSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
         raise BadSample("image too large") from exn
     except Exception as exn:  # PIL raises many types on corrupt input
         raise BadSample("undecodable image") from exn
+
+
+# Transparent pixels are shown as this colour: the page colour most web images
+# were drawn on. Dropping the alpha channel instead would show whatever colour
+# the transparent pixels happen to store (black, or leftovers of an edit).
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+_CONVERTIBLE_MODES = frozenset({"1", "L", "P", "RGB", "CMYK", "YCbCr"})  # convert("RGB") is exact for these
+_ALPHA_MODES = frozenset({"LA", "PA", "RGBA"})
+_SIXTEEN_BIT_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # PNG 16-bit greyscale
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a decoded image, whatever its mode.
+
+    Pillow's own convert("RGB") gets two cases wrong: it drops transparency
+    (composited here over :data:`TRANSPARENT_BACKGROUND`) and it clips 16-bit
+    greyscale to 255 instead of scaling it (almost every pixel of a 16-bit PNG
+    would come out white; scaled here to its top 8 bits). 16-bit colour PNGs
+    are already reduced to 8 bits by Pillow. Other modes are refused.
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_GREY_MODES:
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if mode in _ALPHA_MODES or (mode in _CONVERTIBLE_MODES and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        rgb = Image.new("RGB", image.size, TRANSPARENT_BACKGROUND)
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        return rgb
+    if mode in _CONVERTIBLE_MODES:
+        return image.convert("RGB")
+    raise BadSample(f"unsupported image mode {mode}")
 
 
 def decode_caption(data: bytes) -> str:

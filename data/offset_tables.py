@@ -20,7 +20,6 @@ pointed at.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tarfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from data.tar_samples import member_key
+from data.wids_index import read_shard_list
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,13 @@ def load_offset_table(shard: str | Path, nsamples: int) -> np.ndarray | None:
 
 def write_index_offset_tables(index_path: str | Path) -> list[str]:
     """Tables for every shard of a wids index; returns the shards whose sample count disagrees with it."""
-    index_path = Path(index_path)
     mismatched = []
-    for shard in json.loads(index_path.read_text())["shardlist"]:
-        path = index_path.parent / shard["url"]
+    for path, count in read_shard_list(index_path):
         offsets = scan_sample_offsets(path)
-        if len(offsets) == int(shard["nsamples"]):
+        if len(offsets) == count:
             write_offset_table(path, offsets)
         else:
-            mismatched.append(f"{path}: {len(offsets)} samples, index says {shard['nsamples']}")
+            mismatched.append(f"{path}: {len(offsets)} samples, index says {count}")
     return mismatched
 
 

@@ -17,7 +17,6 @@ closed first): a data set has more shards than a process may open files.
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import os
 import tarfile
@@ -29,7 +28,8 @@ import numpy as np
 
 from data.decode import KNOWN_EXTENSIONS, MAX_MEMBER_BYTES, BadSample
 from data.offset_tables import load_offset_table, scan_sample_offsets
-from data.tar_samples import member_key
+from data.tar_samples import COMPRESSED_SHARD, compression_of, member_key
+from data.wids_index import read_shard_list
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +41,14 @@ class TarIndex:
         if max_open_files < 1:
             raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
         self.max_open_files = max_open_files
-        index_path = Path(index_path)
-        try:
-            spec = json.loads(index_path.read_text())
-            shards = spec["shardlist"]
-            self.paths = [str(index_path.parent / shard["url"]) for shard in shards]
-            counts = [int(shard["nsamples"]) for shard in shards]
-        except (OSError, ValueError, KeyError, TypeError) as exn:
-            raise ValueError(f"{index_path} is not a readable wids index (write one with data.write_shards)") from exn
-        if not counts:
-            raise ValueError(f"{index_path} lists no shards")
+        shards = read_shard_list(index_path)
+        self.paths = [path for path, _ in shards]
+        counts = [count for _, count in shards]
         self.starts = [0]
         for count in counts:
             self.starts.append(self.starts[-1] + count)
         self._tables: dict[int, np.ndarray] = {}  # shard -> int64 header offset of each sample
+        self._gaps: dict[int, str] = {}  # shard -> why a sample the index lists is not in it
         self._files: OrderedDict[int, BinaryIO] = OrderedDict()  # least recently used first
         self._pid = os.getpid()
 
@@ -65,7 +59,7 @@ class TarIndex:
         return {"paths": self.paths, "starts": self.starts, "max_open_files": self.max_open_files}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _tables={}, _files=OrderedDict(), _pid=os.getpid())
+        self.__dict__.update(state, _tables={}, _gaps={}, _files=OrderedDict(), _pid=os.getpid())
 
     def members(self, index: int) -> dict[str, bytes]:
         if not 0 <= index < len(self):
@@ -74,7 +68,7 @@ class TarIndex:
         table = self._table(shard)
         inner = index - self.starts[shard]
         if inner >= len(table):
-            raise BadSample("sample missing from shard")
+            raise BadSample(self._gaps[shard])
         try:
             stream = self._file(shard)
         except OSError as exn:  # the shard vanished since it was scanned
@@ -85,10 +79,20 @@ class TarIndex:
     def _table(self, shard: int) -> np.ndarray:
         if shard not in self._tables:
             path, count = self.paths[shard], self.starts[shard + 1] - self.starts[shard]
-            table = load_offset_table(path, count)
-            if table is None:
-                table = scan_sample_offsets(path)
-                _hint_once(path)
+            kind = _compression(path)
+            if kind:
+                log.warning("%s is %s-compressed: random access needs plain .tar shards; its %d samples "
+                            "are skipped", path, kind, count)
+                table, self._gaps[shard] = np.zeros(0, dtype=np.int64), COMPRESSED_SHARD
+            else:
+                table = load_offset_table(path, count)
+                if table is None:
+                    table = scan_sample_offsets(path)
+                    _hint_once(path)
+                if len(table) < count:
+                    log.warning("%s holds %d samples, its index says %d: the missing ones are skipped "
+                                "(rewrite the index)", path, len(table), count)
+                self._gaps[shard] = "sample missing from shard"
             self._tables[shard] = table
         return self._tables[shard]
 
@@ -130,6 +134,14 @@ def _read_sample(stream: BinaryIO) -> dict[str, bytes]:
     if not members:
         raise BadSample("no readable member")
     return members
+
+
+def _compression(path: str) -> str | None:
+    try:
+        with open(path, "rb") as stream:
+            return compression_of(stream)
+    except OSError:
+        return None  # the scan reports an unreadable shard
 
 
 def indexed_sample_count(index_path: str | Path) -> int:

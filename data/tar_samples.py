@@ -5,6 +5,12 @@ name up to the first dot of its base name, as wids and webdataset group them).
 Only members with a known extension are read, and only up to a size cap
 checked from the header; others are skipped unread. A truncated or unreadable
 tar ends that shard, never the run.
+
+Shards are plain tars. A compressed one (gzip, bzip2, xz, zstd) is refused
+unread rather than decompressed on the fly: the size caps are checked against
+what the headers claim, but a decompression bomb makes a small file expand to
+terabytes that must all be decompressed just to be skipped, and random access
+(the Poisson reader) cannot seek in a compressed stream anyway.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ from __future__ import annotations
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 from data.decode import KNOWN_EXTENSIONS, MAX_MEMBER_BYTES, SkipCounter
 
 RawSample = tuple[str, dict[str, bytes]]
+COMPRESSED_SHARD = "compressed shard, not a plain tar"
+_TAR_BLOCK = 512
+_COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 _NAME = re.compile(r"^((?:.*/)?[^/]*?)\.([^/]*)$")
 _BAD = "__bad__"  # member-dict key marking a sample already known to be bad
 
@@ -33,6 +43,18 @@ def member_key(info: tarfile.TarInfo) -> tuple[str, str] | tuple[None, None]:
     return split_member_name(info.name) if info.isreg() else (None, None)
 
 
+def compression_of(stream: BinaryIO) -> str | None:
+    """The compression format of the file `stream` reads (from its start; the
+    position is restored), or None for a plain tar or anything else. A tar
+    header carrying the ustar magic is plain even if its first member's name
+    happens to start like a compressed stream."""
+    head = stream.read(_TAR_BLOCK)
+    stream.seek(0)
+    if head[257:262] == b"ustar":
+        return None
+    return next((kind for magic, kind in _COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
+
+
 def iter_tar_samples(path: str, skips: SkipCounter) -> Iterator[RawSample]:
     """(key, {extension: bytes}) for each usable sample of one tar file, in order.
 
@@ -41,22 +63,27 @@ def iter_tar_samples(path: str, skips: SkipCounter) -> Iterator[RawSample]:
     """
     key, members = None, {}
     try:
-        with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                sample_key, ext = member_key(info)
-                if sample_key is None:
-                    continue
-                if sample_key != key:
-                    yield from _finish(key, members, skips, path)
-                    key, members = sample_key, {}
-                if ext not in KNOWN_EXTENSIONS or _BAD in members:
-                    continue  # unknown members are never read, let alone decoded
-                if ext in members:
-                    members[_BAD] = b"duplicate member"
-                elif info.size > MAX_MEMBER_BYTES[ext]:
-                    members[_BAD] = b"member too large"
-                else:
-                    members[ext] = tar.extractfile(info).read()
+        with open(path, "rb") as stream:
+            kind = compression_of(stream)
+            if kind:
+                skips.record(COMPRESSED_SHARD, f"{path} is {kind}-compressed: write plain .tar shards")
+                return
+            with tarfile.open(fileobj=stream, mode="r|") as tar:  # not "r|*", which decompresses on the fly
+                for info in tar:
+                    sample_key, ext = member_key(info)
+                    if sample_key is None:
+                        continue
+                    if sample_key != key:
+                        yield from _finish(key, members, skips, path)
+                        key, members = sample_key, {}
+                    if ext not in KNOWN_EXTENSIONS or _BAD in members:
+                        continue  # unknown members are never read, let alone decoded
+                    if ext in members:
+                        members[_BAD] = b"duplicate member"
+                    elif info.size > MAX_MEMBER_BYTES[ext]:
+                        members[_BAD] = b"member too large"
+                    else:
+                        members[ext] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as exn:
         skips.record("truncated or unreadable tar", f"in {path}: {exn}")
         return
