@@ -236,13 +236,20 @@ def test_bf16_autocast_and_int32_tokens():
         low = model(images, tokens)
         caption = model.generate(images, max_length=8)
     assert low.dtype == torch.float32 and caption.shape[0] == 3
-    torch.testing.assert_close(low, loss, rtol=5e-2, atol=5e-2)
+    # measured: <= 7.7e-4 relative (10 seeds of this set-up); 5 times that
+    torch.testing.assert_close(low, loss, rtol=4e-3, atol=0)
 
 
 def test_bf16_weights_fp32_images_inference():
     """No autocast, bf16 weights (as an evaluation after mixed-precision training may run)."""
-    model, images = _tiny().bfloat16(), torch.randn(3, 3, 32, 32)
-    assert model.features(images).dtype == torch.bfloat16
+    model, images = _tiny(), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        full = model.features(images)
+        model.bfloat16()
+        low = model.features(images)
+    assert low.dtype == torch.bfloat16
+    # measured: max error <= 0.84% of the largest |feature| (10 seeds); 5 times that
+    assert (low.float() - full).abs().max() <= 0.04 * full.abs().max()
     assert model.generate(images, max_length=4).shape[0] == 3
     for method in ("loss", "trie"):
         assert model.zero_shot(images, ["cat", "dog"], method=method).shape == (3,)
