@@ -95,7 +95,8 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
 TRANSPARENT_BACKGROUND = (255, 255, 255)
 _CONVERTIBLE_MODES = frozenset({"1", "L", "P", "RGB", "CMYK", "YCbCr"})  # convert("RGB") is exact for these
 _ALPHA_MODES = frozenset({"LA", "PA", "RGBA"})
-_SIXTEEN_BIT_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # PNG 16-bit greyscale
+# a 16-bit greyscale PNG opens as I;16 (as I in older Pillows); its values lie in 0..65535
+_SIXTEEN_BIT_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
