@@ -13,8 +13,9 @@ audits, so a canary is not always owned by the same simulated rank).
   attacker sees every iterate (the threat model DP-SGD's accounting covers)
   and scores each canary by the log-likelihood ratio of its coordinate's
   updates under the claimed mechanism, "sampled into this step" (a shift of
-  C) against "not" (noise only). A second score removes each coordinate's
-  median update first, which is blind to a noise value that repeats every step.
+  C) against "not" (noise only). A second score takes each coordinate's own
+  median and spread for the claimed zero and noise, so that noise repeated
+  every step, or smaller than claimed on some coordinates, shows too.
 - :class:`InputCanaries` (black box): a linear softmax classifier trained
   with cross-entropy; a canary is a crafted input (a large value in an unused
   coordinate) with a random label. The attacker sees only the final model's
@@ -33,6 +34,7 @@ from privacy.audit.training import EngineFactory, Mechanism, train_private
 
 POPULATION_DIMS = 16
 NORM_RATIO = 10.0  # canary gradient norm / C: clipped to C, or 10x the signal if clipping is broken
+MIN_SPREAD = 0.01  # in units of C: the noise a coordinate is credited with when its updates never vary
 CLASSES = 10
 
 
@@ -78,21 +80,36 @@ class Setting:
     device: torch.device = torch.device("cpu")
 
 
-def _llr(updates: np.ndarray, mechanism: Mechanism) -> np.ndarray:
-    """Log-likelihood ratio of "in the dataset" for a canary's updates x (in units
-    of C, shape [steps, canaries]) under the claimed mechanism, summed over steps:
+def _shuffled(dataset: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:
+    """The examples in a random order of the run: each rank's Poisson slice is a contiguous
+    part of the sorted batch, so canaries appended last would always land on the last rank."""
+    order = torch.as_tensor(np.random.default_rng([seed, 2]).permutation(len(dataset[0])))
+    return tuple(t[order] for t in dataset)
+
+
+def _llr(updates: np.ndarray, sample_rate: float, noise: np.ndarray | float) -> np.ndarray:
+    """Log-likelihood ratio of "in the dataset" for a canary's updates x (in units of C,
+    shape [steps, canaries]) with noise std s, summed over steps:
     log [(1 - q) N(x; 0, s^2) + q N(x; 1, s^2)] / N(x; 0, s^2)."""
-    q, sigma = mechanism.sample_rate, max(mechanism.noise_multiplier, 1e-6)
     with np.errstate(divide="ignore"):  # q = 1: log(1 - q) = -inf is the right limit
-        per_step = np.logaddexp(np.log1p(-q), np.log(q) + (2 * updates - 1) / (2 * sigma**2))
+        per_step = np.logaddexp(np.log1p(-sample_rate), np.log(sample_rate) + (2 * updates - 1) / (2 * noise**2))
     return per_step.sum(0)
+
+
+def _llr_own_scale(updates: np.ndarray, sample_rate: float) -> np.ndarray:
+    """The same with each coordinate's own median as its zero and its own spread (1.4826 x
+    the median absolute deviation) as its noise: blind to a noise value that repeats every
+    step and sharp where the noise is smaller than claimed or missing."""
+    centred = updates - np.median(updates, axis=0)
+    spread = 1.4826 * np.median(np.abs(centred), axis=0)
+    return _llr(centred, sample_rate, np.maximum(spread, MIN_SPREAD))
 
 
 class DiracCanaries:
     """White-box gradient canaries observed in every update."""
 
     name = "dirac"
-    score_names = ("llr", "llr_median_removed")
+    score_names = ("llr", "llr_own_scale")
 
     def __init__(self, setting: Setting):
         self.setting = setting
@@ -116,7 +133,7 @@ class DiracCanaries:
         canaries = torch.zeros((len(slots_in), self.dims))
         canaries[torch.arange(len(slots_in)), torch.as_tensor(POPULATION_DIMS + slots_in, dtype=torch.long)] = (
             NORM_RATIO * m.max_grad_norm)
-        inputs = torch.cat([self.population, canaries]).to(s.device)
+        inputs = _shuffled((torch.cat([self.population, canaries]),), seed)[0].to(s.device)
         expected_batch = m.sample_rate * len(inputs)
         coordinates = torch.as_tensor(POPULATION_DIMS + observed, dtype=torch.long, device=s.device)
         updates, previous = [], torch.zeros(len(observed), dtype=torch.float64)
@@ -130,7 +147,8 @@ class DiracCanaries:
 
         train_private(s.engine, LinearLoss(self.dims).to(s.device), (inputs,), m, seed, observe)
         x = np.stack(updates)  # [steps, observed]
-        return np.stack([_llr(x, m), _llr(x - np.median(x, axis=0, keepdims=True), m)])
+        sigma = max(m.noise_multiplier, MIN_SPREAD)
+        return np.stack([_llr(x, m.sample_rate, sigma), _llr_own_scale(x, m.sample_rate)])
 
     def one_run(self, included: np.ndarray, seed: int) -> np.ndarray:
         """Scores [scores, m] of the m = slots canaries, those ``included`` trained on."""
@@ -175,8 +193,9 @@ class InputCanaries:
         # one clipped step of the canary moves its own logits by about one nat
         scale = expected_batch / (m.learning_rate * m.max_grad_norm)
         canary_x, canary_y = self._canaries(slots, labels, scale)
-        dataset = tuple(torch.cat([p, c[torch.as_tensor(included)]]).to(s.device)
-                        for p, c in zip(self.population, (canary_x, canary_y)))
+        dataset = _shuffled(tuple(torch.cat([p, c[torch.as_tensor(included)]])
+                                  for p, c in zip(self.population, (canary_x, canary_y))), seed)
+        dataset = tuple(t.to(s.device) for t in dataset)
         model = train_private(s.engine, SoftmaxRegression(self.dims, CLASSES).to(s.device), dataset, m, seed)
         with torch.no_grad():
             loss = model(canary_x.to(s.device), canary_y.to(s.device))
