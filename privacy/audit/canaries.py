@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from privacy.audit.training import EngineFactory, Mechanism, train_private
 
 POPULATION_DIMS = 16
-NORM_RATIO = 10.0  # canary gradient norm / C: clipped to C, or 10x the signal if clipping is broken
+NORM_RATIO = 100.0  # canary gradient norm / C: clipped to C, or 100x the signal if clipping is broken
 MIN_SPREAD = 0.01  # in units of C: the noise a coordinate is credited with when its updates never vary
 CLASSES = 10
 

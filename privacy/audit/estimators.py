@@ -161,10 +161,10 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     if mu <= 0:
         return 0.0
 
-    def log_delta_gap(eps: float) -> float:  # log delta(eps) - log delta, decreasing in eps
+    def log_delta_gap(eps: float) -> float:  # log delta(eps) - log delta, decreasing in eps; in logs for the tails
         a = stats.norm.logcdf(-eps / mu + mu / 2)
         b = eps + stats.norm.logcdf(-eps / mu - mu / 2)
-        return a + np.log1p(-np.exp(min(b - a, 0.0))) - np.log(delta) if b < a else -np.inf
+        return a + np.log1p(-np.exp(b - a)) - np.log(delta) if b < a else -np.inf
 
     if log_delta_gap(0.0) <= 0:
         return 0.0
@@ -218,13 +218,12 @@ def many_runs_epsilon(in_scores: Sequence[np.ndarray] | np.ndarray, out_scores: 
     fpr_ub = clopper_pearson_upper(np.array(ranks) - 1, n_out, level)
 
     def bounds(fnr_ub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with np.errstate(divide="ignore"):
-            eps = np.where(1 - delta - fnr_ub > 0, np.log(np.maximum(1 - delta - fnr_ub, 1e-300)) - np.log(fpr_ub), 0.0)
-        mu = stats.norm.isf(fpr_ub) - stats.norm.ppf(fnr_ub)
-        return np.maximum(eps, 0.0), mu
+        """(epsilon >= ln((1 - delta - FNR_ub) / FPR_ub), mu >= Phi^-1(1 - FPR_ub) - Phi^-1(FNR_ub)) per k."""
+        tpr_lb = 1 - delta - fnr_ub
+        eps = np.log(np.maximum(tpr_lb, np.finfo(float).tiny)) - np.log(fpr_ub)
+        return np.where(tpr_lb > 0, np.maximum(eps, 0.0), 0.0), stats.norm.isf(fpr_ub) - stats.norm.ppf(fnr_ub)
 
-    best_eps, best_mu, at = 0.0, 0.0, (0, 0)
-    best_fnr = 1.0
+    best_eps, best_mu, best_fnr, at = 0.0, 0.0, 1.0, (0, 0)
     for index, (row_in, row_out) in enumerate(zip(ins, outs)):
         thresholds = -np.sort(-row_out)[np.array(ranks) - 1]
         false_negatives = (row_in[None, :] <= thresholds[:, None]).sum(1)
