@@ -136,7 +136,7 @@ class DiracCanaries:
         inputs = _shuffled((torch.cat([self.population, canaries]),), seed)[0].to(s.device)
         expected_batch = m.sample_rate * len(inputs)
         coordinates = torch.as_tensor(POPULATION_DIMS + observed, dtype=torch.long, device=s.device)
-        updates, previous = [], torch.zeros(len(observed), dtype=torch.float64)
+        updates, previous = [], torch.zeros(len(observed), dtype=torch.float64)  # LinearLoss starts at 0
 
         def observe(step: int, model: nn.Module) -> None:
             nonlocal previous
