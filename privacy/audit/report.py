@@ -58,9 +58,14 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         axes.plot(claimed, audited, marker="o", linestyle="--" if key[1] == "many_runs_gdp" else "-",
                   label=f"{key[0]}, {LABELS[key[1]]}")
     axes.plot([0, top], [0, top], color="black", linewidth=0.8, label="audited = claimed")
+    for estimator, style in (("one_run", ":"), ("many_runs_cp", "-.")):
+        ceilings = [e["epsilon_ceiling"] for e in points[0]["audits"] if e["estimator"] == estimator]
+        if ceilings:  # what a perfect attack would certify: the audit is blind to claims above it
+            axes.axhline(max(ceilings), color="grey", linestyle=style, linewidth=0.8,
+                         label=f"ceiling, {LABELS[estimator]}")
     for point in points:
-        axes.annotate(f"sigma {point['sigma']:.2f}", (point["epsilon_claimed"], 0), textcoords="offset points",
-                      xytext=(0, -24), ha="center", fontsize=7, rotation=30)
+        axes.annotate(f"sigma {point['sigma']:.2f}", (point["epsilon_claimed"], point["epsilon_claimed"]),
+                      textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=7)
     axes.set_xlabel("claimed epsilon (accountant)")
     axes.set_ylabel("audited lower bound on epsilon")
     axes.set_title(title, fontsize=9)
