@@ -114,12 +114,18 @@ def run(args: argparse.Namespace) -> dict:
     sigmas = _numbers(args.sigmas, "--sigmas")
     if not args.epsilon > 0:
         raise ValueError(f"--epsilon must be > 0, got {args.epsilon}")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
 
     def mechanism(sigma: float) -> Mechanism:
         return Mechanism(sigma, args.sample_rate, args.steps, micro_batch=args.micro_batch,
                          world_size=args.world_size)
 
+    mechanism(0.0)  # refuse bad --sample-rate, --steps, --micro-batch, --world-size before calibrating
     start = time.perf_counter()
     sigma = accounting.calibrate_noise(args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
     logger.info("auditing %s: sigma %.4f calibrated to epsilon %g at delta %g (q %g, %d steps, %s)",

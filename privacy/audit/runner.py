@@ -23,8 +23,7 @@ from privacy.audit.training import EngineFactory, Mechanism
 
 logger = logging.getLogger(__name__)
 
-RIGOROUS_ESTIMATORS = ("one_run", "many_runs_cp")
-ESTIMATORS = RIGOROUS_ESTIMATORS + ("many_runs_gdp",)
+RIGOROUS_ESTIMATORS = ("one_run", "many_runs_cp")  # and "many_runs_gdp", an estimate
 
 
 @dataclass(frozen=True)
