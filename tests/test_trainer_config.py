@@ -10,9 +10,11 @@ import sys
 import pytest
 
 from test_trainer_worker import REPO
-from trainer.config import PRESETS, geometry, learning_rate, load_config, validate
-from trainer.distributed import launcher_env
-from trainer.optim import lr_factor
+from trainer.common.config import PRESETS, learning_rate, load_config
+from trainer.job.distributed import launcher_env
+from trainer.job.geometry import geometry
+from trainer.job.optim import lr_factor
+from trainer.job.validation import validate
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

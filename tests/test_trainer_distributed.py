@@ -66,9 +66,8 @@ def _noise_worker(rank: int, world: int, port: int, sigma: float, clip: float, b
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from privacy import PrivacyEngine
-    from trainer.distributed import init_distributed
-    from trainer.parallelize import parallelize
-    from trainer.reducer import FSDPGradReducer
+    from trainer.job.distributed import init_distributed
+    from trainer.job.fsdp2_backend import FSDPGradReducer, parallelize
 
     d = init_distributed()
     model = nn.Sequential(nn.ModuleList([nn.Linear(101, 300)]), nn.Linear(300, 99))
@@ -85,8 +84,8 @@ def _noise_worker(rank: int, world: int, port: int, sigma: float, clip: float, b
 
 def _leave(q) -> None:
     """End a spawned rank as the trainer does: flush the result queue, shut down, and skip
-    interpreter teardown (where a gloo rank sometimes aborts; trainer.distributed.exit_process)."""
-    from trainer.distributed import exit_process, shutdown
+    interpreter teardown (where a gloo rank sometimes aborts; trainer.job.distributed.exit_process)."""
+    from trainer.job.distributed import exit_process, shutdown
 
     q.close()
     q.join_thread()
@@ -146,9 +145,8 @@ def _bf16_worker(rank: int, world: int, port: int, q):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from test_trainer_worker import tiny_data
 
-    from trainer.distributed import init_distributed
-    from trainer.parallelize import parallelize
-    from trainer.reducer import FSDPGradReducer
+    from trainer.job.distributed import init_distributed
+    from trainer.job.fsdp2_backend import FSDPGradReducer, parallelize
 
     d = init_distributed()
     torch.manual_seed(3)

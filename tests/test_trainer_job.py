@@ -99,7 +99,7 @@ def test_init_refuses_a_file_that_needs_unpickling(tmp_path):
     import pytest
 
     import models
-    from trainer.checkpoint import load_model_weights
+    from trainer.common.checkpoints import load_model_weights
 
     model = models.create_model("dpcap_nano", img_size=32, patch_size=8, embed_dim=32, depth=1,
                                 num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)

@@ -84,36 +84,50 @@ def tiny_config(tmp: Path, **overrides) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from trainer.config import load_config
-    from trainer.distributed import exit_process, shutdown
-    from trainer.train import Trainer
+    from trainer.common.config import load_config
+    from trainer.job.distributed import exit_process, shutdown
+    from trainer.job.trainer import Trainer
 
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's
     config_path, out = argv[0], Path(argv[1])
-    rest = argv[2:]
-    delay = float(next((a.split("=", 1)[1] for a in rest if a.startswith("delay=")), 0))
-    overrides = [a for a in rest if not a.startswith("delay=")]
+    flags = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[2:] if a.startswith(("delay=", "capture="))}
+    overrides = [a for a in argv[2:] if not a.startswith(("delay=", "capture="))]
     cfg = load_config(config_path, overrides)
     standin = cfg.model.name == "dpcap_tiny_standin"
     trainer = Trainer(cfg, allow_non_private=True,
                       model_factory=(lambda c, t: TinyCaptioner()) if standin else None,
                       train_data=tiny_data(cfg.data.num_examples) if standin else None)
-    if delay:  # slow steps so a test can kill the run mid-way
+    if "delay" in flags:  # slow steps so a test can kill the run mid-way
         step = trainer.train_step
 
         def slow(*args):
-            time.sleep(delay)
+            time.sleep(float(flags["delay"]))
             return step(*args)
 
         trainer.train_step = slow
+    captured = []
+    if flags.get("capture") == "grads":  # the gradient DeepSpeed steps from, at every step
+        apply = trainer.backend.step
+
+        def capturing(lr):
+            from deepspeed.utils import safe_get_full_grad  # collective under ZeRO
+
+            captured.append({name: safe_get_full_grad(p).float().cpu().clone()
+                             for name, p in trainer.model.named_parameters()})
+            apply(lr)
+
+        trainer.backend.step = capturing
     summary = trainer.train()
-    params = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
-                                                                          cpu_offload=True))
+    params = trainer.backend.full_state_dict()
+    copies = []
+    if cfg.backend == "deepspeed":  # every rank's own copy of the parameters, on rank 0
+        mine = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
+        copies = [torch.zeros_like(mine) for _ in range(trainer.dist.world_size)]
+        torch.distributed.all_gather(copies, mine)
     if trainer.dist.rank == 0:
         torch.save({"params": params, "summary": summary, "resumed_from": trainer.resumed_from,
-                    "bytes_per_step": trainer.reducer.bytes_sent}, out)
+                    "bytes_per_step": trainer.backend.reducer.bytes_sent, "grads": captured,
+                    "rank_copies": copies}, out)
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
     shutdown()
     exit_process(0)
@@ -169,13 +183,19 @@ TINY_MODEL = ["model.overrides.img_size=32", "model.overrides.patch_size=8", "mo
 
 
 def save_like_trainer(folder: Path, cfg, model: nn.Module, optimizer=None, step: int = 3, **meta) -> Path:
-    """A checkpoint as the trainer writes it (DCP tensors, then meta.json with the config),
+    """A checkpoint as backend=fsdp2 writes it (DCP tensors, then meta.json with the config),
     from one process; returns its step folder."""
     import warnings
 
-    from trainer.checkpoint import Checkpointer, ModelOptimizerState
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.common.checkpoints import ModelOptimizerState
+    from trainer.job.checkpoint import Checkpointer
+
+    class Tensors:  # the one method of a backend that Checkpointer.save calls
+        def save(self, tmp: Path) -> None:
+            dcp.save({"app": ModelOptimizerState(model, optimizer)}, checkpoint_id=str(tmp))
 
     with warnings.catch_warnings():  # DCP's note that it saves in one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return Checkpointer(folder, 1, 0).save(step, ModelOptimizerState(model, optimizer),
-                                               {"step": step, "config": cfg.to_dict(), **meta})
+        return Checkpointer(folder, 1, 0).save(step, Tensors(), {"step": step, "config": cfg.to_dict(), **meta})
