@@ -4,7 +4,9 @@ script run by real launchers (torchrun, the deepspeed launcher) in subprocesses.
     python tests/test_trainer_worker.py CONFIG.json OUT.pt [key=value ...]
 
 trains a Trainer on the stand-in (or, with model.name=dpcap_*, the real model
-from models/) and writes the full parameters and the epsilon to OUT.pt on rank 0.
+from models/) and writes the full parameters and the epsilon to OUT.pt on rank 0;
+``--then CONFIG.json OUT2.pt [key=value ...]`` runs further jobs in the same
+processes (a launch costs more than a tiny job).
 """
 
 from __future__ import annotations
@@ -83,12 +85,27 @@ def tiny_config(tmp: Path, **overrides) -> dict:
     return cfg
 
 
+THEN = "--then"  # separates the jobs of one launch: python startup, not training, is most of a test's time
+
+
 def main(argv: list[str]) -> None:
-    from trainer.common.config import load_config
     from trainer.job.distributed import exit_process, shutdown
-    from trainer.job.trainer import Trainer
 
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's
+    while THEN in argv:
+        cut = argv.index(THEN)
+        run_job(argv[:cut])
+        argv = argv[cut + 1:]
+    run_job(argv)
+    shutdown()
+    exit_process(0)
+
+
+def run_job(argv: list[str]) -> None:
+    """One Trainer: CONFIG.json OUT.pt [delay=SECONDS] [capture=grads] [key=value ...]."""
+    from trainer.common.config import load_config
+    from trainer.job.trainer import Trainer
+
     config_path, out = argv[0], Path(argv[1])
     flags = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[2:] if a.startswith(("delay=", "capture="))}
     overrides = [a for a in argv[2:] if not a.startswith(("delay=", "capture="))]
@@ -106,14 +123,18 @@ def main(argv: list[str]) -> None:
 
         trainer.train_step = slow
     captured = []
-    if flags.get("capture") == "grads":  # the gradient DeepSpeed steps from, at every step
+    if flags.get("capture") == "grads":  # the whole gradient the optimizer steps from, at every step
         apply = trainer.backend.step
 
-        def capturing(lr):
-            from deepspeed.utils import safe_get_full_grad  # collective under ZeRO
+        def whole(p: nn.Parameter) -> torch.Tensor:
+            if cfg.backend == "deepspeed":
+                from deepspeed.utils import safe_get_full_grad  # collective under ZeRO
 
-            captured.append({name: safe_get_full_grad(p).float().cpu().clone()
-                             for name, p in trainer.model.named_parameters()})
+                return safe_get_full_grad(p)
+            return p.grad.full_tensor()  # FSDP2: a sharded DTensor
+
+        def capturing(lr):
+            captured.append({name: whole(p).float().cpu().clone() for name, p in trainer.model.named_parameters()})
             apply(lr)
 
         trainer.backend.step = capturing
@@ -127,10 +148,9 @@ def main(argv: list[str]) -> None:
     if trainer.dist.rank == 0:
         torch.save({"params": params, "summary": summary, "resumed_from": trainer.resumed_from,
                     "bytes_per_step": trainer.backend.reducer.bytes_sent, "grads": captured,
-                    "rank_copies": copies}, out)
+                    "rank_copies": copies, "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()})},
+                   out)
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
-    shutdown()
-    exit_process(0)
 
 
 if __name__ == "__main__":
@@ -166,15 +186,22 @@ def worker_command(world: int, config: Path, out: Path, overrides=(), launcher: 
 def run_worker(world: int, tmp: Path, cfg: dict, overrides=(), launcher: str = "torchrun",
                name: str = "out") -> dict:
     """Run the worker to completion; returns what rank 0 saved."""
+    return run_jobs(world, tmp, [(name, cfg, list(overrides))], launcher)[name]
+
+
+def run_jobs(world: int, tmp: Path, jobs: list[tuple[str, dict, list[str]]], launcher: str = "torchrun") -> dict:
+    """Several jobs ``(name, config, overrides)`` one after the other in one launch;
+    returns name -> what rank 0 saved."""
     import subprocess
 
-    config = tmp / f"{name}.json"
-    config.write_text(json.dumps(cfg))
-    out = tmp / f"{name}.pt"
-    proc = subprocess.run(worker_command(world, config, out, overrides, launcher), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    args = []
+    for name, cfg, overrides in jobs:
+        (tmp / f"{name}.json").write_text(json.dumps(cfg))
+        args += [THEN] * bool(args) + [str(tmp / f"{name}.json"), str(tmp / f"{name}.pt"), *overrides]
+    proc = subprocess.run(worker_command(world, Path(args[0]), Path(args[1]), args[2:], launcher), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out, weights_only=True)
+    return {name: torch.load(tmp / f"{name}.pt", weights_only=True) for name, _, _ in jobs}
 
 
 TINY_MODEL = ["model.overrides.img_size=32", "model.overrides.patch_size=8", "model.overrides.embed_dim=32",

@@ -122,10 +122,18 @@ def check_config(cfg: JobConfig, geo: Geometry) -> None:
         if geo.bf16 and stage == 0:
             raise ValueError(f"ds_config {name}: bf16.enabled at zero_optimization.stage 0 runs DeepSpeed's "
                              f"fp16 optimizer (bf16 gradients, loss-scale machinery), which cannot take the "
-                             f"private fp32 gradient; set zero_optimization.stage to 1, 2 or 3 "
-                             f"(ds.zero_optimization.stage=1)")
+                             f"private fp32 gradient; set zero_optimization.stage to 2 or 3 "
+                             f"(ds.zero_optimization.stage=2; 1 keeps bf16 gradients)")
         accum = ds.get("data_types", {}).get("grad_accum_dtype")
-        if geo.bf16 and accum not in (None, "fp32"):
+        if geo.bf16 and stage == 1:
+            if accum is not None:
+                raise ValueError(f"ds_config {name}: data_types.grad_accum_dtype={accum!r} with ZeRO-1 and bf16: "
+                                 f"in fp32 DeepSpeed 0.19.8 runs its BF16_Optimizer, whose safe_set_full_grad "
+                                 f"cannot take a whole gradient; remove it, or use stage 2 or 3")
+            logger.warning("ds_config %s: ZeRO-1 with bf16 keeps bf16 gradient partitions: the noised "
+                           "gradient is rounded to bf16 when handed to DeepSpeed (stages 2 and 3 keep fp32)",
+                           name)
+        elif geo.bf16 and accum not in (None, "fp32"):
             raise ValueError(f"ds_config {name}: data_types.grad_accum_dtype={accum!r}: the private gradient "
                              f"is handed over in fp32; remove it")
         unused = [k for k in UNUSED_WITH_DP if k in ds] + [f"zero_optimization.{k}" for k in UNUSED_ZERO_WITH_DP
@@ -136,23 +144,22 @@ def check_config(cfg: JobConfig, geo: Geometry) -> None:
     _deepspeed_accepts(engine_config(cfg, geo), name, geo.world_size)
 
 
-class _DataParallel:
-    """What DeepSpeedConfig asks a model-parallel unit for: the data-parallel world size,
-    so a config is checked for the job's world before any process group exists."""
-
-    def __init__(self, world_size: int):
-        self.world_size = world_size
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.world_size
-
-
 def _deepspeed_accepts(config: dict[str, Any], name: str, world_size: int) -> None:
-    """DeepSpeed's own config class reads the config as deepspeed.initialize will."""
+    """DeepSpeed's own config class reads the config as deepspeed.initialize will.
+
+    Before deepspeed.comm starts, DeepSpeedConfig takes the world size to be 1, so
+    it checks the batch assertion with the per-rank share of train_batch_size (whole:
+    check_config checked the job's world size first)."""
+    from deepspeed import comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
     try:
-        DeepSpeedConfig(copy.deepcopy(config), mpu=_DataParallel(world_size))
+        seen = comm.get_world_size()
+    except Exception:  # not started: DeepSpeedConfig falls back to one rank
+        seen = 1
+    checked = {**copy.deepcopy(config), "train_batch_size": config["train_batch_size"] // world_size * seen}
+    try:
+        DeepSpeedConfig(checked)
     except Exception as e:  # assertions, pydantic ValidationErrors, ValueErrors: all name the key
         detail = " ".join(str(e).split())
         raise ValueError(f"ds_config {name}: DeepSpeed refuses it: {type(e).__name__}: {detail[:600]}") from None
@@ -163,7 +170,7 @@ def engine_config(cfg: JobConfig, geo: Geometry) -> dict[str, Any]:
     (DeepSpeed asserts train_batch_size = micro x accumulation x world; the Poisson
     sampler, not DeepSpeed, decides each step's batch), the job's optimizer
     hyperparameters, and, in a private run, DeepSpeed's gradient buckets off (no
-    gradient goes through them) and fp32 gradient partitions under bf16."""
+    gradient goes through them) and fp32 gradient partitions under bf16 (ZeRO-2/3)."""
     ds = copy.deepcopy(cfg.ds)
     ds.update(train_batch_size=geo.batch_size, train_micro_batch_size_per_gpu=geo.micro_batch,
               gradient_accumulation_steps=geo.accumulation)
@@ -173,7 +180,7 @@ def engine_config(cfg: JobConfig, geo: Geometry) -> dict[str, Any]:
             lr=learning_rate(cfg), betas=list(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     if cfg.privacy.enabled and zero_stage(ds) >= 1:
         ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=False)
-        if geo.bf16:
+        if geo.bf16 and zero_stage(ds) >= 2:  # ZeRO-1: see check_config
             ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return ds
 
@@ -204,7 +211,7 @@ class ReplicatedGradReducer:
         from deepspeed.utils import safe_set_full_grad
 
         gathered = grad.new_empty((grad.shape[0] * self.world_size, *grad.shape[1:]))
-        dist.all_gather_into_tensor(gathered, grad.contiguous(), group=self.group)
+        dist.all_gather_single(gathered, grad.contiguous(), group=self.group)
         self.bytes_sent += gathered.numel() * 4
         full = gathered[: param.shape[0]]
         if self.stage == 0:  # the plain torch optimizer steps from param.grad
