@@ -71,7 +71,8 @@ class Backend(Protocol):
         (generate, zero-shot, features): collective, like evaluation itself."""
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """Collective: the model's full fp32 parameters and buffers, on the CPU."""
+        """Collective: the model's full fp32 parameters and buffers, on rank 0's CPU (an
+        empty dict on the other ranks)."""
 
     def save(self, folder: Path) -> None:
         """Collective: model and optimizer state into ``folder`` (which exists)."""

@@ -168,12 +168,15 @@ def _deepspeed_accepts(config: dict[str, Any], name: str, world_size: int) -> No
 def engine_config(cfg: JobConfig, geo: Geometry) -> dict[str, Any]:
     """The config handed to deepspeed.initialize: the job's, with the geometry spelled out
     (DeepSpeed asserts train_batch_size = micro x accumulation x world; the Poisson
-    sampler, not DeepSpeed, decides each step's batch), the job's optimizer
-    hyperparameters, and, in a private run, DeepSpeed's gradient buckets off (no
+    sampler, not DeepSpeed, decides each step's batch), no gradient clipping unless
+    asked for, the job's optimizer hyperparameters, and, in a private run, DeepSpeed's gradient buckets off (no
     gradient goes through them) and fp32 gradient partitions under bf16 (ZeRO-2/3)."""
     ds = copy.deepcopy(cfg.ds)
     ds.update(train_batch_size=geo.batch_size, train_micro_batch_size_per_gpu=geo.micro_batch,
               gradient_accumulation_steps=geo.accumulation)
+    # DeepSpeed clips the global gradient norm to 1.0 unless told otherwise: that would
+    # rescale the noised gradient (and differ from fsdp2); only a non-private run may set it
+    ds.setdefault("gradient_clipping", 0.0)
     ds.pop("scheduler", None)
     if "optimizer" in ds:
         ds["optimizer"].setdefault("params", {}).update(
@@ -315,21 +318,21 @@ class DeepSpeedBackend:
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """fp32 master weights where DeepSpeed keeps them (safe_get_full_fp32_param,
-        collective), the parameters themselves otherwise (stage 0)."""
+        collective: one parameter at a time), the parameters themselves otherwise (stage 0)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module
         params = dict(module.named_parameters())
         out = {}
         for key, value in module.state_dict().items():
-            if key not in params:
-                out[key] = value.detach().cpu()  # a buffer (never partitioned)
-                continue
-            full = safe_get_full_fp32_param(params[key]) if params[key].requires_grad else None
-            if full is None:  # stage 0, or a frozen parameter
-                with self._whole([params[key]]):
-                    full = params[key].detach().clone()
-            out[key] = full.float().cpu()
+            if key in params:
+                full = safe_get_full_fp32_param(params[key]) if params[key].requires_grad else None
+                if full is None:  # stage 0, or a frozen parameter
+                    with self._whole([params[key]]):
+                        full = params[key].detach().clone()
+                value = full.float()
+            if self.rank == 0:  # buffers are never partitioned
+                out[key] = value.detach().cpu()
         return out
 
     def save(self, folder: Path) -> None:
