@@ -24,7 +24,10 @@ from trainer.job.validation import validate
 DEEPSPEED = ["backend=deepspeed"]
 # DeepSpeed keeps parameters under 1e5 elements whole by default: partition all of them
 ZERO3 = ["ds.zero_optimization.stage=3", "ds.zero_optimization.stage3_param_persistence_threshold=0"]
-STAGES = {0: [], 1: ["ds.zero_optimization.stage=1"], 2: ["ds.zero_optimization.stage=2"], 3: ZERO3}
+# ZeRO-1 with the config's optimizer section (DeepSpeed builds torch's AdamW from it, with
+# the job's lr, betas and parameter groups), the others with the trainer's AdamW
+STAGES = {0: [], 1: ["ds.zero_optimization.stage=1", "ds.optimizer={type: AdamW, params: {torch_adam: true}}"],
+          2: ["ds.zero_optimization.stage=2"], 3: ZERO3}
 SIGMA = 20.0  # noise this large swamps the clipped sum: the update is noise within 0.2% of its std
 
 

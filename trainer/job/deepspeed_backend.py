@@ -11,9 +11,11 @@ no weight gradient, so none of ZeRO's per-parameter gradient hooks ever fires
 (DP libraries that clip per layer do so because ZeRO-2/3 reduce-scatter each
 gradient as soon as autograd produces it). After the step's last micro-batch:
 
-1. ``engine.backward`` of a loss that depends on no parameter, at the
-   accumulation boundary: DeepSpeed reduces nothing and sets up the gradient
-   partitions it steps from (zeros);
+1. ``engine.backward`` at the accumulation boundary of a loss whose gradient is
+   zero (stages 0 and 3: it depends on no parameter; ZeRO-1/2: the smallest
+   parameter times zero, since their reduction buckets only exist once a gradient
+   arrived): DeepSpeed reduces (next to) nothing and sets up the gradient
+   partitions it steps from;
 2. the privacy engine reduces each clipped sum through this module's reducer,
    adds noise once per coordinate, and the reducer hands the result over with
    DeepSpeed's public setters: ``deepspeed.utils.safe_set_full_grad`` (ZeRO-1/2),
@@ -108,8 +110,8 @@ def check_config(cfg: JobConfig, geo: Geometry) -> None:
             if key in params and params[key] != value:
                 logger.warning("ds_config %s: optimizer.params.%s=%s is replaced by the job's %s (optim.*)",
                                name, key, params[key], value)
-    elif any(zero.get(key, {}).get("device", "none") != "none"
-             for key in ("offload_optimizer",)) and ds.get("zero_force_ds_cpu_optimizer", True):
+    elif (zero.get("offload_optimizer", {}).get("device", "none") != "none"
+          and ds.get("zero_force_ds_cpu_optimizer", True)):
         raise ValueError(f"ds_config {name}: zero_optimization.offload_optimizer needs an optimizer section "
                          f'(e.g. "optimizer": {{"type": "AdamW"}}: DeepSpeed then builds its CPU Adam)')
     if "scheduler" in ds:
@@ -169,8 +171,8 @@ def engine_config(cfg: JobConfig, geo: Geometry) -> dict[str, Any]:
     """The config handed to deepspeed.initialize: the job's, with the geometry spelled out
     (DeepSpeed asserts train_batch_size = micro x accumulation x world; the Poisson
     sampler, not DeepSpeed, decides each step's batch), no gradient clipping unless
-    asked for, the job's optimizer hyperparameters, and, in a private run, DeepSpeed's gradient buckets off (no
-    gradient goes through them) and fp32 gradient partitions under bf16 (ZeRO-2/3)."""
+    asked for, the job's optimizer hyperparameters, and, in a private run under bf16,
+    fp32 gradient partitions (ZeRO-2/3)."""
     ds = copy.deepcopy(cfg.ds)
     ds.update(train_batch_size=geo.batch_size, train_micro_batch_size_per_gpu=geo.micro_batch,
               gradient_accumulation_steps=geo.accumulation)
@@ -181,10 +183,8 @@ def engine_config(cfg: JobConfig, geo: Geometry) -> dict[str, Any]:
     if "optimizer" in ds:
         ds["optimizer"].setdefault("params", {}).update(
             lr=learning_rate(cfg), betas=list(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    if cfg.privacy.enabled and zero_stage(ds) >= 1:
-        ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=False)
-        if geo.bf16 and zero_stage(ds) >= 2:  # ZeRO-1: see check_config
-            ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+    if cfg.privacy.enabled and geo.bf16 and zero_stage(ds) >= 2:  # ZeRO-1: see check_config
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return ds
 
 
@@ -295,8 +295,14 @@ class DeepSpeedBackend:
 
     def before_assign(self) -> None:
         self.engine.set_gradient_accumulation_boundary(True)
-        nothing = torch.zeros((), device=self.device, requires_grad=True)
-        self.engine.backward(nothing * 0)  # no parameter in its graph: step 1 of the module docstring
+        if self.stage in (1, 2):
+            # ZeRO-1/2 allocate their reduction buckets when a first gradient arrives: give
+            # them a zero one, of the smallest parameter, so their boundary code runs as usual
+            smallest = min((p for p in self.engine.module.parameters() if p.requires_grad), key=Tensor.numel)
+            nothing = (smallest * 0).sum()
+        else:
+            nothing = torch.zeros((), device=self.device, requires_grad=True) * 0
+        self.engine.backward(nothing)  # step 1 of the module docstring
 
     def step(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
