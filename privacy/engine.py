@@ -49,23 +49,34 @@ class _Target:
     module: nn.Module
     rule: Rule
     names: tuple[str, ...]  # trainable parameter attributes, all covered by the rule
+    # each parameter's full shape, read once here: a sharding backend may later swap a
+    # parameter's storage for a part of it (a ZeRO-3 parameter released after use is empty)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
 
 
 class _BookkeptCall(torch.autograd.Function):
-    """Runs a layer through its rule; the backward returns no parameter grads."""
+    """Runs a layer through its rule; the backward returns the input's gradient only.
+
+    The parameters are read here, not passed in, so the graph has no edge to them:
+    autograd runs no AccumulateGrad for a parameter, and a sharding backend's
+    per-parameter gradient hooks (DeepSpeed ZeRO-2/3 reduce in them) never fire on
+    a parameter that gets no gradient. ``anchor`` (a scalar that requires grad) makes
+    the output require grad when the input does not (images, token ids).
+    """
 
     @staticmethod
-    def forward(ctx, target: _Target, call: Call, x: Tensor, *params: Tensor | None) -> Tensor:
+    def forward(ctx, target: _Target, call: Call, x: Tensor, anchor: Tensor) -> Tensor:
         ctx.target, ctx.call = target, call
-        return target.rule.forward(target.module, call, x, *params)
+        module = target.module
+        return target.rule.forward(module, call, x, *(getattr(module, s, None) for s in target.rule.slots))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         target, call = ctx.target, ctx.call
         call.grad = grad
         grad_x = target.rule.grad_input(target.module, call, grad) if ctx.needs_input_grad[2] else None
-        return (None, None, grad_x) + (None,) * (len(ctx.needs_input_grad) - 3)
+        return None, None, grad_x, None
 
 
 def _refuse_batch_mixing(qualname: str, module: nn.Module) -> None:
@@ -120,7 +131,8 @@ def _plan(model: nn.Module, rules: dict[type[nn.Module], Rule]) -> list[_Target]
         if "forward" in module.__dict__:
             raise ValueError(f"{label} already has an instance-level forward; the privacy engine cannot wrap it")
         rule.check(module, label)
-        targets.append(_Target(qualname, module, rule, trainable))
+        shapes = {name: tuple(getattr(module, name).shape) for name in trainable}
+        targets.append(_Target(qualname, module, rule, trainable, shapes))
     return targets
 
 
@@ -172,6 +184,7 @@ class PrivacyEngine:
         self._seed = _random_seed() if seed is None else seed
         self._step = 0
         self._targets = _plan(model, self.rules)
+        self._anchor = torch.zeros((), requires_grad=True)  # see _BookkeptCall
         self._sums: dict[tuple[nn.Module, str], Tensor] = {}
         self._reset_step_stats()
         self.per_example_norms = torch.empty(0, dtype=FP32)
@@ -185,7 +198,6 @@ class PrivacyEngine:
 
     def _wrapped_forward(self, target: _Target):
         original = type(target.module).forward
-        slots = target.rule.slots
 
         def forward(x: Tensor) -> Tensor:
             module = target.module
@@ -193,7 +205,7 @@ class PrivacyEngine:
                 return original(module, x)
             call = Call()
             target.calls.append(call)
-            return _BookkeptCall.apply(target, call, x, *(getattr(module, s, None) for s in slots))
+            return _BookkeptCall.apply(target, call, x, self._anchor)
 
         return forward
 
@@ -269,16 +281,16 @@ class PrivacyEngine:
         for target, calls, scratch in active:
             target.rule.accumulate(
                 target.module, target.names, calls, scratch, scale, dropped > 0,
-                lambda name, target=target: self._buffer(target.module, name, device),
+                lambda name, target=target: self._buffer(target, name, device),
             )
         self.per_example_norms = norms
         self._norm_parts.append(norms)
         self._dropped += dropped
 
-    def _buffer(self, module: nn.Module, name: str, device: torch.device) -> Tensor:
-        key = (module, name)
+    def _buffer(self, target: _Target, name: str, device: torch.device) -> Tensor:
+        key = (target.module, name)
         if key not in self._sums:
-            self._sums[key] = torch.zeros(tuple(getattr(module, name).shape), dtype=FP32, device=device)
+            self._sums[key] = torch.zeros(target.shapes[name], dtype=FP32, device=device)
         return self._sums[key]
 
     # -- the logical step ---------------------------------------------------
@@ -295,7 +307,7 @@ class PrivacyEngine:
                 param = getattr(target.module, name)
                 summed = self._sums.pop((target.module, name), None)
                 if summed is None:  # no example this step used the layer
-                    summed = torch.zeros(tuple(param.shape), dtype=FP32, device=param.device)
+                    summed = torch.zeros(target.shapes[name], dtype=FP32, device=param.device)
                 local = self.reducer.reduce(param, summed)
                 if std > 0:
                     generator = generators.get(local.device) or self._generator(local.device, len(generators))

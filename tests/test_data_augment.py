@@ -81,8 +81,8 @@ def test_poisson_reader_augments_the_same_way_with_workers_and_after_resume(inde
 
 
 def test_the_trainer_augments_vip_training_images_only():
-    from trainer.config import load_config
-    from trainer.datasets import transform
+    from trainer.common.config import load_config
+    from trainer.common.inputs import transform
 
     vip = load_config("vip_stage2")
     assert transform(vip, None, training=True).augment == CropFlip(seed=vip.seed)

@@ -9,9 +9,9 @@ from PIL import Image
 
 from test_trainer_worker import TINY_MODEL, save_like_trainer
 from trainer import caption
-from trainer.config import load_config
-from trainer.datasets import image_file_pixels, transform
-from trainer.train import build_model, build_tokenizer
+from trainer.common.build import build_model, build_tokenizer
+from trainer.common.config import load_config
+from trainer.common.inputs import image_file_pixels, transform
 
 LABELS = ["red square", "green circle", "blue triangle"]
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from test_trainer_worker import REPO, run_worker, tiny_config, worker_command
-from trainer.checkpoint import Checkpointer
+from trainer.common.checkpoints import read_meta
+from trainer.job.checkpoint import Checkpointer
 
 NOISY = {"privacy.noise_multiplier": 1.0, "privacy.secret_seed": 7, "steps": 8, "checkpoint.every_steps": 2}
 
@@ -149,7 +150,7 @@ def test_sampling_seed_is_secret_and_survives_resume(tmp_path):
              "checkpoint.every_steps": 1}
 
     def sampling_seed(run: Path, step: int) -> int:
-        return Checkpointer.read_meta(run / "ckpt" / f"step_{step:08d}")["sampling_seed"]
+        return read_meta(run / "ckpt" / f"step_{step:08d}")["sampling_seed"]
 
     first, second = tmp_path / "first", tmp_path / "second"
     run_worker(1, tmp_path, tiny_config(first, **noisy), launcher="python", name="first")

@@ -10,9 +10,11 @@ import sys
 import pytest
 
 from test_trainer_worker import REPO
-from trainer.config import PRESETS, geometry, learning_rate, load_config, validate
-from trainer.distributed import launcher_env
-from trainer.optim import lr_factor
+from trainer.common.config import PRESETS, learning_rate, load_config
+from trainer.job.distributed import launcher_env
+from trainer.job.geometry import geometry
+from trainer.job.optim import lr_factor
+from trainer.job.validation import validate
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -142,3 +144,15 @@ def test_warmup_then_cosine():
     assert lr_factor(55, 10, 100, 0.0) == pytest.approx(0.5)
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(5707, 2000, 10_000, 0.0) > 0.5  # the paper stops before its cosine horizon
+
+
+def test_options_and_overrides_in_any_order():
+    from trainer.train import parse_args
+
+    args = parse_args(["--config", "vip_stage2", "--init", "runs/v1/checkpoints", "steps=60"])
+    assert args.config == "vip_stage2" and args.init == "runs/v1/checkpoints" and args.overrides == ["steps=60"]
+    # plain parse_args stopped collecting overrides at the first option: "unrecognized arguments"
+    args = parse_args(["steps=60", "--config", "default", "backend=deepspeed", "--dry-run", "ds.train_batch_size=64",
+                       "--local_rank=1"])
+    assert args.overrides == ["steps=60", "backend=deepspeed", "ds.train_batch_size=64"]
+    assert args.dry_run and args.local_rank == 1

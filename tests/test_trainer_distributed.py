@@ -36,39 +36,44 @@ def test_ranks_reach_the_same_parameters_as_one_rank(tmp_path, one_rank, world, 
 
 def test_two_simulated_nodes_reach_the_same_parameters_as_one_rank(tmp_path, one_rank):
     """The deepspeed launcher on 2 "nodes" of 2 ranks each (--no_ssh --node_rank, as on a
-    cluster without ssh): global ranks, not local ones, decide shards and streams."""
+    cluster without ssh), backend fsdp2 then backend deepspeed at ZeRO-3 (every parameter
+    partitioned) in the same processes: global ranks, not local ones, decide shards,
+    partitions and noise streams."""
     import json
     import subprocess
 
-    from test_trainer_worker import REPO, PY
+    from test_trainer_worker import REPO, PY, THEN
 
     (tmp_path / "hostfile").write_text("node-a slots=2\nnode-b slots=2\n")
     config = tmp_path / "cfg.json"
-    config.write_text(json.dumps(tiny_config(tmp_path)))
+    config.write_text(json.dumps(tiny_config(tmp_path / "fsdp2")))
+    (tmp_path / "zero3.json").write_text(json.dumps(tiny_config(tmp_path / "zero3")))
     port = str(free_port())
+    jobs = [str(config), str(tmp_path / "fsdp2.pt"), THEN, str(tmp_path / "zero3.json"), str(tmp_path / "zero3.pt"),
+            "backend=deepspeed", "ds.zero_optimization.stage=3", "ds.zero_optimization.stage3_param_persistence_threshold=0"]
     nodes = [subprocess.Popen([str(Path(PY).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"),
                                "--no_ssh", "--node_rank", str(node), "--master_addr", "127.0.0.1",
-                               "--master_port", port, str(REPO / "tests" / "test_trainer_worker.py"),
-                               str(config), str(tmp_path / "out.pt")],
+                               "--master_port", port, str(REPO / "tests" / "test_trainer_worker.py"), *jobs],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    out = torch.load(tmp_path / "out.pt", weights_only=True)
-    for key, ref in one_rank["params"].items():
-        torch.testing.assert_close(out["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
     torch.manual_seed(3)
     shapes = [p.shape for p in TinyCaptioner().state_dict().values()]
-    assert out["bytes_per_step"] == 4 * sum(-(-s[0] // 4) * 4 * torch.Size(s[1:]).numel() for s in shapes)
+    for backend in ("fsdp2", "zero3"):
+        out = torch.load(tmp_path / f"{backend}.pt", weights_only=True)
+        for key, ref in one_rank["params"].items():
+            torch.testing.assert_close(out["params"][key], ref, rtol=1e-5, atol=1e-6, msg=f"{backend} {key}")
+    fsdp2 = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
+    assert fsdp2["bytes_per_step"] == 4 * sum(-(-s[0] // 4) * 4 * torch.Size(s[1:]).numel() for s in shapes)
 
 
 def _noise_worker(rank: int, world: int, port: int, sigma: float, clip: float, batch: int, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from privacy import PrivacyEngine
-    from trainer.distributed import init_distributed
-    from trainer.parallelize import parallelize
-    from trainer.reducer import FSDPGradReducer
+    from trainer.job.distributed import init_distributed
+    from trainer.job.fsdp2_backend import FSDPGradReducer, parallelize
 
     d = init_distributed()
     model = nn.Sequential(nn.ModuleList([nn.Linear(101, 300)]), nn.Linear(300, 99))
@@ -85,8 +90,8 @@ def _noise_worker(rank: int, world: int, port: int, sigma: float, clip: float, b
 
 def _leave(q) -> None:
     """End a spawned rank as the trainer does: flush the result queue, shut down, and skip
-    interpreter teardown (where a gloo rank sometimes aborts; trainer.distributed.exit_process)."""
-    from trainer.distributed import exit_process, shutdown
+    interpreter teardown (where a gloo rank sometimes aborts; trainer.job.distributed.exit_process)."""
+    from trainer.job.distributed import exit_process, shutdown
 
     q.close()
     q.join_thread()
@@ -146,9 +151,8 @@ def _bf16_worker(rank: int, world: int, port: int, q):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from test_trainer_worker import tiny_data
 
-    from trainer.distributed import init_distributed
-    from trainer.parallelize import parallelize
-    from trainer.reducer import FSDPGradReducer
+    from trainer.job.distributed import init_distributed
+    from trainer.job.fsdp2_backend import FSDPGradReducer, parallelize
 
     d = init_distributed()
     torch.manual_seed(3)

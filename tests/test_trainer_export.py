@@ -12,9 +12,9 @@ import torch
 
 from test_trainer_worker import REPO, TINY_MODEL, save_like_trainer
 from trainer import export
-from trainer.config import load_config
-from trainer.train import build_model, build_tokenizer
-from trainer.weights import load_trained_model
+from trainer.common.build import build_model, build_tokenizer
+from trainer.common.config import load_config
+from trainer.common.weights import load_trained_model
 
 SECRET_SEED = 987_654_321_123
 

@@ -99,7 +99,7 @@ def test_init_refuses_a_file_that_needs_unpickling(tmp_path):
     import pytest
 
     import models
-    from trainer.checkpoint import load_model_weights
+    from trainer.common.checkpoints import load_model_weights
 
     model = models.create_model("dpcap_nano", img_size=32, patch_size=8, embed_dim=32, depth=1,
                                 num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
@@ -110,21 +110,41 @@ def test_init_refuses_a_file_that_needs_unpickling(tmp_path):
         load_model_weights(model, str(path), models.convert_upstream_state_dict)
 
 
-def test_the_deepspeed_launcher_runs_the_real_job_on_two_ranks(tmp_path):
-    """The README's multi-rank command: deepspeed --module trainer.train, real models and data."""
+def test_the_deepspeed_launcher_runs_the_real_job_under_zero3_then_export_reads_it(tmp_path):
+    """The README's cluster command with backend=deepspeed: deepspeed --module trainer.train
+    on 2 ranks, real models and data, ZeRO-3 (every parameter partitioned); the end-of-job
+    evaluation (captions, zero-shot, probes) of the partitioned model; a DeepSpeed
+    checkpoint that trainer.export reads, and that backend fsdp2 refuses to resume."""
+    import json
+
     from test_trainer_worker import free_port
+
+    from trainer import export
 
     launcher = Path(sys.executable).parent / "deepspeed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([str(launcher), "--no_ssh", "--node_rank", "0", "--num_gpus", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                            "--module", "trainer.train", "--config", "default", *TINY_JOB,
-                           "steps=2", "eval.zero_shot=false", "name=ds"],
+                           "steps=2", "name=ds", "backend=deepspeed", "ds.zero_optimization.stage=3",
+                           "ds.zero_optimization.stage3_param_persistence_threshold=0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "trained 2/2 steps" in proc.stdout and "epsilon = " in proc.stdout
-    meta = (tmp_path / "runs/ds/checkpoints/step_00000002/meta.json").read_text()
-    assert '"world_size": 2' in meta
+    assert "zero-shot colour: accuracy" in proc.stdout and "linear probe shape: top-1 " in proc.stdout
+    step = tmp_path / "runs/ds/checkpoints/step_00000002"
+    meta = json.loads((step / "meta.json").read_text())
+    assert meta["backend"] == "deepspeed" and meta["world_size"] == 2 and (step / "deepspeed").is_dir()
+    weights = torch.load(step / "weights.pt", weights_only=True)["model"]
+    assert weights and all(v.dtype == torch.float32 and v.numel() > 0 for v in weights.values())
+
+    assert export.main([str(tmp_path / "runs/ds/checkpoints"), str(tmp_path / "w.pth")]) == 0
+    exported = torch.load(tmp_path / "w.pth", weights_only=True)["model"]
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
+
+    refused = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "default", *TINY_JOB, "steps=3",
+                              "name=ds"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "written by backend=deepspeed" in refused.stderr
 
 
 def test_running_the_trainer_as_a_file_is_refused(tmp_path):

@@ -16,8 +16,10 @@ from torch import nn
 from test_trainer_job import _params, _train
 from test_trainer_worker import REPO, TINY_MODEL, save_like_trainer
 from trainer import probe
-from trainer.config import JobConfig, ModelConfig, load_config
-from trainer.weights import load_trained_model, locate
+from trainer.common import probing
+from trainer.common.heldout import HeldOut
+from trainer.common.config import JobConfig, ModelConfig, load_config
+from trainer.common.weights import load_trained_model, locate
 
 CPU = torch.device("cpu")
 
@@ -30,30 +32,30 @@ def test_probe_separates_gaussian_clusters_and_stays_at_chance_on_noise_labels()
     train_y, test_y = torch.randint(5, (200,), generator=g), torch.randint(5, (500,), generator=g)
     train_x = centres[train_y] + torch.randn(200, 12, generator=g)
     test_x = centres[test_y] + torch.randn(500, 12, generator=g)
-    assert probe.probe_accuracy(train_x, train_y, test_x, test_y, 5) >= 0.98
+    assert probing.probe_accuracy(train_x, train_y, test_x, test_y, 5) >= 0.98
 
     # more dimensions than a class has examples: the fit memorises the training labels,
     # which must not show in the test accuracy
     noise_x, noise_y = torch.randn(120, 40, generator=g), torch.randint(4, (120,), generator=g)
-    assert probe.probe_accuracy(noise_x, noise_y, noise_x, noise_y, 4) > 0.6  # fits its train set
+    assert probing.probe_accuracy(noise_x, noise_y, noise_x, noise_y, 4) > 0.6  # fits its train set
     test_x, test_y = torch.randn(2000, 40, generator=g), torch.randint(4, (2000,), generator=g)
-    assert abs(probe.probe_accuracy(noise_x, noise_y, test_x, test_y, 4) - 0.25) < 0.05
+    assert abs(probing.probe_accuracy(noise_x, noise_y, test_x, test_y, 4) - 0.25) < 0.05
 
 
 def test_k_shot_draws_k_per_class_deterministically_and_differently_per_trial():
     labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 9)[torch.randperm(21, generator=torch.Generator().manual_seed(1))]
     classes = ["cat", "dog", "eel"]
     g = torch.Generator().manual_seed(3)
-    trials = [probe.sample_shots(labels, 5, classes, g) for _ in range(4)]
+    trials = [probing.sample_shots(labels, 5, classes, g) for _ in range(4)]
     for pick in trials:
         assert len(set(pick.tolist())) == 15
         assert torch.bincount(labels[pick], minlength=3).tolist() == [5, 5, 5]
     again = torch.Generator().manual_seed(3)
-    assert all(torch.equal(probe.sample_shots(labels, 5, classes, again), t) for t in trials)
+    assert all(torch.equal(probing.sample_shots(labels, 5, classes, again), t) for t in trials)
     assert len({tuple(sorted(t.tolist())) for t in trials}) > 1
 
     with pytest.raises(ValueError, match="--shots 6: class 'dog' has only 5 training examples"):
-        probe.sample_shots(labels, 6, classes, g)
+        probing.sample_shots(labels, 6, classes, g)
 
 
 class ObjectColour(nn.Module):
@@ -75,14 +77,14 @@ class ObjectColour(nn.Module):
 
 def test_labels_stay_with_their_images_through_split_batches_and_shots():
     cfg = JobConfig(model=ModelConfig(overrides={"img_size": 32}))
-    data = probe.synthetic_data(cfg, "colour", 160)
-    r = probe.run_probe(ObjectColour(), data, shots=[1, 3], trials=3, pool="mean", batch_size=7,
+    data = probing.synthetic_data(HeldOut.of(cfg), "colour", 160)
+    r = probing.run_probe(ObjectColour(), data, shots=[1, 3], trials=3, pool="mean", batch_size=7,
                         device=CPU, l2=1e-3, seed=0)
     assert (r["train_examples"], r["test_examples"], r["classes"]) == (80, 80, 8)
     assert r["linear_probe"]["top1"] == 1.0
     assert r["few_shot"]["3"]["mean"] == 1.0
     # the CLS token of this stand-in is all zeros: nothing to learn beyond the majority class
-    cls = probe.run_probe(ObjectColour(), data, shots=[], trials=1, pool="cls", batch_size=64,
+    cls = probing.run_probe(ObjectColour(), data, shots=[], trials=1, pool="cls", batch_size=64,
                           device=CPU, l2=1e-3, seed=0)
     assert cls["linear_probe"]["top1"] < 0.3
 
@@ -154,7 +156,7 @@ def test_cli_errors_are_one_line_and_exit_2(dpcap_run, tmp_path, capsys, args, m
 @pytest.fixture(scope="module")
 def vip_checkpoint(tmp_path_factory):
     """A tiny ViP saved as the trainer saves (DCP tensors, then meta.json with the config)."""
-    from trainer.train import build_model
+    from trainer.common.build import build_model
 
     cfg = load_config("vip_stage1", TINY_MODEL)
     torch.manual_seed(11)

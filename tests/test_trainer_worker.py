@@ -4,7 +4,9 @@ script run by real launchers (torchrun, the deepspeed launcher) in subprocesses.
     python tests/test_trainer_worker.py CONFIG.json OUT.pt [key=value ...]
 
 trains a Trainer on the stand-in (or, with model.name=dpcap_*, the real model
-from models/) and writes the full parameters and the epsilon to OUT.pt on rank 0.
+from models/) and writes the full parameters and the epsilon to OUT.pt on rank 0;
+``--then CONFIG.json OUT2.pt [key=value ...]`` runs further jobs in the same
+processes (a launch costs more than a tiny job).
 """
 
 from __future__ import annotations
@@ -83,40 +85,72 @@ def tiny_config(tmp: Path, **overrides) -> dict:
     return cfg
 
 
-def main(argv: list[str]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+THEN = "--then"  # separates the jobs of one launch: python startup, not training, is most of a test's time
 
-    from trainer.config import load_config
-    from trainer.distributed import exit_process, shutdown
-    from trainer.train import Trainer
+
+def main(argv: list[str]) -> None:
+    from trainer.job.distributed import exit_process, shutdown
 
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's
+    while THEN in argv:
+        cut = argv.index(THEN)
+        run_job(argv[:cut])
+        argv = argv[cut + 1:]
+    run_job(argv)
+    shutdown()
+    exit_process(0)
+
+
+def run_job(argv: list[str]) -> None:
+    """One Trainer: CONFIG.json OUT.pt [delay=SECONDS] [capture=grads] [key=value ...]."""
+    from trainer.common.config import load_config
+    from trainer.job.trainer import Trainer
+
     config_path, out = argv[0], Path(argv[1])
-    rest = argv[2:]
-    delay = float(next((a.split("=", 1)[1] for a in rest if a.startswith("delay=")), 0))
-    overrides = [a for a in rest if not a.startswith("delay=")]
+    flags = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[2:] if a.startswith(("delay=", "capture="))}
+    overrides = [a for a in argv[2:] if not a.startswith(("delay=", "capture="))]
     cfg = load_config(config_path, overrides)
     standin = cfg.model.name == "dpcap_tiny_standin"
     trainer = Trainer(cfg, allow_non_private=True,
                       model_factory=(lambda c, t: TinyCaptioner()) if standin else None,
                       train_data=tiny_data(cfg.data.num_examples) if standin else None)
-    if delay:  # slow steps so a test can kill the run mid-way
+    if "delay" in flags:  # slow steps so a test can kill the run mid-way
         step = trainer.train_step
 
         def slow(*args):
-            time.sleep(delay)
+            time.sleep(float(flags["delay"]))
             return step(*args)
 
         trainer.train_step = slow
+    captured = []
+    if flags.get("capture") == "grads":  # the whole gradient the optimizer steps from, at every step
+        apply = trainer.backend.step
+
+        def whole(p: nn.Parameter) -> torch.Tensor:
+            if cfg.backend == "deepspeed":
+                from deepspeed.utils import safe_get_full_grad  # collective under ZeRO
+
+                return safe_get_full_grad(p)
+            return p.grad.full_tensor()  # FSDP2: a sharded DTensor
+
+        def capturing(lr):
+            captured.append({name: whole(p).float().cpu().clone() for name, p in trainer.model.named_parameters()})
+            apply(lr)
+
+        trainer.backend.step = capturing
     summary = trainer.train()
-    params = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
-                                                                          cpu_offload=True))
+    params = trainer.backend.full_state_dict()
+    copies = []
+    if cfg.backend == "deepspeed":  # every rank's own copy of the parameters, on rank 0
+        mine = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
+        copies = [torch.zeros_like(mine) for _ in range(trainer.dist.world_size)]
+        torch.distributed.all_gather(copies, mine)
     if trainer.dist.rank == 0:
         torch.save({"params": params, "summary": summary, "resumed_from": trainer.resumed_from,
-                    "bytes_per_step": trainer.reducer.bytes_sent}, out)
+                    "bytes_per_step": trainer.backend.reducer.bytes_sent, "grads": captured,
+                    "rank_copies": copies, "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()})},
+                   out)
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
-    shutdown()
-    exit_process(0)
 
 
 if __name__ == "__main__":
@@ -152,15 +186,22 @@ def worker_command(world: int, config: Path, out: Path, overrides=(), launcher: 
 def run_worker(world: int, tmp: Path, cfg: dict, overrides=(), launcher: str = "torchrun",
                name: str = "out") -> dict:
     """Run the worker to completion; returns what rank 0 saved."""
+    return run_jobs(world, tmp, [(name, cfg, list(overrides))], launcher)[name]
+
+
+def run_jobs(world: int, tmp: Path, jobs: list[tuple[str, dict, list[str]]], launcher: str = "torchrun") -> dict:
+    """Several jobs ``(name, config, overrides)`` one after the other in one launch;
+    returns name -> what rank 0 saved."""
     import subprocess
 
-    config = tmp / f"{name}.json"
-    config.write_text(json.dumps(cfg))
-    out = tmp / f"{name}.pt"
-    proc = subprocess.run(worker_command(world, config, out, overrides, launcher), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    args = []
+    for name, cfg, overrides in jobs:
+        (tmp / f"{name}.json").write_text(json.dumps(cfg))
+        args += [THEN] * bool(args) + [str(tmp / f"{name}.json"), str(tmp / f"{name}.pt"), *overrides]
+    proc = subprocess.run(worker_command(world, Path(args[0]), Path(args[1]), args[2:], launcher), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out, weights_only=True)
+    return {name: torch.load(tmp / f"{name}.pt", weights_only=True) for name, _, _ in jobs}
 
 
 TINY_MODEL = ["model.overrides.img_size=32", "model.overrides.patch_size=8", "model.overrides.embed_dim=32",
@@ -169,13 +210,19 @@ TINY_MODEL = ["model.overrides.img_size=32", "model.overrides.patch_size=8", "mo
 
 
 def save_like_trainer(folder: Path, cfg, model: nn.Module, optimizer=None, step: int = 3, **meta) -> Path:
-    """A checkpoint as the trainer writes it (DCP tensors, then meta.json with the config),
+    """A checkpoint as backend=fsdp2 writes it (DCP tensors, then meta.json with the config),
     from one process; returns its step folder."""
     import warnings
 
-    from trainer.checkpoint import Checkpointer, ModelOptimizerState
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.common.checkpoints import ModelOptimizerState
+    from trainer.job.checkpoint import Checkpointer
+
+    class Tensors:  # the one method of a backend that Checkpointer.save calls
+        def save(self, tmp: Path) -> None:
+            dcp.save({"app": ModelOptimizerState(model, optimizer)}, checkpoint_id=str(tmp))
 
     with warnings.catch_warnings():  # DCP's note that it saves in one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return Checkpointer(folder, 1, 0).save(step, ModelOptimizerState(model, optimizer),
-                                               {"step": step, "config": cfg.to_dict(), **meta})
+        return Checkpointer(folder, 1, 0).save(step, Tensors(), {"step": step, "config": cfg.to_dict(), **meta})

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import models
-from trainer.datasets import image_file_pixels, transform
-from trainer.train import build_tokenizer
-from trainer.weights import add_model_arguments, load_trained_model, locate, pick_device
+from trainer.common.build import build_tokenizer
+from trainer.common.inputs import image_file_pixels, transform
+from trainer.common.weights import add_model_arguments, load_trained_model, locate, pick_device
 
 PROMPT = models.dpcap.ZERO_SHOT_PROMPT
 
@@ -84,6 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if not __package__:  # run as a file, trainer/ would shadow the top-level packages (data.py)
+    if not __package__:  # run as a file, Python would not import trainer/ as the trainer package
         sys.exit("run it as a module: python -m trainer.caption ...")
     sys.exit(main())

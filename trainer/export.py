@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import models
-from trainer.weights import add_model_arguments, load_trained_model, locate
+from trainer.common.weights import add_model_arguments, load_trained_model, locate
 
 LAYOUTS = ("ours", "original")
 ORIGINAL_VOCAB = 30_522  # the original DP-Cap head and text embedding: BERT uncased
@@ -87,6 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if not __package__:  # run as a file, trainer/ would shadow the top-level packages (data.py)
+    if not __package__:  # run as a file, Python would not import trainer/ as the trainer package
         sys.exit("run the export as a module: python -m trainer.export ...")
     sys.exit(main())

@@ -4,6 +4,8 @@ weight gradient of one example: ``sum_t g_t * xhat_t``; bias: ``sum_t g_t``.
 Under autocast the layer runs in fp32, as CUDA autocast runs layer_norm.
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +32,7 @@ class LayerNormRule(Rule):
         """name -> fp32 [b, n] per-example gradients, summed over calls."""
         if "per_example" in scratch:
             return scratch["per_example"]
-        n = module.weight.numel() if module.weight is not None else module.bias.numel()
+        n = math.prod(module.normalized_shape)  # not weight.numel(): a sharded weight may be a part
         sums: dict[str, Tensor] = {}
         for call in calls:
             x, mean, rstd = call.saved[:3]

@@ -1,5 +1,5 @@
-"""The data a job reads: tar shards (written first for synthetic data) through
-data.loader.PoissonReader, and the tokenizer injected into data's transform.
+"""How text and images become model inputs: the tokenizer injected into data's
+transform, the transform itself, and image files decoded for the tools.
 
 Captions are tokenised with BERT WordPiece restricted to the words the
 synthetic captions use (``CompactTokenizer``): the model's vocabulary shrinks
@@ -9,23 +9,16 @@ tenth of the parameters (a private model pays for every parameter it trains).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
-from trainer.config import JobConfig
-from trainer.distributed import Distributed
+from trainer.common.config import JobConfig
 
 if TYPE_CHECKING:
     from data.transform import ImageTextTransform
-
-logger = logging.getLogger(__name__)
-
-INDEX_NAME = "index.json"
 
 
 class CompactTokenizer:
@@ -98,37 +91,3 @@ def image_file_pixels(file: Path, to_pixels: ImageTextTransform) -> torch.Tensor
     except OSError as e:
         raise ValueError(f"{file}: cannot read it ({e.strerror or e})") from None
     return to_pixels(image, "")[0]
-
-
-def prepare_shards(cfg: JobConfig, d: Distributed) -> Path:
-    """The job's shard index; synthetic shards are written first, once, by rank 0."""
-    from data.shards import write_shards
-    from data.sources import synthetic_examples
-
-    if not cfg.data.shards and cfg.data.source != "synthetic":
-        raise ValueError("set data.shards=FOLDER (tar shards with index.json)")
-    index = Path(cfg.data.shards or cfg.run_dir / "shards") / INDEX_NAME
-    if cfg.data.source == "synthetic" and d.is_main and not index.is_file():
-        size = cfg.model.overrides.get("img_size", 224)
-        logger.info("writing %d synthetic examples (%dx%d) to %s", cfg.data.num_examples, size, size,
-                    index.parent)
-        write_shards(synthetic_examples(cfg.data.num_examples, cfg.data.seed, size), index.parent)
-    if dist.is_initialized():
-        dist.barrier()
-    if not index.is_file():
-        raise ValueError(f"data.shards={cfg.data.shards}: no {INDEX_NAME} there (write shards with "
-                         f"python -m data.write_shards)")
-    return index
-
-
-def build_reader(cfg: JobConfig, index: Path, sampler, tokenizer, *, pin_memory: bool = False):
-    from data.loader import PoissonReader
-
-    return PoissonReader(index, sampler, transform(cfg, tokenizer, training=True),
-                         num_workers=cfg.data.num_workers, pin_memory=pin_memory)
-
-
-def count_examples(index: Path) -> int:
-    from data.tar_index import TarIndex
-
-    return len(TarIndex(index))

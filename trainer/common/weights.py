@@ -1,9 +1,10 @@
-"""A trained model outside training (probes, export): which config builds it, and its weights.
+"""A trained model outside training (probe, caption, export): which config builds it,
+and its weights.
 
-A checkpoint folder says both (its ``meta.json`` holds the run's config); a
-``.pt``/``.pth`` state dict, ours or the original code's layout (DP-Cap's,
-or MAE's for ViP), needs the
-config named (a preset or a file). Everything runs in one process.
+A checkpoint folder says both (its ``meta.json`` holds the run's config), whichever
+backend wrote it; a ``.pt``/``.pth`` state dict, ours or the original code's layout
+(DP-Cap's, or MAE's for ViP), needs the config named (a preset or a file).
+Everything runs in one process.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 import models
-from trainer.checkpoint import Checkpointer, load_model_weights, step_folder
-from trainer.config import DataConfig, JobConfig, ModelConfig, load_config
-from trainer.train import build_model, build_tokenizer
+from trainer.common.build import build_model, build_tokenizer
+from trainer.common.checkpoints import load_model_weights, read_meta, step_folder
+from trainer.common.config import DataConfig, JobConfig, ModelConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 def config_from_meta(step: Path) -> JobConfig:
     """The model and data sections of the run's saved config: all that builds the model
     and its inputs."""
-    raw = Checkpointer.read_meta(step)["config"]
+    raw = read_meta(step)["config"]
     sections = {}
     for name, cls in (("model", ModelConfig), ("data", DataConfig)):
         known = {f.name for f in dataclasses.fields(cls)}

@@ -5,26 +5,25 @@ JSON/YAML file (which may name a ``preset`` to start from), then ``key=value``
 overrides with dotted paths (``privacy.noise_multiplier=0.8``,
 ``ds.train_batch_size=512``, ``model.overrides.depth=4``).
 
-Batch geometry has one source: the DeepSpeed-style JSON named by
+Batch geometry has one source for both backends: the DeepSpeed config named by
 ``ds_config`` (``train_batch_size`` is the expected logical batch B,
 ``train_micro_batch_size_per_gpu`` the largest physical micro-batch,
 ``gradient_accumulation_steps`` optional, ``bf16.enabled``). It is loaded into
-``JobConfig.ds`` and can be overridden with ``ds.KEY=VALUE``.
+``JobConfig.ds`` and can be overridden with ``ds.KEY=VALUE``; with
+``backend=deepspeed`` the rest of it (``zero_optimization``, ``optimizer``, ...)
+goes to ``deepspeed.initialize``. Nothing here checks a config: that is
+``trainer.job.validation``, before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-logger = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
 
@@ -108,7 +107,10 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class JobConfig:
     name: str = "default"
-    ds_config: str = "default.json"  # file in ds_configs/ (or a path)
+    # the sharding engine: "fsdp2" (torch FSDP2 + DCP checkpoints) or "deepspeed"
+    # (deepspeed.initialize with the ds config: ZeRO stage, offload, bf16, optimizer)
+    backend: str = "fsdp2"
+    ds_config: str = "default.json"  # file in ds_configs/ (or a path): a DeepSpeed config
     ds: dict[str, Any] = field(default_factory=dict)  # loaded from ds_config; overridable
     steps: int = 100  # logical (privacy) steps
     seed: int = 0  # shared by all ranks: init, and sampling when privacy is off (private runs use privacy.secret_seed)
@@ -397,51 +399,7 @@ def _parse_value(text: str) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------- derived plan
-
-@dataclass(kw_only=True)
-class Geometry:
-    """Batch geometry of one job on a given world size."""
-
-    world_size: int
-    batch_size: int  # expected logical batch B (Poisson: realised sizes vary)
-    micro_batch: int  # largest physical micro-batch per rank
-    accumulation: int  # expected micro-batches per rank per step
-    bf16: bool  # ds bf16.enabled: bf16 compute parameters, fp32 master copy and reduction (slow on CPU)
-
-
-def geometry(cfg: JobConfig, world_size: int) -> Geometry:
-    ds = cfg.ds
-    if "train_batch_size" not in ds or "train_micro_batch_size_per_gpu" not in ds:
-        raise ValueError(f"ds_config {cfg.ds_config}: needs train_batch_size and "
-                         f"train_micro_batch_size_per_gpu")
-    batch, micro = int(ds["train_batch_size"]), int(ds["train_micro_batch_size_per_gpu"])
-    if batch < 1 or micro < 1:
-        raise ValueError(f"ds_config {cfg.ds_config}: train_batch_size ({batch}) and "
-                         f"train_micro_batch_size_per_gpu ({micro}) must be >= 1")
-    accumulation = math.ceil(batch / (micro * world_size))
-    if "gradient_accumulation_steps" in ds:
-        given = int(ds["gradient_accumulation_steps"])
-        if given * micro * world_size != batch:
-            raise ValueError(
-                f"ds_config {cfg.ds_config}: train_batch_size {batch} != micro {micro} x "
-                f"gradient_accumulation_steps {given} x world size {world_size}; drop "
-                f"gradient_accumulation_steps (it is derived) or fix it for this world size")
-        accumulation = given
-    if ds.get("gradient_clipping") and cfg.privacy.enabled:
-        raise ValueError(f"ds_config {cfg.ds_config}: gradient_clipping must not be set with "
-                         f"differential privacy (per-example clipping to privacy.max_grad_norm "
-                         f"replaces it); remove it")
-    if ds.get("fp16", {}).get("enabled"):
-        raise ValueError(f"ds_config {cfg.ds_config}: fp16 is not supported; use bf16")
-    ignored = set(ds) - {"train_batch_size", "train_micro_batch_size_per_gpu",
-                         "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16"}
-    if ignored:
-        logger.warning("ds_config %s: ignoring %s (the trainer uses FSDP2, not the DeepSpeed engine)",
-                       cfg.ds_config, ", ".join(sorted(ignored)))
-    return Geometry(world_size=world_size, batch_size=batch, micro_batch=micro,
-                    accumulation=accumulation, bf16=bool(ds.get("bf16", {}).get("enabled", False)))
-
+# --------------------------------------------------------------------------- derived values
 
 def reference_batch(cfg: JobConfig) -> int:
     """The batch the lr and (TAN) the noise are defined for."""
@@ -449,74 +407,11 @@ def reference_batch(cfg: JobConfig) -> int:
 
 
 def learning_rate(cfg: JobConfig) -> float:
+    """The peak learning rate: optim.lr, or optim.blr scaled by the reference batch."""
     if cfg.optim.lr is not None:
         return cfg.optim.lr
     return cfg.optim.blr * reference_batch(cfg) / 256
 
 
-def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geometry:
-    """Every check that does not need data or models; raises ValueError."""
-    geo = geometry(cfg, world_size)
-    p = cfg.privacy
-    if cfg.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    if cfg.data.num_examples < 1:
-        raise ValueError("data.num_examples (N, the data set size) must be set: q = B / N")
-    if geo.batch_size > cfg.data.num_examples:
-        raise ValueError(f"ds train_batch_size {geo.batch_size} exceeds data.num_examples "
-                         f"{cfg.data.num_examples}")
-    if not p.enabled:
-        if not allow_non_private:
-            raise ValueError("privacy.enabled=false trains WITHOUT differential privacy; pass "
-                             "--allow-non-private to confirm")
-    else:
-        if p.noise_multiplier is None and p.target_epsilon is None:
-            raise ValueError("set privacy.noise_multiplier or privacy.target_epsilon (then sigma "
-                             "is calibrated)")
-        if p.noise_multiplier is not None and p.noise_multiplier < 0:
-            raise ValueError(f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
-        if p.target_epsilon is not None and p.target_epsilon <= 0:
-            raise ValueError(f"privacy.target_epsilon must be > 0, got {p.target_epsilon}")
-        if p.max_grad_norm <= 0:
-            raise ValueError(f"privacy.max_grad_norm must be > 0, got {p.max_grad_norm}")
-        if p.accountant not in ("rdp", "pld"):
-            raise ValueError(f"privacy.accountant must be rdp or pld, got {p.accountant!r}")
-        delta = delta_of(cfg)
-        if not 0 < delta < 1:
-            raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
-        if delta > 1.0 / cfg.data.num_examples:
-            raise ValueError(f"privacy.delta {delta:g} exceeds 1/N = {1 / cfg.data.num_examples:g}; "
-                             f"a delta above 1/N does not protect individuals")
-        if p.tan_reference_batch is not None:
-            if p.tan_reference_batch < geo.batch_size:
-                raise ValueError(f"privacy.tan_reference_batch {p.tan_reference_batch} must be >= "
-                                 f"ds train_batch_size {geo.batch_size} (TAN simulates a larger "
-                                 f"batch with a smaller one)")
-            if p.tan_reference_batch > cfg.data.num_examples:
-                raise ValueError("privacy.tan_reference_batch exceeds data.num_examples")
-    if cfg.privacy.tan_reference_batch is not None and not p.enabled:
-        raise ValueError("privacy.tan_reference_batch needs privacy.enabled=true")
-    o = cfg.optim
-    decay = o.decay_steps if o.decay_steps is not None else cfg.steps
-    if o.warmup_steps < 0 or o.warmup_steps > decay:
-        raise ValueError(f"optim.warmup_steps {o.warmup_steps} must be in [0, decay_steps {decay}]")
-    if o.lr is None and (o.blr is None or o.blr <= 0):
-        raise ValueError("set optim.blr > 0 or optim.lr")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ValueError("optim.min_lr_ratio must be in [0, 1]")
-    if cfg.data.source not in ("synthetic", "shards"):
-        raise ValueError(f"data.source must be synthetic or shards, got {cfg.data.source!r}")
-    if cfg.eval.zero_shot and not cfg.is_captioner:
-        raise ValueError(f"eval.zero_shot needs a DP-Cap model, not {cfg.model.name}; set "
-                         f"eval.zero_shot=false")
-    if cfg.checkpoint.keep_last < 1:
-        raise ValueError("checkpoint.keep_last must be >= 1")
-    return geo
-
-
 def delta_of(cfg: JobConfig) -> float:
     return cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / cfg.data.num_examples
-
-
-def sample_rate(cfg: JobConfig) -> float:
-    return int(cfg.ds["train_batch_size"]) / cfg.data.num_examples

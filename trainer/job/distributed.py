@@ -66,6 +66,10 @@ def _free_port() -> int:
 
 def init_distributed(local_rank_arg: int | None = None) -> Distributed:
     rank, local, world = launcher_env(local_rank_arg)
+    # what torchrun and the deepspeed launcher export, for a single process or Slurm too
+    # (deepspeed.initialize asserts LOCAL_RANK is set)
+    for key, value in (("RANK", rank), ("LOCAL_RANK", local), ("WORLD_SIZE", world)):
+        os.environ.setdefault(key, str(value))
     if "MASTER_ADDR" not in os.environ:
         if world == 1:
             os.environ["MASTER_ADDR"] = "127.0.0.1"

@@ -1,0 +1,1 @@
+"""The training job's components, driven by trainer.job.trainer.Trainer (see trainer/__init__.py)."""

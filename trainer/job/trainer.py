@@ -1,0 +1,400 @@
+"""The training job: one :class:`Trainer`, built in a fixed order, that resumes by itself.
+
+Order: checks (before any work), distributed, model, ``--init`` weights, the
+privacy engine on the bare model, the backend (sharding and optimizer), data,
+checkpointer and resume, metrics. Everything here is the same for every
+backend; ``trainer.job.backend`` is the seam.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from privacy import accounting
+from trainer.common.build import build_model, build_tokenizer
+from trainer.common.checkpoints import load_model_weights, read_meta
+from trainer.common.config import JobConfig, learning_rate
+from trainer.common.evaluation import caption_examples, evaluate
+from trainer.common.heldout import HeldOut
+from trainer.job import plan as privacy_plan
+from trainer.job.backend import create_backend
+from trainer.job.checkpoint import Checkpointer
+from trainer.job.data import InMemoryReader, build_reader, count_examples, prepare_shards
+from trainer.job.distributed import Distributed, init_distributed, launcher_env
+from trainer.job.metrics import Metrics, peak_flops
+from trainer.job.optim import lr_factor
+from trainer.job.validation import validate
+
+logger = logging.getLogger(__name__)
+
+
+def _step_seed(*words: int) -> int:
+    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+
+
+class Trainer:
+    """One training job. ``model_factory``/``train_data`` replace the defaults
+    (models.create_model, the data/ reader); ``evaluate_at_end`` runs the end-of-job
+    evaluation (captions, zero-shot accuracy, probes, as ``cfg.eval`` asks)."""
+
+    def __init__(self, cfg: JobConfig, *, allow_non_private: bool = False,
+                 local_rank: int | None = None,
+                 model_factory: Callable[[JobConfig, Any], nn.Module] | None = None,
+                 train_data: Sequence | None = None,
+                 evaluate_at_end: bool = False):
+        self.cfg = cfg
+        # every check that needs neither data nor models, before any work
+        _, _, world = launcher_env(local_rank)
+        self.geo = validate(cfg, world, allow_non_private)
+        self.plan = privacy_plan.resolve(cfg, self.geo)
+
+        # 1. distributed
+        self.dist: Distributed = init_distributed(local_rank)
+        device = self.dist.device
+
+        # 2. model (same init on every rank), its weights
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = build_tokenizer(cfg)
+        model = (model_factory or build_model)(cfg, self.tokenizer).to(device)
+        self.flops_per_example = self._count_flops(model)
+        if cfg.init:
+            import models
+
+            try:
+                load_model_weights(model, cfg.init, partial(models.from_original_layout, model))
+            except ValueError as e:
+                raise ValueError(f"--init {e}") from None
+
+        # 3. privacy engine on the bare model (it records full parameter shapes, which a
+        # backend may partition), with the backend's reducer; one secret seed (never from
+        # the config) shared by all ranks seeds the noise (each rank on its own stream)
+        # and the Poisson sampling
+        self.backend = create_backend(cfg, self.geo, self.dist, private=self.plan.enabled)
+        self.engine = None
+        if self.plan.enabled:
+            from privacy import PrivacyEngine
+
+            secret = self._shared_secret_seed()
+            self.engine = PrivacyEngine(model, max_grad_norm=self.plan.max_grad_norm,
+                                        noise_multiplier=self.plan.sigma,
+                                        expected_batch_size=self.geo.batch_size,
+                                        seed=secret, reducer=self.backend.reducer)
+            sampling_seed = _step_seed(secret, 1)
+        else:
+            sampling_seed = cfg.seed
+
+        # 4. sharding and optimizer; the lr schedule is a function of the step
+        self.model = self.backend.setup(model)
+        self.peak_lr = learning_rate(cfg)
+
+        # 5. data: the Poisson sampler (same seed on every rank) decides each step's examples
+        from privacy.sampling import PoissonSampler
+
+        if train_data is None:
+            index = prepare_shards(cfg, self.dist)
+            num_examples = count_examples(index)
+        else:
+            num_examples = len(train_data)
+        if num_examples != cfg.data.num_examples:
+            raise ValueError(f"data.num_examples={cfg.data.num_examples} but the data set has "
+                             f"{num_examples} examples; set data.num_examples={num_examples}")
+        self.sampler = PoissonSampler(num_examples, self.plan.q, sampling_seed,
+                                      world_size=self.dist.world_size, rank=self.dist.rank,
+                                      max_physical_batch=self.geo.micro_batch)
+        if train_data is None:
+            self.reader = build_reader(cfg, index, self.sampler, self.tokenizer,
+                                       pin_memory=device.type == "cuda")
+        else:
+            self.reader = InMemoryReader(train_data, self.sampler)
+        size = cfg.model.overrides.get("img_size", 224)
+        self._empty = (torch.empty(0, 3, size, size), torch.zeros(0, cfg.data.text_length, dtype=torch.long))
+        self.evaluate_at_end = evaluate_at_end
+
+        # 6. checkpointer; resume
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.dist.rank)
+        self.step = 0
+        self.segments: list[accounting.Segment] = [self.plan.segment(0)]
+        self.resumed_from = None
+        if cfg.checkpoint.resume and (latest := self.checkpointer.latest()) is not None:
+            self._resume(latest)
+        self.stop_at = self._privacy_stop()
+
+        # 7. metrics
+        self.metrics = Metrics(cfg.log_dir, enabled=self.dist.is_main, total_steps=cfg.steps,
+                               start_step=self.step, progress=cfg.metrics.progress)
+        self.stop_requested = False
+        self._last_pld: float | None = None  # shown by the progress bar between PLD evaluations
+        self._bad_samples = self.reader.skipped  # undecodable samples rank 0's reader skipped so far
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _shared_secret_seed(self) -> int:
+        if self.cfg.privacy.secret_seed is not None:
+            logger.warning("privacy.secret_seed is set: noise and batches are reproducible by anyone who "
+                           "knows it; do not release models trained this way")
+            return self.cfg.privacy.secret_seed
+        seed = torch.tensor([secrets.randbits(62)], dtype=torch.int64, device=self.dist.device)
+        dist.broadcast(seed, src=0)
+        return int(seed.item())
+
+    def _count_flops(self, model: nn.Module) -> float:
+        """Training FLOPs per example (forward + backward, non-private), counted on one example."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        size = self.cfg.model.overrides.get("img_size", 224)
+        # shapes are fixed, so the count does not depend on the ids; 1 is in every vocabulary
+        tokens = torch.ones(1, self.cfg.data.text_length, dtype=torch.long, device=self.dist.device)
+        sample = (torch.zeros(1, 3, size, size, device=self.dist.device), tokens)
+        with FlopCounterMode(display=False) as counter:
+            self._loss(model, sample).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return float(counter.get_total_flops())
+
+    def _privacy_state(self) -> dict[str, Any]:
+        return {"segments": [list(s) for s in self.segments], "delta": self.plan.delta,
+                "max_grad_norm": self.plan.max_grad_norm, "enabled": self.plan.enabled}
+
+    def _resume(self, path) -> None:
+        meta = read_meta(path)
+        saved_backend = meta.get("backend", "fsdp2")  # checkpoints before the backend seam are FSDP2's
+        if saved_backend != self.cfg.backend:
+            raise ValueError(f"{path} was written by backend={saved_backend}; resume with "
+                             f"backend={saved_backend}, or start a new checkpoint.dir from its weights "
+                             f"with --init {path}")
+        if self.cfg.backend == "deepspeed" and meta["world_size"] != self.dist.world_size:
+            raise ValueError(f"{path} was written by {meta['world_size']} ranks; a DeepSpeed checkpoint "
+                             f"resumes on the same number of ranks (backend=fsdp2 reshards)")
+        old = meta["privacy"]
+        if old["enabled"] != self.plan.enabled:
+            raise ValueError(f"{path} was trained with privacy.enabled={old['enabled']}; "
+                             f"resume with the same setting or use a new checkpoint.dir")
+        if self.plan.enabled:
+            sigma, q, _ = old["segments"][-1]
+            changed = [name for name, a, b in (("sigma", sigma, self.plan.sigma),
+                                               ("q", q, self.plan.q),
+                                               ("delta", old["delta"], self.plan.delta),
+                                               ("max_grad_norm", old["max_grad_norm"], self.plan.max_grad_norm))
+                       if not math.isclose(a, b, rel_tol=1e-12)]
+            if changed and not self.cfg.privacy.allow_privacy_change:
+                raise ValueError(f"resuming {path} with changed {', '.join(changed)}; set "
+                                 f"privacy.allow_privacy_change=true to compose the privacy cost "
+                                 f"of both settings, or start a new checkpoint.dir")
+            segments = [tuple(s) for s in old["segments"]]
+            self.segments = segments + [self.plan.segment(0)] if changed else segments
+        Checkpointer.load(path, self.backend)
+        if self.engine is not None:
+            self.engine.load_state_dict(meta["engine"])
+        # the secret sampling seed of the run being resumed (a fresh one was drawn above)
+        self.sampler.seed = int(meta["sampling_seed"])
+        self.step = int(meta["step"])
+        self.reader.load_state_dict({**meta["reader"], "next_step": self.step})
+        self.resumed_from = str(path)
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _privacy_stop(self) -> int:
+        """The step the guard stops at: cfg.steps, or earlier if the target epsilon is reached."""
+        if not self.plan.enabled:
+            return self.cfg.steps
+        closed, current = self.segments[:-1], self.segments[-1]
+        start = self.step - current[2]
+        allowed = privacy_plan.budget_steps(closed, self.plan, self.cfg.steps - start)
+        if start + allowed < self.cfg.steps:
+            logger.warning("privacy guard: target epsilon %s is reached after step %d of %d; "
+                           "training stops there", self.plan.target_epsilon, start + allowed,
+                           self.cfg.steps)
+        return start + allowed
+
+    # ------------------------------------------------------------------ state
+
+    def epsilon(self, method: str = "rdp") -> float:
+        if not self.plan.enabled:
+            return math.inf
+        return accounting.epsilon_of_segments(self.segments, self.plan.delta, method)
+
+    def save(self) -> None:
+        meta = {"step": self.step, "privacy": self._privacy_state(),
+                "engine": self.engine.state_dict() if self.engine is not None else None,
+                "sampling_seed": self.sampler.seed, "backend": self.backend.name,
+                "world_size": self.dist.world_size, "config": self.cfg.to_dict(),
+                "reader": self.reader.state_dict(),  # rank 0's; every rank's position is the step
+                "epsilon_rdp": self.epsilon("rdp") if self.plan.enabled else None}
+        self.checkpointer.save(self.step, self.backend, meta)
+
+    # ------------------------------------------------------------------ the step
+
+    def _loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.cfg.is_captioner:
+            images, tokens = batch[0], batch[1]
+            return model(images, tokens)
+        return model(batch[0], mask_ratio=self.cfg.model.mask_ratio)
+
+    def _to_device(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        dtype = self.backend.compute_dtype
+        return tuple(x.to(self.dist.device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
+                     for x in batch)
+
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, ...]], n_micro: int) -> dict[str, float]:
+        """One logical step: this rank's micro-batches, padded with empty ones to
+        `n_micro` (the same on every rank), then the noised update."""
+        # same RNG on every rank and step (ViP masking); resume-exact
+        torch.manual_seed(_step_seed(self.cfg.seed, self.step, self.dist.rank))
+        lr = self.peak_lr * lr_factor(self.step, self.cfg.optim.warmup_steps,
+                                      self.cfg.optim.decay_steps or self.cfg.steps,
+                                      self.cfg.optim.min_lr_ratio)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        examples = 0
+        self.backend.reducer.bytes_sent = 0
+        batches = iter(micro_batches)
+        for i in range(n_micro):
+            batch = self._to_device(next(batches, None) or self._empty)
+            loss = self._loss(self.model, batch)
+            loss_sum += loss.detach().float().sum()
+            examples += loss.shape[0]
+            if self.engine is not None:
+                self.engine.backward(loss)
+            else:
+                self.backend.backward(loss.sum() / self.geo.batch_size, last=i == n_micro - 1)
+        assert next(batches, None) is None, "the reader yielded more micro-batches than planned"
+        stats: dict[str, float] = {}
+        if self.engine is not None:
+            self.backend.before_assign()
+            stats = self.engine.finish_step()
+        self.backend.step(lr)
+        return {"loss_sum": float(loss_sum), "examples": examples, "lr": lr,
+                "clipped": stats.get("clip_fraction", 0.0) * (stats.get("examples", 0)
+                                                             - stats.get("skipped_nonfinite", 0)),
+                "skipped": stats.get("skipped_nonfinite", 0),
+                **{k: v for k, v in stats.items() if k.startswith("norm_")}}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _sync(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            self._loop()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        summary: dict[str, Any] = {"step": self.step, "steps": cfg.steps,
+                                   "stopped_early": self.step < cfg.steps,
+                                   "epsilon_rdp": self.epsilon("rdp"),
+                                   "epsilon_pld": self.epsilon("pld"),
+                                   "delta": self.plan.delta, "sigma": self.plan.sigma,
+                                   "q": self.plan.q, "log_dir": str(cfg.log_dir),
+                                   "checkpoint_dir": str(cfg.checkpoint_dir)}
+        if not self.stop_requested and self.evaluate_at_end:
+            with self.backend.gathered() as model:  # collective: every rank evaluates
+                results = evaluate(model, self.tokenizer, self.dist.device, cfg.eval, HeldOut.of(cfg),
+                                   captions=cfg.metrics.num_captions if cfg.is_captioner else 0,
+                                   dtype=self.backend.compute_dtype)
+            if "captions" in results:
+                self.metrics.text(self.step, "captions", results["captions"])
+            self.metrics.scalars(self.step, {f"eval/{kind}_{task}": r["accuracy"]
+                                             for kind in ("zero_shot", "probe")
+                                             for task, r in results.get(kind, {}).items()})
+            summary.update(results)
+        self.metrics.close()
+        return summary
+
+    def _on_signal(self, signum, frame) -> None:
+        logger.warning("signal %d: saving at the end of this step, then exiting", signum)
+        self.stop_requested = True
+
+    def _loop(self) -> None:
+        cfg, m = self.cfg, self.cfg.metrics
+        window = {"loss_sum": 0.0, "examples": 0, "clipped": 0.0, "skipped": 0, "steps": 0}
+        t0, saved_at = time.perf_counter(), self.step
+        while self.step < self.stop_at:
+            # one scalar collective per step: the most micro-batches any rank may run (a rank
+            # with fewer, or whose reader dropped empty/bad ones, pads with empty micro-batches
+            # so every rank runs the same collectives), and whether any rank was signalled
+            planned = len(self.sampler.step_batches(self.step))
+            n_micro, stop = self._sync([planned, float(self.stop_requested)], dist.ReduceOp.MAX)
+            if stop:
+                self.stop_requested = True
+                break
+            out = self.train_step(self.reader.micro_batches(self.step), int(n_micro))
+            self.step += 1
+            if self.plan.enabled:
+                sigma, q, k = self.segments[-1]
+                self.segments[-1] = (sigma, q, k + 1)
+            for key in ("loss_sum", "examples", "clipped", "skipped"):
+                window[key] += out[key]
+            window["steps"] += 1
+            if self.step % m.log_every == 0 or self.step == self.stop_at:
+                self._log(out, window, time.perf_counter() - t0)
+                window = dict.fromkeys(window, 0)
+                t0 = time.perf_counter()
+            if m.caption_every and self.step % m.caption_every == 0 and self.evaluate_at_end and cfg.is_captioner:
+                self._captions()
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+                saved_at = self.step
+        if self.step != saved_at:
+            self.save()
+
+    def _log(self, out: dict[str, float], window: dict[str, float], seconds: float) -> None:
+        loss_sum, examples, clipped, skipped = self._sync(
+            [window["loss_sum"], window["examples"], window["clipped"], window["skipped"]])
+        # rank 0's reader only: its counts are the ones checkpoints keep
+        bad_samples = self.reader.skipped
+        if bad_samples > self._bad_samples and self.dist.is_main:
+            logger.warning("rank 0 has skipped %d undecodable samples so far: %s", bad_samples,
+                           dict(getattr(self.reader, "skipped_reasons", {})))
+        self._bad_samples = bad_samples
+        steps = max(1, window["steps"])
+        values = {"train/loss": loss_sum / max(1, examples), "train/lr": out["lr"],
+                  "train/examples_per_s": examples / max(seconds, 1e-9),
+                  "train/realised_batch": examples / steps,
+                  "comm/bytes_per_step": float(self.backend.reducer.bytes_sent),
+                  "data/skipped_samples_rank0": float(bad_samples)}
+        if self.plan.enabled:
+            values.update({"privacy/epsilon_rdp": self.epsilon("rdp"), "privacy/sigma": self.plan.sigma,
+                           "privacy/q": self.plan.q,
+                           "privacy/clip_fraction": clipped / max(1, examples - skipped),
+                           "privacy/skipped_nonfinite": skipped})
+            values.update({f"privacy/{k}_rank0": v for k, v in out.items() if k.startswith("norm_")})
+            pld_every = self.cfg.metrics.pld_every
+            if pld_every and (self.step % pld_every == 0 or self.step == self.stop_at):
+                values["privacy/epsilon_pld"] = self.epsilon("pld")
+        # the model's training FLOPs at the achieved rate (the engine's own work not counted)
+        rate = self.flops_per_example * examples / max(seconds, 1e-9)
+        values["train/tflops_per_s"] = rate / 1e12
+        if self.dist.device.type == "cuda":
+            values["gpu/max_memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+            if peak := peak_flops(self.dist.device):
+                values["gpu/mfu"] = rate / (peak * self.dist.world_size)
+        self.metrics.scalars(self.step, values)
+        postfix = {"loss": f"{values['train/loss']:.3f}"}
+        if self.plan.enabled:
+            self._last_pld = values.get("privacy/epsilon_pld", self._last_pld)
+            postfix |= {"eps_rdp": f"{values['privacy/epsilon_rdp']:.3f}",
+                        "eps_pld": "pending" if self._last_pld is None else f"{self._last_pld:.3f}"}
+        else:
+            postfix["eps"] = "off (non-private)"
+        self.metrics.progress(self.step, postfix)
+        self.metrics.flush()
+
+    def _captions(self) -> None:
+        with self.backend.gathered() as model:  # collective
+            text = caption_examples(model, self.tokenizer, self.dist.device, HeldOut.of(self.cfg),
+                                    self.cfg.metrics.num_captions, self.backend.compute_dtype)
+        self.metrics.text(self.step, "captions", text)

@@ -1,0 +1,93 @@
+"""Every check of a job config that needs neither data nor models, before any work.
+
+Each failed check is a ValueError that names the key and what to change. The
+chosen backend checks its own share of the DeepSpeed config (and warns about
+the keys it ignores).
+"""
+
+from __future__ import annotations
+
+from trainer.common.config import JobConfig, delta_of
+from trainer.job.geometry import Geometry, geometry
+
+BACKENDS = ("fsdp2", "deepspeed")
+
+
+def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geometry:
+    """The job's geometry on ``world_size`` ranks, once every check passed; raises ValueError."""
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    geo = geometry(cfg, world_size)
+    p = cfg.privacy
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.data.num_examples < 1:
+        raise ValueError("data.num_examples (N, the data set size) must be set: q = B / N")
+    if geo.batch_size > cfg.data.num_examples:
+        raise ValueError(f"ds train_batch_size {geo.batch_size} exceeds data.num_examples "
+                         f"{cfg.data.num_examples}")
+    if not p.enabled:
+        if not allow_non_private:
+            raise ValueError("privacy.enabled=false trains WITHOUT differential privacy; pass "
+                             "--allow-non-private to confirm")
+    else:
+        if p.noise_multiplier is None and p.target_epsilon is None:
+            raise ValueError("set privacy.noise_multiplier or privacy.target_epsilon (then sigma "
+                             "is calibrated)")
+        if p.noise_multiplier is not None and p.noise_multiplier < 0:
+            raise ValueError(f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
+        if p.target_epsilon is not None and p.target_epsilon <= 0:
+            raise ValueError(f"privacy.target_epsilon must be > 0, got {p.target_epsilon}")
+        if p.max_grad_norm <= 0:
+            raise ValueError(f"privacy.max_grad_norm must be > 0, got {p.max_grad_norm}")
+        if p.accountant not in ("rdp", "pld"):
+            raise ValueError(f"privacy.accountant must be rdp or pld, got {p.accountant!r}")
+        delta = delta_of(cfg)
+        if not 0 < delta < 1:
+            raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
+        if delta > 1.0 / cfg.data.num_examples:
+            raise ValueError(f"privacy.delta {delta:g} exceeds 1/N = {1 / cfg.data.num_examples:g}; "
+                             f"a delta above 1/N does not protect individuals")
+        if p.tan_reference_batch is not None:
+            if p.tan_reference_batch < geo.batch_size:
+                raise ValueError(f"privacy.tan_reference_batch {p.tan_reference_batch} must be >= "
+                                 f"ds train_batch_size {geo.batch_size} (TAN simulates a larger "
+                                 f"batch with a smaller one)")
+            if p.tan_reference_batch > cfg.data.num_examples:
+                raise ValueError("privacy.tan_reference_batch exceeds data.num_examples")
+    if cfg.privacy.tan_reference_batch is not None and not p.enabled:
+        raise ValueError("privacy.tan_reference_batch needs privacy.enabled=true")
+    o = cfg.optim
+    decay = o.decay_steps if o.decay_steps is not None else cfg.steps
+    if o.warmup_steps < 0 or o.warmup_steps > decay:
+        raise ValueError(f"optim.warmup_steps {o.warmup_steps} must be in [0, decay_steps {decay}]")
+    if o.lr is None and (o.blr is None or o.blr <= 0):
+        raise ValueError("set optim.blr > 0 or optim.lr")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError("optim.min_lr_ratio must be in [0, 1]")
+    if cfg.data.source not in ("synthetic", "shards"):
+        raise ValueError(f"data.source must be synthetic or shards, got {cfg.data.source!r}")
+    if cfg.eval.zero_shot and not cfg.is_captioner:
+        raise ValueError(f"eval.zero_shot needs a DP-Cap model, not {cfg.model.name}; set "
+                         f"eval.zero_shot=false")
+    if cfg.checkpoint.keep_last < 1:
+        raise ValueError("checkpoint.keep_last must be >= 1")
+    _check_ds_config(cfg, geo)
+    return geo
+
+
+def _check_ds_config(cfg: JobConfig, geo: Geometry) -> None:
+    """What neither backend can honour in a private step, then the backend's own checks."""
+    ds, private = cfg.ds, cfg.privacy.enabled
+    if ds.get("gradient_clipping") and private:
+        raise ValueError(f"ds_config {cfg.ds_config}: gradient_clipping must not be set with "
+                         f"differential privacy (per-example clipping to privacy.max_grad_norm "
+                         f"replaces it); remove it")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError(f"ds_config {cfg.ds_config}: fp16.enabled is not supported (its loss scaling "
+                         f"would scale the per-example gradients before clipping); use bf16.enabled")
+    if cfg.backend == "deepspeed":
+        from trainer.job.deepspeed_backend import check_config
+    else:
+        from trainer.job.fsdp2_backend import check_config
+    check_config(cfg, geo)
