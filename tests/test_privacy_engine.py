@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from privacy import AddedParameter, PrivacyEngine
-from privacy.rules.base import gram, pad_tokens
-from privacy.rules.linear import use_ghost, weight_sq_norms
+from privacy.rules.base import Context, ghost_sq_norm, gram, operand, padded_tokens
+from privacy.rules.linear import linear_prepare
 from tests.privacy_helpers import (
     OddLayers,
     TinyDecoder,
@@ -313,24 +313,39 @@ def test_invalid_settings_are_refused():
         PrivacyEngine(nn.Linear(2, 2), 1.0, 1.0, 0)
 
 
-@pytest.mark.parametrize("tokens, out_features, in_features", [(5, 16, 16), (9, 3, 4), (1, 7, 5)])
-def test_linear_weight_norm_both_paths(tokens, out_features, in_features):
+@pytest.mark.parametrize("tokens, out_features, in_features, reuse_memory, kind", [
+    (5, 16, 16, 1.0, "ghost"), (1, 7, 5, 1.0, "ghost"), (9, 3, 4, 1.0, "per_example"),
+    (40, 4, 6, 1.0, "per_example"), (9, 3, 4, 0.0, "ghost"),  # kept gradients not allowed
+])
+def test_linear_weight_norm_and_sum_on_both_paths(tokens, out_features, in_features, reuse_memory, kind):
+    """Ghost and per-example paths against einsum in float64, over two calls of
+    the layer (stacked along tokens)."""
     generator = torch.Generator().manual_seed(tokens)
     a = torch.randn(4, tokens, in_features, generator=generator)
     g = torch.randn(4, tokens, out_features, generator=generator)
+    scale = torch.rand(4, generator=generator)
     per_example = torch.einsum("btp,btd->bpd", g.double(), a.double())
-    expected = per_example.square().sum((1, 2)).float()
-    torch.testing.assert_close(weight_sq_norms(a, g), expected, rtol=1e-5, atol=0)
-    assert use_ghost(5, 16, 16) and not use_ghost(9, 3, 4)
+    buffers = {"weight": torch.zeros(out_features, in_features)}
+    split = max(1, tokens // 2)
+    prepared = linear_prepare([a[:, :split], a[:, split:]], [g[:, :split], g[:, split:]], ["weight"],
+                              Context("cpu", reuse_memory=reuse_memory), buffers.__getitem__)
+    assert prepared.plan.kind == kind
+    torch.testing.assert_close(prepared.sq_norm, per_example.square().sum((1, 2)).float(), rtol=1e-5, atol=0)
+    prepared.accumulate(scale)
+    expected = torch.einsum("b,bpd->pd", scale.double(), per_example).float()
+    torch.testing.assert_close(buffers["weight"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_padded_tokens_leave_the_ghost_norm_unchanged():
-    """The CUDA path pads tokens to a multiple of 16 before the Gram bmm."""
+    """The CUDA path pads tokens to a multiple of 16 before the Gram bmm (in the
+    copy that also sanitises the operands)."""
     generator = torch.Generator().manual_seed(0)
     a, g = torch.randn(3, 197, 24, generator=generator), torch.randn(3, 197, 40, generator=generator)
-    padded_a, padded_g = pad_tokens(a), pad_tokens(g)
-    assert padded_a.shape == (3, 208, 24) and pad_tokens(padded_a) is padded_a
-    torch.testing.assert_close((gram(padded_a) * gram(padded_g)).sum((1, 2)),
+    tokens = padded_tokens(197, "cuda")
+    assert tokens == 208 and padded_tokens(197, "cpu") == 197
+    padded_a, padded_g = operand([a], a.dtype, tokens, fill=None), operand([g], g.dtype, tokens, fill=None)
+    assert padded_a.shape == (3, 208, 24) and not padded_a[:, 197:].any()
+    torch.testing.assert_close(ghost_sq_norm(gram(padded_a), gram(padded_g)),
                                (gram(a) * gram(g)).sum((1, 2)), rtol=1e-6, atol=0)
 
 
