@@ -53,7 +53,9 @@ torch.compile breaks the graph at every wrapped layer.
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -97,6 +99,15 @@ def check_matmul_precision(device_type: str) -> None:
             f"round the privacy engine's norms and clipped sums, so an example could add more than "
             f"max_grad_norm: set {setting} (bf16 autocast is unaffected and stays fast)"
         )
+
+
+@contextmanager
+def _arithmetic(device: torch.device) -> Iterator[None]:
+    """The engine's own arithmetic: no graph (saved inputs may require grad) and
+    no autocast (a backward called inside autocast would run the fp32 Grams and
+    sums in bf16)."""
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        yield
 
 
 @dataclass(eq=False)
@@ -364,7 +375,7 @@ class PrivacyEngine:
         loss.sum().backward(retain_graph=retain)
         if micro.batch == 0:
             return None
-        with torch.no_grad():
+        with _arithmetic(micro.device):
             for target in self._targets:  # layers whose every call did not reach the loss
                 if not target.done and any(call.grad is not None for call in target.calls):
                     self._prepare(target)
@@ -392,7 +403,7 @@ class PrivacyEngine:
                 f"{micro.batch} examples; every layer must keep the example in dim 0"
             )
         if all(c.grad is not None for c in target.calls):
-            with torch.no_grad():  # saved inputs may require grad: the arithmetic must not build a graph
+            with _arithmetic(micro.device):
                 self._prepare(target)
 
     def _prepare(self, target: _Target) -> None:
