@@ -221,28 +221,33 @@ def time_steps(steps: dict[str, Callable[[], None]], repeats: int, warmup: int,
                device: torch.device) -> dict[str, dict]:
     """Seconds per step of each named step function, timed round-robin (one step
     of each in turn, ``repeats`` times) so that a machine shared with other jobs
-    slows them alike: median and all times, and on CUDA the peak bytes
-    allocated above what was allocated before each one's timed steps."""
+    slows them alike: median and all wall times, the median CPU time of this
+    process (on a shared CPU the steadier figure: other jobs lengthen wall time
+    far more than the work done), and on CUDA the peak bytes allocated above
+    what was allocated before each one's timed steps."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     _synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     peaks: dict[str, int] = {}
     for _ in range(repeats):
         for name, step in steps.items():
             if device.type == "cuda":
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             _synchronize(device)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
             if device.type == "cuda":
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device) - base)
     result = {}
     for name, values in times.items():
-        result[name] = {"seconds": statistics.median(values), "all_seconds": values}
+        result[name] = {"seconds": statistics.median(values), "all_seconds": values,
+                        "cpu_seconds": statistics.median(cpu_times[name])}
         if name in peaks:
             result[name]["cuda_peak_bytes"] = peaks[name]
     return result

@@ -17,7 +17,8 @@ the same precision, each method runs a full training step (AdamW):
   per-sample gradient hooks (when Opacus is installed: the ``dev`` extra).
 
 For each it reports examples/s and the ratio to non-private (timed steps,
-median), MFU against ``--peak-tflops``, and one counted step
+round-robin, median; also per second of this process's CPU time, the steadier
+figure on a CPU shared with other jobs), MFU against ``--peak-tflops``, and one counted step
 (:mod:`privacy.bench`): FLOPs, aten operators, bytes written by non-matmul
 operators, host syncs per phase, and peak live tensor bytes (CPU) or the CUDA
 allocator's peak. For the engine it also reports the per-layer plan of its cost
@@ -32,6 +33,7 @@ and timm names (``vit_b16``, ``vit_tiny``, ``vit_small`` are short for timm's
 import argparse
 import ast
 import copy
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -59,13 +61,14 @@ MAX_GRAD_NORM, NOISE_MULTIPLIER = 1.0, 1.0
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmarked configuration."""
+    """One benchmarked configuration (``steps``: timed steps, None: the command's)."""
 
     model: str
     batch: int
     img_size: int | None = None
     dtype: str = "fp32"
     overrides: dict = field(default_factory=dict)
+    steps: int | None = None
 
     @property
     def label(self) -> str:
@@ -80,8 +83,8 @@ SUITES = {
         Case("vit_tiny", 32, img_size=64),   # 17 tokens
         Case("vit_tiny", 16, img_size=224),  # 197 tokens
         Case("vit_small", 8, img_size=224),
-        Case("vit_b16", 2, img_size=224),
-        Case("dpcap_base", 2),
+        Case("vit_b16", 2, img_size=224, steps=1),
+        Case("dpcap_base", 2, steps=1),
     ],
     "cuda": [
         Case("vit_b16", 128, img_size=224, dtype="bf16"),
@@ -225,7 +228,7 @@ def make_method(name: str, model: nn.Module, inputs: tuple, batch: int, device: 
             return {"plan": {q: p.as_dict() for q, p in plan.items()},
                     "predicted_extra_flops": sum(p.extra_flops for p in plan.values())}
 
-        return Method(step, engine.detach, info)
+        return Method(step, engine.detach, info if name == "engine" else dict)
 
     if name in ("opacus_ghost", "opacus_hooks"):
         from opacus import GradSampleModule
@@ -279,7 +282,7 @@ def run_case(case: Case, methods: list[str], device: torch.device, steps: int, w
     inputs = tuple(t.to(device) for t in make_inputs(case.batch, torch.Generator().manual_seed(0)))
     autocast = torch.autocast(device.type, dtype=DTYPES[case.dtype], enabled=case.dtype != "fp32")
     result = {"case": case.label, "model": case.model, "batch": case.batch, "img_size": case.img_size,
-              "dtype": case.dtype, "overrides": case.overrides,
+              "dtype": case.dtype, "overrides": case.overrides, "device_type": device.type,
               "trainable_params": sum(p.numel() for p in prototype.parameters() if p.requires_grad),
               "methods": {}}
     built: dict[str, Method] = {}
@@ -292,14 +295,19 @@ def run_case(case: Case, methods: list[str], device: torch.device, steps: int, w
             result["methods"][name] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             built.pop(name, None)
             torch.cuda.empty_cache()
-    timed = time_steps({name: method.step for name, method in built.items()}, steps, warmup, device)
+    steps = case.steps if case.steps is not None else steps
+    timed = time_steps({name: method.step for name, method in built.items()}, steps, warmup, device) \
+        if steps else {name: {} for name in built}
     for name, method in built.items():
         with count_step() as counts:
             method.step(counts)
         figures = {**timed[name], **counts.summary(), **method.info(),
-                   "examples_per_s": case.batch / timed[name]["seconds"],
-                   "tflop_per_s": counts.flops / timed[name]["seconds"] / 1e12}
-        figures["mfu"] = figures["tflop_per_s"] / peak_tflops
+                   "gflop_per_example": counts.flops / case.batch / 1e9}
+        if steps:
+            figures["examples_per_s"] = case.batch / timed[name]["seconds"]
+            figures["examples_per_cpu_s"] = case.batch / timed[name]["cpu_seconds"]
+            figures["tflop_per_s"] = counts.flops / timed[name]["seconds"] / 1e12
+            figures["mfu"] = figures["tflop_per_s"] / peak_tflops
         method.close()
         result["methods"][name] = figures
         logger.info("%s | %s: %s", case.label, name, _one_line(figures))
@@ -311,7 +319,7 @@ def run_case(case: Case, methods: list[str], device: torch.device, steps: int, w
 def _one_line(figures: dict) -> str:
     if "error" in figures:
         return figures["error"]
-    return (f"{figures['examples_per_s']:.2f} ex/s, {figures['flops'] / 1e9:.1f} GFLOP, "
+    return (f"{figures.get('examples_per_s', float('nan')):.2f} ex/s, {figures['flops'] / 1e9:.1f} GFLOP, "
             f"{figures['aten_ops']} ops, syncs {figures['syncs_by_phase']}")
 
 
@@ -327,7 +335,9 @@ def _add_ratios(result: dict) -> None:
     for name, figures in result["methods"].items():
         if "error" in figures:
             continue
-        figures["throughput_ratio"] = figures["examples_per_s"] / base["examples_per_s"]
+        if "examples_per_s" in figures:
+            figures["throughput_ratio"] = figures["examples_per_s"] / base["examples_per_s"]
+            figures["cpu_throughput_ratio"] = figures["examples_per_cpu_s"] / base["examples_per_cpu_s"]
         figures["flops_ratio"] = figures["flops"] / base["flops"]
         peak = figures.get("cuda_peak_bytes", figures["peak_live_bytes"])
         figures["peak_ratio"] = peak / plain_peak
@@ -343,8 +353,8 @@ def _add_ratios(result: dict) -> None:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| case | method | ex/s | vs non-private | FLOPs (x, vs bound) | aten ops | non-matmul MB "
-        "| syncs fwd+bwd / step | peak MB (x) | held after backward (x plain backward peak) |",
+        "| case | method | ex/s | vs non-private (wall; CPU time) | FLOPs (x, vs bound) | aten ops "
+        "| non-matmul MB | syncs fwd+bwd / step | peak MB (x) | held after backward (x plain backward peak) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
@@ -358,7 +368,8 @@ def markdown(results: list[dict]) -> str:
                     if f.get("live_after_backward") is not None else "")
             peak = f.get("cuda_peak_bytes", f["peak_live_bytes"])
             lines.append(
-                f"| {result['case']} | {name} | {f['examples_per_s']:.2f} | {f.get('throughput_ratio', 1):.2f}x "
+                f"| {result['case']} | {name} | {f.get('examples_per_s', float('nan')):.2f} "
+                f"| {f.get('throughput_ratio', float('nan')):.2f}x; {f.get('cpu_throughput_ratio', float('nan')):.2f}x "
                 f"| {f['flops'] / 1e9:.2f} G ({f.get('flops_ratio', 1):.3f}x){bound} | {f['aten_ops']} "
                 f"| {f['non_matmul_bytes'] / 2**20:.0f} "
                 f"| {syncs.get('forward', 0) + syncs.get('backward', 0)} / {syncs.get('step', 0)} "
@@ -384,14 +395,17 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [m for m in METHODS if any(m in r["methods"] for r in results)]
+    on_cpu = all(r["device_type"] == "cpu" for r in results)
+    key = "cpu_throughput_ratio" if on_cpu else "throughput_ratio"
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(results)), 4))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        values = [r["methods"].get(name, {}).get("throughput_ratio", 0.0) for r in results]
+        values = [r["methods"].get(name, {}).get(key, 0.0) for r in results]
         ax.bar([k + i * width for k in range(len(results))], values, width, label=name)
     ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(len(results))])
     ax.set_xticklabels([r["case"] for r in results], rotation=15, ha="right", fontsize=7)
-    ax.set_ylabel("examples/s relative to non-private")
+    ax.set_ylabel("examples per CPU second, relative to non-private" if on_cpu
+                  else "examples/s relative to non-private")
     ax.axhline(1.0, color="grey", linewidth=0.5)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -426,8 +440,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated, from " + ", ".join(METHODS) + " (Opacus ones skipped if not installed)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per method (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps per method, round-robin (the median is reported); 0: counts only")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed steps per method besides the first, which always runs apart")
     p.add_argument("--peak-tflops", type=float, default=797.0,
                    help="the device's matrix rate for MFU (797: an H100's measured bf16 8192^3 rate)")
     p.add_argument("--compile", action="store_true", help="torch.compile the non-private model")
@@ -448,7 +464,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.suite:
         cases = SUITES["cuda" if device.type == "cuda" else "cpu"]
         if args.dtype:
-            cases = [Case(c.model, c.batch, c.img_size, args.dtype, c.overrides) for c in cases]
+            cases = [dataclasses.replace(c, dtype=args.dtype) for c in cases]
     else:
         dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         cases = [Case(args.model, args.batch, args.img_size, dtype, _overrides(args.set))]
