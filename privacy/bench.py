@@ -152,8 +152,8 @@ class _Dispatch(TorchDispatchMode):
             fresh = id(t.untyped_storage()) not in inputs
             if fresh:
                 self._track(t)
-            writes = fresh or func._schema.is_mutable
-            if writes and func not in MATMUL_OPS and func not in _NO_WRITE and not func.is_view:
+            writes = fresh or func._schema.is_mutable  # a view shares its input's storage: no write
+            if writes and func not in MATMUL_OPS and func not in _NO_WRITE:
                 c.non_matmul_bytes += t.numel() * t.element_size()
         return out
 

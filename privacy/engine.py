@@ -65,7 +65,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from privacy.reducer import GradReducer, LocalReducer
 from privacy.rules import DEFAULT_RULES, Call, Rule, find_rule
-from privacy.rules.base import Context, LayerPlan, Prepared, unit_roundoff
+from privacy.rules.base import ClipFactors, Context, LayerPlan, Prepared, finite_or_zero, mm_fp32, unit_roundoff
 
 logger = logging.getLogger(__name__)
 
@@ -124,33 +124,52 @@ class _Target:
 
 @dataclass(eq=False)
 class _MicroBatch:
-    """What one backward pass gathers: norms, margins and the layers' shares."""
+    """What one backward pass gathers from the layers, combined at its end: few
+    operators per layer (a GPU pays a launch for each), the sums over layers
+    and the small per-example gradients of every layer in one go."""
 
     batch: int
     device: torch.device
     ctx: Context
-    keep: Tensor | None = None  # two-pass second pass: 1 for kept examples, 0 for dropped
-    sq_norms: Tensor = None
-    slack: Tensor = None
-    error_sq: Tensor = None
-    prepared: list[Prepared] = field(default_factory=list)
+    keep: ClipFactors | None = None  # two-pass second pass: the factors are in the gradients; 1 kept, 0 dropped
+    sq_norms: list[Tensor] = field(default_factory=list)  # per layer, its parameters not in rows
+    ghost_sq_bounds: list[Tensor] = field(default_factory=list)  # B_iL^2: the norm margin of ghost layers
+    ghost_errors: list[Tensor] = field(default_factory=list)  # (u + T 2^-24) B_iL: their rounding margin
+    rows: list[tuple[nn.Module, str, Tensor]] = field(default_factory=list)  # small per-example gradients
+    sums: list = field(default_factory=list)  # the layers' accumulate(factors) for the rest
 
-    def __post_init__(self):
-        zeros = lambda: torch.zeros(self.batch, dtype=FP32, device=self.device)  # noqa: E731
-        self.sq_norms, self.slack, self.error_sq = zeros(), zeros(), zeros()
+    def add(self, module: nn.Module, prepared: Prepared) -> None:
+        self.rows += [(module, name, value) for name, value in prepared.rows.items()]
+        if self.ctx.norms and prepared.sq_norm is not None:
+            self.sq_norms.append(prepared.sq_norm)
+            bound = prepared.ghost_bound
+            if bound is not None:
+                self.ghost_sq_bounds.append(bound.square())
+                u = unit_roundoff(prepared.operand_dtype) + prepared.tokens * U32
+                self.ghost_errors.append(bound * (u * BOUND_SLACK))
+        if prepared.accumulate is not None:
+            if self.keep is not None:  # nothing left to wait for
+                prepared.accumulate(self.keep)
+            elif self.ctx.keep_sum:
+                self.sums.append(prepared.accumulate)
 
-    def add(self, prepared: Prepared) -> None:
-        n = prepared.sq_norm
-        if n is None:
-            return
-        self.sq_norms += n
-        self.slack += n
-        self.error_sq += n * U32**2
-        bound = prepared.ghost_bound
-        if bound is not None:
-            self.slack += bound.square()
-            u = unit_roundoff(prepared.operand_dtype) + prepared.tokens * U32
-            self.error_sq += (bound * (u * BOUND_SLACK)).square()
+    def flat_rows(self) -> Tensor | None:
+        """fp32 [b, N]: every small per-example gradient of the micro-batch, side by side."""
+        if not self.rows:
+            return None
+        return torch.cat([value.reshape(self.batch, -1) for _, _, value in self.rows], 1)
+
+    def add_rows(self, flat: Tensor, factors: ClipFactors, buffer_for) -> None:
+        """The clipped sums of all small per-example gradients: one matmul."""
+        summed = mm_fp32(factors.fp32.view(1, -1), finite_or_zero(flat)).view(-1)
+        parts = summed.split([value[0].numel() for _, _, value in self.rows])
+        for (module, name, _), part in zip(self.rows, parts):
+            buffer = buffer_for(module, name)
+            buffer.add_(part.view_as(buffer))
+
+
+def _total(parts: list[Tensor], batch: int, device: torch.device) -> Tensor:
+    return torch.stack(parts).sum(0) if parts else torch.zeros(batch, dtype=FP32, device=device)
 
 
 class _BookkeptCall(torch.autograd.Function):
@@ -368,7 +387,7 @@ class PrivacyEngine:
     def _pass(self, loss: Tensor, ctx: Context, retain: bool = False, keep: Tensor | None = None) -> Tensor | None:
         """One backward: every layer prepared as its gradient arrives; then (unless
         this is the two-pass mode's second pass) clip factors, and the sums."""
-        micro = _MicroBatch(loss.shape[0], loss.device, ctx, keep=keep)
+        micro = _MicroBatch(loss.shape[0], loss.device, ctx, keep=None if keep is None else ClipFactors(keep))
         self._micro = micro
         for target in self._targets:
             target.done = False
@@ -380,13 +399,16 @@ class PrivacyEngine:
                 if not target.done and any(call.grad is not None for call in target.calls):
                     self._prepare(target)
             self._micro = None
-            if not ctx.norms:
-                return None
-            scale = self._clip_factors(micro)
-            if ctx.keep_sum:
-                for prepared in micro.prepared:
-                    prepared.accumulate(scale)
-            micro.prepared.clear()
+            flat = micro.flat_rows()
+            scale = None
+            if ctx.norms:
+                scale = self._clip_factors(micro, flat)
+            factors = micro.keep or (ClipFactors(scale) if ctx.keep_sum else None)
+            if factors is not None:
+                for accumulate in micro.sums:
+                    accumulate(factors)
+                if flat is not None:
+                    micro.add_rows(flat, factors, lambda module, name: self._buffer(module, name, micro.device))
         return scale
 
     def _on_grad(self, target: _Target, call: Call, grad: Tensor) -> None:
@@ -412,13 +434,9 @@ class PrivacyEngine:
         prepared = target.rule.prepare(target.module, target.names, calls, micro.ctx,
                                        lambda name, target=target: self._buffer(target.module, name, micro.device))
         target.done = True
+        micro.add(target.module, prepared)
         if micro.ctx.norms:
-            micro.add(prepared)
             self._record_plan(target, prepared)
-        if micro.keep is not None:  # two-pass second pass: the clip factors are in the gradients
-            prepared.accumulate(micro.keep)
-        elif micro.ctx.keep_sum:
-            micro.prepared.append(prepared)
         for call in target.calls:  # what the rule did not keep is freed now
             call.grad = None
             if micro.ctx.keep_sum:
@@ -436,13 +454,19 @@ class PrivacyEngine:
                          ", ".join(f"{k} {s * 1e3:.3g} ms" for k, s in plan.alternatives) or "no choice")
         self.plan[target.qualname] = plan
 
-    def _clip_factors(self, micro: _MicroBatch) -> Tensor:
-        """Clip factors (0 for dropped examples), and the micro-batch's statistics,
-        all on the device."""
-        norms = micro.sq_norms.sqrt()
-        upper = (micro.sq_norms + NORM_SLACK * micro.slack).sqrt() + micro.error_sq.sqrt() + STABILITY
-        finite = torch.isfinite(upper)
-        scale = torch.where(finite, (self.max_grad_norm / upper).clamp(max=1.0), 0.0)
+    def _clip_factors(self, micro: _MicroBatch, flat: Tensor | None) -> Tensor:
+        """Clip factors (0 for dropped examples), all on the device; the bound's
+        margins are described in the module docstring."""
+        b, device = micro.batch, micro.device
+        parts = micro.sq_norms + ([flat.square().sum(1)] if flat is not None else [])
+        sq = _total(parts, b, device)
+        slack = sq + _total(micro.ghost_sq_bounds, b, device)
+        error_sq = sq * U32**2
+        if micro.ghost_errors:
+            error_sq = error_sq + torch.stack(micro.ghost_errors).square().sum(0)
+        upper = (sq + NORM_SLACK * slack).sqrt() + error_sq.sqrt() + STABILITY
+        scale = torch.where(torch.isfinite(upper), (self.max_grad_norm / upper).clamp(max=1.0), 0.0)
+        norms = sq.sqrt()
         self.per_example_norms = norms
         self._norm_parts.append(norms)
         self._scale_parts.append(scale)

@@ -9,7 +9,7 @@ from torch import nn
 
 from privacy import AddedParameter, PrivacyEngine
 from privacy.engine import check_matmul_precision
-from privacy.rules.base import Context, ghost_sq_norm, gram, operand, padded_tokens
+from privacy.rules.base import ClipFactors, Context, ghost_sq_norm, gram, operand, padded_tokens
 from privacy.rules.linear import linear_prepare
 from tests.privacy_helpers import (
     OddLayers,
@@ -334,7 +334,7 @@ def test_linear_weight_norm_and_sum_on_both_paths(tokens, out_features, in_featu
                               Context("cpu", reuse_memory=reuse_memory), buffers.__getitem__)
     assert prepared.plan.kind == kind
     torch.testing.assert_close(prepared.sq_norm, per_example.square().sum((1, 2)).float(), rtol=1e-5, atol=0)
-    prepared.accumulate(scale)
+    prepared.accumulate(ClipFactors(scale))
     expected = torch.einsum("b,bpd->pd", scale.double(), per_example).float()
     torch.testing.assert_close(buffers["weight"], expected, rtol=1e-5, atol=1e-6)
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from privacy.layers import AddedParameter
 from privacy.rules.base import FP32, Call, Prepared, Rule
-from privacy.rules.linear import per_example_prepared, total
+from privacy.rules.linear import rows_plan, total
 
 
 class AddedParameterRule(Rule):
@@ -33,4 +33,5 @@ class AddedParameterRule(Rule):
             dims = [d for d in range(1, g.dim()) if d not in weight_dims or w_shape[d - lead] == 1]
             summed = g.sum(dims, dtype=FP32) if dims else g.to(FP32, copy=True)
             parts.append(summed.reshape(g.shape[0], -1))
-        return per_example_prepared({"weight": total(parts)}, ctx, buffer_for)
+        rows = {"weight": total(parts)}
+        return Prepared(rows, plan=rows_plan(rows, ctx.device_type))

@@ -24,7 +24,7 @@ and pads them (:func:`operand`), which overflows the example's fp32 norm to
 inf, so it is still dropped, and multiplies by its clip factor 0 to exactly 0.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -89,22 +89,39 @@ class Context:
     reuse_memory: float = 1.0  # per-example gradient kept for the sum if <= this x the pair it replaces
 
 
+class ClipFactors:
+    """A micro-batch's clip factors: fp32 [b], 0 for dropped examples, and
+    their round-down to other dtypes, each computed once."""
+
+    def __init__(self, fp32: Tensor):
+        self.fp32 = fp32
+        self._in = {FP32: fp32}
+
+    def in_dtype(self, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._in:
+            self._in[dtype] = scale_in(self.fp32, dtype)
+        return self._in[dtype]
+
+
 @dataclass
 class Prepared:
     """One layer's share of a micro-batch, returned by :meth:`Rule.prepare`.
 
-    ``sq_norm``: fp32 [b] squared per-example gradient norms (None in the
-    two-pass mode's second pass). ``ghost_bound``: for a clipped sum formed by
-    a matmul whose smaller operand is scaled in ``operand_dtype``, fp32 [b]
-    ``B_i = sum_t ||g_it|| ||a_it||`` over the ``tokens`` rows of each example
-    (the engine's margin for the rounding of those products and of the fp32
-    norm arithmetic; see ``privacy/engine.py``); None where the per-example
-    gradient is kept in fp32-scaled form. ``accumulate(scale)`` adds
-    ``sum_i scale_i g_i`` to the layer's buffers.
+    ``rows``: name -> fp32 [b, *param shape] per-example gradients small
+    enough to keep (biases, norms, added tokens); the engine takes their norms
+    and their clipped sum for all layers at once (one matmul). The rest of the
+    layer's parameters: ``sq_norm`` fp32 [b] squared per-example norms (None in
+    the two-pass mode's second pass) and ``accumulate(factors)``, which adds
+    ``sum_i c_i g_i`` to their buffers. ``ghost_bound``: for a clipped sum
+    formed by a matmul over tokens whose smaller operand is scaled in
+    ``operand_dtype``, fp32 [b] ``B_i = sum_t ||g_it|| ||a_it||`` over the
+    ``tokens`` rows of each example (the engine's margin for the rounding of
+    those products and of the fp32 norm arithmetic; see ``privacy/engine.py``).
     """
 
-    accumulate: Callable[[Tensor], None]
+    rows: dict[str, Tensor] = field(default_factory=dict)
     sq_norm: Tensor | None = None
+    accumulate: Callable[["ClipFactors"], None] | None = None
     ghost_bound: Tensor | None = None
     operand_dtype: torch.dtype = FP32
     tokens: int = 1
@@ -138,11 +155,12 @@ class Rule:
         all have their output gradient), and what adding the clipped sum needs;
         the calls' tensors are released by the engine afterwards.
 
-        ``accumulate(scale)`` (fp32 [b]; 0 for dropped examples) must add
-        ``sum_i scale_i g_i`` to ``buffer_for(name)`` for each name, with
-        exactly nothing from dropped examples (see the module docstring). In
-        the two-pass mode's second pass (``ctx.norms`` False) the output
-        gradients already carry the clip factors and ``scale`` is 1 or 0."""
+        ``accumulate(factors)`` (a :class:`ClipFactors`; 0 for dropped
+        examples) must add ``sum_i c_i g_i`` to ``buffer_for(name)`` for each
+        name not in ``rows``, with exactly nothing from dropped examples (see
+        the module docstring). In the two-pass mode's second pass
+        (``ctx.norms`` False) the output gradients already carry the clip
+        factors and the factors are 1 or 0."""
         raise NotImplementedError
 
 
@@ -263,8 +281,8 @@ def finite_or_zero(t: Tensor) -> Tensor:
     return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def add_weighted_rows(buffer: Tensor, per_example: Tensor, scale: Tensor) -> None:
-    """``buffer += sum_i scale_i per_example[i]`` in fp32 (``per_example`` [b, ...],
+def add_weighted_rows(buffer: Tensor, per_example: Tensor, factors: ClipFactors) -> None:
+    """``buffer += sum_i c_i per_example[i]`` in fp32 (``per_example`` [b, ...],
     owned by the caller and cleaned of dropped examples' inf/nan here)."""
     rows = finite_or_zero(per_example).reshape(per_example.shape[0], -1)
-    buffer.add_(mm_fp32(scale_in(scale, rows.dtype).view(1, -1), rows).view_as(buffer))
+    buffer.add_(mm_fp32(factors.in_dtype(rows.dtype).view(1, -1), rows).view_as(buffer))

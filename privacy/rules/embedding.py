@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privacy.rules.base import FP32, Call, LayerPlan, Prepared, Rule, finite_or_zero, gram
+from privacy.rules.base import FP32, Call, ClipFactors, LayerPlan, Prepared, Rule, finite_or_zero, gram
 
 
 def total_tokens(parts: Sequence[Tensor]) -> Tensor:
@@ -54,11 +54,12 @@ class EmbeddingRule(Rule):
             bound = (gram_g.diagonal(dim1=1, dim2=2).sqrt() * real).sum(1)  # one-hot inputs: ||a_t|| = 1
             del gram_g, same
 
-        def accumulate(scale: Tensor) -> None:
-            weights = torch.where(real, scale[:, None], 0.0)  # [b, T]
+        def accumulate(factors: ClipFactors) -> None:
+            weights = torch.where(real, factors.fp32[:, None], 0.0)  # [b, T]
             rows = finite_or_zero(g.to(FP32) * weights[:, :, None])
             buffer_for("weight").index_add_(0, ids.reshape(-1), rows.reshape(-1, dim))
 
         plan = LayerPlan("ghost", 2 * b * tokens * tokens * dim, 4 * b * tokens * (tokens + 2 * dim),
                          b * tokens * dim * g.element_size(), 0.0)
-        return Prepared(accumulate, sq_norm=sq, ghost_bound=bound, operand_dtype=FP32, tokens=tokens, plan=plan)
+        return Prepared(sq_norm=sq, accumulate=accumulate, ghost_bound=bound, operand_dtype=FP32, tokens=tokens,
+                        plan=plan)

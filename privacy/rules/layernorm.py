@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from privacy.rules.base import FP32, Call, Prepared, Rule, cast
-from privacy.rules.linear import per_example_prepared, total
+from privacy.rules.linear import rows_plan, total
 
 
 class LayerNormRule(Rule):
@@ -41,4 +41,5 @@ class LayerNormRule(Rule):
                 parts["weight"].append((g.to(FP32) * xhat).sum(1))
             if "bias" in names:
                 parts["bias"].append(g.sum(1, dtype=FP32))
-        return per_example_prepared({name: total(values) for name, values in parts.items()}, ctx, buffer_for)
+        rows = {name: total(values) for name, values in parts.items()}
+        return Prepared(rows, plan=rows_plan(rows, ctx.device_type))

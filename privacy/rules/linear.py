@@ -31,6 +31,7 @@ from privacy.rules.base import (
     FP32,
     BufferFor,
     Call,
+    ClipFactors,
     Context,
     LayerPlan,
     Prepared,
@@ -47,7 +48,6 @@ from privacy.rules.base import (
     predicted_seconds,
     row_norm_products,
     sanitising_value,
-    scale_in,
 )
 
 
@@ -88,22 +88,12 @@ def total(values: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def per_example_prepared(rows: dict[str, Tensor], ctx: Context, buffer_for: BufferFor,
-                         plan: LayerPlan | None = None) -> Prepared:
-    """A layer whose per-example gradients (fp32 [b, ...] per name, owned here)
-    are small enough to form in its backward and keep for the sum."""
-    sq = sum(r.flatten(1).square().sum(1) for r in rows.values()) if ctx.norms else None
-    if plan is None:
-        b = next(iter(rows.values())).shape[0]
-        numel = sum(r[0].numel() for r in rows.values())
-        plan = LayerPlan("per_example", 2 * b * numel, 8 * b * numel, 4 * b * numel,
-                         predicted_seconds(ctx.device_type, 2 * b * numel, 8 * b * numel))
-
-    def accumulate(scale: Tensor) -> None:
-        for name, value in rows.items():
-            add_weighted_rows(buffer_for(name), value, scale)
-
-    return Prepared(accumulate, sq_norm=sq, plan=plan)
+def rows_plan(rows: dict[str, Tensor], device_type: str) -> LayerPlan:
+    """The plan of a layer whose per-example gradients are all small rows."""
+    b = next(iter(rows.values())).shape[0]
+    numel = sum(r[0].numel() for r in rows.values())
+    flops, nbytes = 2 * b * numel, 12 * b * numel  # the shared matmul; formed, copied, cleaned
+    return LayerPlan("per_example", flops, nbytes, 4 * b * numel, predicted_seconds(device_type, flops, nbytes))
 
 
 def linear_prepare(a_parts: Sequence[Tensor], g_parts: Sequence[Tensor], names: Sequence[str], ctx: Context,
@@ -118,33 +108,20 @@ def linear_prepare(a_parts: Sequence[Tensor], g_parts: Sequence[Tensor], names: 
     tokens = sum(a.shape[1] for a in a_parts)
     rows = {"bias": total([g.sum(1, dtype=FP32) for g in g_parts])} if "bias" in names else {}
     if "weight" not in names:
-        return per_example_prepared(rows, ctx, buffer_for)
-    weight = buffer_for("weight") if ctx.keep_sum else None
+        return Prepared(rows, plan=rows_plan(rows, ctx.device_type))
+    weight = buffer_for("weight").view(p, d) if ctx.keep_sum else None
 
     if not ctx.norms:  # two-pass, second pass: the plain sum of already scaled gradients
         a = operand(a_parts, dtype, tokens, fill=0.0, owned=owned_inputs).view(-1, d)
         g = operand(g_parts, dtype, tokens, fill=0.0).view(-1, p)
-        weight.view(p, d).add_(mm_fp32(g.T, a))
-
-        def add_rows(scale: Tensor) -> None:
-            for name, value in rows.items():
-                add_weighted_rows(buffer_for(name), value, scale)
-
-        return Prepared(add_rows, plan=LayerPlan("sum", 0, b * tokens * (p + d) * dtype.itemsize, 0, 0.0))
+        weight.add_(mm_fp32(g.T, a))
+        return Prepared(rows, plan=LayerPlan("sum", 0, b * tokens * (p + d) * dtype.itemsize, 0, 0.0))
 
     plan = plan_linear(b, tokens, p, d, dtype.itemsize, ctx.device_type, ctx.reuse_memory, "bias" in names)
     if plan.kind == "per_example":
         per_example = total([torch.bmm(g.transpose(1, 2), a) for g, a in zip(g_parts, a_parts)])  # [b, p, d]
         sq = torch.linalg.vector_norm(per_example.flatten(1), dim=1, dtype=FP32).square()
-        for value in rows.values():
-            sq = sq + value.square().sum(1)
-
-        def accumulate(scale: Tensor) -> None:
-            add_weighted_rows(weight.view(1, p, d), per_example, scale)
-            for name, value in rows.items():
-                add_weighted_rows(buffer_for(name), value, scale)
-
-        return Prepared(accumulate, sq_norm=sq, plan=plan)
+        return Prepared(rows, sq, lambda factors: add_weighted_rows(weight, per_example, factors), plan=plan)
 
     # ghost
     fill = sanitising_value(dtype)
@@ -156,21 +133,15 @@ def linear_prepare(a_parts: Sequence[Tensor], g_parts: Sequence[Tensor], names: 
     del gram_a, gram_g
     if fill is None:  # fp16: cleaned only now that the norm has seen the inf/nan
         finite_or_zero(a), finite_or_zero(g)
-    for value in rows.values():
-        sq = sq + value.square().sum(1)
 
-    def accumulate(scale: Tensor) -> None:
-        s = scale_in(scale, dtype).view(-1, 1, 1)
+    def accumulate(factors: ClipFactors) -> None:
+        s = factors.in_dtype(dtype).view(-1, 1, 1)
         if p <= d:
-            summed = mm_fp32((g * s).view(-1, p).T, a.view(-1, d))
+            weight.add_(mm_fp32((g * s).view(-1, p).T, a.view(-1, d)))
         else:
-            summed = mm_fp32(g.view(-1, p).T, (a * s).view(-1, d))
-        weight.view(p, d).add_(summed)
-        for name, value in rows.items():
-            add_weighted_rows(buffer_for(name), value, scale)
+            weight.add_(mm_fp32(g.view(-1, p).T, (a * s).view(-1, d)))
 
-    return Prepared(accumulate if ctx.keep_sum else None, sq_norm=sq, ghost_bound=bound,
-                    operand_dtype=dtype, tokens=tokens, plan=plan)
+    return Prepared(rows, sq, accumulate if ctx.keep_sum else None, bound, dtype, tokens, plan)
 
 
 class LinearRule(Rule):
