@@ -133,8 +133,8 @@ class _MicroBatch:
     ctx: Context
     keep: ClipFactors | None = None  # two-pass second pass: the factors are in the gradients; 1 kept, 0 dropped
     sq_norms: list[Tensor] = field(default_factory=list)  # per layer, its parameters not in rows
-    ghost_sq_bounds: list[Tensor] = field(default_factory=list)  # B_iL^2: the norm margin of ghost layers
-    ghost_errors: list[Tensor] = field(default_factory=list)  # (u + T 2^-24) B_iL: their rounding margin
+    # B_iL of ghost layers by their rounding unit u + T 2^-24 (few distinct): the margins' terms
+    ghost_bounds: dict[float, list[Tensor]] = field(default_factory=dict)
     rows: list[tuple[nn.Module, str, Tensor]] = field(default_factory=list)  # small per-example gradients
     sums: list = field(default_factory=list)  # the layers' accumulate(factors) for the rest
 
@@ -142,11 +142,9 @@ class _MicroBatch:
         self.rows += [(module, name, value) for name, value in prepared.rows.items()]
         if self.ctx.norms and prepared.sq_norm is not None:
             self.sq_norms.append(prepared.sq_norm)
-            bound = prepared.ghost_bound
-            if bound is not None:
-                self.ghost_sq_bounds.append(bound.square())
+            if prepared.ghost_bound is not None:
                 u = unit_roundoff(prepared.operand_dtype) + prepared.tokens * U32
-                self.ghost_errors.append(bound * (u * BOUND_SLACK))
+                self.ghost_bounds.setdefault(u, []).append(prepared.ghost_bound)
         if prepared.accumulate is not None:
             if self.keep is not None:  # nothing left to wait for
                 prepared.accumulate(self.keep)
@@ -159,17 +157,29 @@ class _MicroBatch:
             return None
         return torch.cat([value.reshape(self.batch, -1) for _, _, value in self.rows], 1)
 
-    def add_rows(self, flat: Tensor, factors: ClipFactors, buffer_for) -> None:
+    def add_rows(self, flat: Tensor, factors: ClipFactors, add_sum) -> None:
         """The clipped sums of all small per-example gradients: one matmul."""
         summed = mm_fp32(factors.fp32.view(1, -1), finite_or_zero(flat)).view(-1)
-        parts = summed.split([value[0].numel() for _, _, value in self.rows])
+        parts = summed.split([value.shape[1:].numel() for _, _, value in self.rows])
         for (module, name, _), part in zip(self.rows, parts):
-            buffer = buffer_for(module, name)
-            buffer.add_(part.view_as(buffer))
+            add_sum(module, name, part)
 
 
 def _total(parts: list[Tensor], batch: int, device: torch.device) -> Tensor:
     return torch.stack(parts).sum(0) if parts else torch.zeros(batch, dtype=FP32, device=device)
+
+
+class _LayerSums:
+    """One layer's view of the engine's clipped sums (privacy.rules.base.Sums)."""
+
+    def __init__(self, engine: "PrivacyEngine", module: nn.Module, device: torch.device):
+        self.engine, self.module, self.device = engine, module, device
+
+    def add(self, name: str, value: Tensor) -> None:
+        self.engine._add_sum(self.module, name, value)
+
+    def buffer(self, name: str) -> Tensor:
+        return self.engine._buffer(self.module, name, self.device)
 
 
 class _BookkeptCall(torch.autograd.Function):
@@ -408,7 +418,7 @@ class PrivacyEngine:
                 for accumulate in micro.sums:
                     accumulate(factors)
                 if flat is not None:
-                    micro.add_rows(flat, factors, lambda module, name: self._buffer(module, name, micro.device))
+                    micro.add_rows(flat, factors, self._add_sum)
         return scale
 
     def _on_grad(self, target: _Target, call: Call, grad: Tensor) -> None:
@@ -432,7 +442,7 @@ class PrivacyEngine:
         micro = self._micro
         calls = [call for call in target.calls if call.grad is not None]
         prepared = target.rule.prepare(target.module, target.names, calls, micro.ctx,
-                                       lambda name, target=target: self._buffer(target.module, name, micro.device))
+                                       _LayerSums(self, target.module, micro.device))
         target.done = True
         micro.add(target.module, prepared)
         if micro.ctx.norms:
@@ -459,11 +469,13 @@ class PrivacyEngine:
         margins are described in the module docstring."""
         b, device = micro.batch, micro.device
         parts = micro.sq_norms + ([flat.square().sum(1)] if flat is not None else [])
-        sq = _total(parts, b, device)
-        slack = sq + _total(micro.ghost_sq_bounds, b, device)
-        error_sq = sq * U32**2
-        if micro.ghost_errors:
-            error_sq = error_sq + torch.stack(micro.ghost_errors).square().sum(0)
+        sq = _total(parts, b, device).clamp_min(0.0)  # a ghost norm of cancelling tokens may round below 0
+        slack, error_sq = sq, sq * U32**2
+        for u, bounds in micro.ghost_bounds.items():
+            sq_bounds = _total([bound.square() for bound in bounds], b, device) if len(bounds) < 2 else \
+                torch.stack(bounds).square().sum(0)
+            slack = slack + sq_bounds
+            error_sq = error_sq + sq_bounds * (u * BOUND_SLACK) ** 2
         upper = (sq + NORM_SLACK * slack).sqrt() + error_sq.sqrt() + STABILITY
         scale = torch.where(torch.isfinite(upper), (self.max_grad_norm / upper).clamp(max=1.0), 0.0)
         norms = sq.sqrt()
@@ -490,6 +502,15 @@ class PrivacyEngine:
             self._sums[key] = torch.zeros(tuple(getattr(module, name).shape), dtype=FP32, device=device)
         return self._sums[key]
 
+    def _add_sum(self, module: nn.Module, name: str, value: Tensor) -> None:
+        """The step's first sum of a parameter is kept as it is (no zeros, no add)."""
+        key = (module, name)
+        summed = self._sums.get(key)
+        if summed is None:
+            self._sums[key] = value.view(tuple(getattr(module, name).shape))
+        else:
+            summed.add_(value.view_as(summed))
+
     # -- the logical step ---------------------------------------------------
 
     @torch.no_grad()
@@ -509,10 +530,11 @@ class PrivacyEngine:
                 if std > 0:
                     generator = generators.get(local.device) or self._generator(local.device, len(generators))
                     generators[local.device] = generator
-                    local = local + std * torch.randn(
-                        local.shape, generator=generator, dtype=FP32, device=local.device
-                    )
-                self.reducer.assign(param, local / self.expected_batch_size)
+                    noise = torch.randn(local.shape, generator=generator, dtype=FP32, device=local.device)
+                    local = torch.add(local, noise, alpha=std).div_(self.expected_batch_size)
+                else:
+                    local = local / self.expected_batch_size
+                self.reducer.assign(param, local)
         self._step += 1
         stats = self._step_stats()
         self._reset_step_stats()

@@ -329,9 +329,14 @@ def test_linear_weight_norm_and_sum_on_both_paths(tokens, out_features, in_featu
     scale = torch.rand(4, generator=generator)
     per_example = torch.einsum("btp,btd->bpd", g.double(), a.double())
     buffers = {"weight": torch.zeros(out_features, in_features)}
+
+    class Sums:
+        def add(self, name, value):
+            buffers[name] += value.view_as(buffers[name])
+
     split = max(1, tokens // 2)
     prepared = linear_prepare([a[:, :split], a[:, split:]], [g[:, :split], g[:, split:]], ["weight"],
-                              Context("cpu", reuse_memory=reuse_memory), buffers.__getitem__)
+                              Context("cpu", reuse_memory=reuse_memory), Sums())
     assert prepared.plan.kind == kind
     torch.testing.assert_close(prepared.sq_norm, per_example.square().sum((1, 2)).float(), rtol=1e-5, atol=0)
     prepared.accumulate(ClipFactors(scale))

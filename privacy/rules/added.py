@@ -23,7 +23,7 @@ class AddedParameterRule(Rule):
         x_shape, x_dtype, _ = call.saved
         return grad.sum_to_size(x_shape).to(x_dtype)
 
-    def prepare(self, module, names, calls, ctx, buffer_for) -> Prepared:
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
         parts = []
         for call in calls:
             w_shape = call.saved[2]

@@ -25,7 +25,7 @@ inf, so it is still dropped, and multiplies by its clip factor 0 to exactly 0.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,14 @@ from torch import Tensor, nn
 FP32 = torch.float32
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-# name -> the fp32 full-shape buffer the clipped sum of that parameter goes into
-BufferFor = Callable[[str], Tensor]
+class Sums(Protocol):
+    """Where one layer's clipped sums go: one fp32 tensor per parameter, kept by the engine."""
+
+    def add(self, name: str, value: Tensor) -> None:
+        """Add ``value`` (fp32, the parameter's numel; the engine may keep it as is) to its sum."""
+
+    def buffer(self, name: str) -> Tensor:
+        """The parameter's fp32 full-shape sum, to add into in place (zeros at first)."""
 
 
 @dataclass(eq=False)
@@ -150,14 +156,14 @@ class Rule:
         raise NotImplementedError
 
     def prepare(self, module: nn.Module, names: Sequence[str], calls: Sequence[Call], ctx: Context,
-                buffer_for: BufferFor) -> Prepared:
+                sums: Sums) -> Prepared:
         """Per-example norms of the parameters ``names`` over ``calls`` (which
         all have their output gradient), and what adding the clipped sum needs;
         the calls' tensors are released by the engine afterwards.
 
         ``accumulate(factors)`` (a :class:`ClipFactors`; 0 for dropped
-        examples) must add ``sum_i c_i g_i`` to ``buffer_for(name)`` for each
-        name not in ``rows``, with exactly nothing from dropped examples (see
+        examples) must add ``sum_i c_i g_i`` to ``sums`` for each name not in
+        ``rows``, with exactly nothing from dropped examples (see
         the module docstring). In the two-pass mode's second pass
         (``ctx.norms`` False) the output gradients already carry the clip
         factors and the factors are 1 or 0."""
@@ -254,7 +260,7 @@ def operand(parts: Sequence[Tensor], dtype: torch.dtype, tokens: int, fill: floa
     out = torch.empty(first.shape[0], tokens, first.shape[-1], dtype=dtype, device=first.device)
     start = 0
     for part in parts:
-        view = out[:, start:start + part.shape[1]]
+        view = out if part.shape[1] == tokens else out[:, start:start + part.shape[1]]
         if fill is not None and part.dtype == dtype:
             torch.nan_to_num(part, nan=fill, posinf=fill, neginf=-fill, out=view)
         else:
@@ -281,8 +287,8 @@ def finite_or_zero(t: Tensor) -> Tensor:
     return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def add_weighted_rows(buffer: Tensor, per_example: Tensor, factors: ClipFactors) -> None:
-    """``buffer += sum_i c_i per_example[i]`` in fp32 (``per_example`` [b, ...],
-    owned by the caller and cleaned of dropped examples' inf/nan here)."""
+def weighted_rows(per_example: Tensor, factors: ClipFactors) -> Tensor:
+    """fp32 [numel]: ``sum_i c_i per_example[i]`` (``per_example`` [b, ...], owned
+    by the caller and cleaned of dropped examples' inf/nan here)."""
     rows = finite_or_zero(per_example).reshape(per_example.shape[0], -1)
-    buffer.add_(mm_fp32(factors.in_dtype(rows.dtype).view(1, -1), rows).view_as(buffer))
+    return mm_fp32(factors.in_dtype(rows.dtype).view(1, -1), rows).view(-1)

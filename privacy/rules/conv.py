@@ -55,7 +55,7 @@ class Conv2dRule(Rule):
             x.shape, weight, grad.to(weight.dtype), module.stride, self._padding(module), module.dilation
         )
 
-    def prepare(self, module, names, calls, ctx, buffer_for) -> Prepared:
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
         def patches(call: Call) -> Tensor:
             x = call.saved[0]
             if _is_patch_embedding(module):
@@ -68,4 +68,4 @@ class Conv2dRule(Rule):
         # the patches are a copy of the input unless one patch covers the whole image
         owned = all(c.untyped_storage().data_ptr() != call.saved[0].untyped_storage().data_ptr()
                     for c, call in zip(cols, calls))
-        return linear_prepare(cols, grads, names, ctx, buffer_for, owned_inputs=owned)
+        return linear_prepare(cols, grads, names, ctx, sums, owned_inputs=owned)

@@ -41,7 +41,7 @@ class EmbeddingRule(Rule):
     def grad_input(self, module, call: Call, grad: Tensor) -> None:
         return None  # token ids have no gradient
 
-    def prepare(self, module, names, calls, ctx, buffer_for) -> Prepared:
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
         ids = total_tokens([c.saved.reshape(c.saved.shape[0], -1) for c in calls])  # [b, T]
         g = total_tokens([c.grad.reshape(c.grad.shape[0], -1, c.grad.shape[-1]) for c in calls])  # [b, T, D]
         real = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
@@ -50,14 +50,14 @@ class EmbeddingRule(Rule):
         if ctx.norms:
             gram_g = gram(g)
             same = (ids[:, :, None] == ids[:, None, :]) & real[:, :, None] & real[:, None, :]
-            sq = (gram_g * same).sum((1, 2)).clamp_min(0.0)
+            sq = (gram_g * same).sum((1, 2))
             bound = (gram_g.diagonal(dim1=1, dim2=2).sqrt() * real).sum(1)  # one-hot inputs: ||a_t|| = 1
             del gram_g, same
 
         def accumulate(factors: ClipFactors) -> None:
             weights = torch.where(real, factors.fp32[:, None], 0.0)  # [b, T]
             rows = finite_or_zero(g.to(FP32) * weights[:, :, None])
-            buffer_for("weight").index_add_(0, ids.reshape(-1), rows.reshape(-1, dim))
+            sums.buffer("weight").index_add_(0, ids.reshape(-1), rows.reshape(-1, dim))
 
         plan = LayerPlan("ghost", 2 * b * tokens * tokens * dim, 4 * b * tokens * (tokens + 2 * dim),
                          b * tokens * dim * g.element_size(), 0.0)

@@ -29,7 +29,7 @@ class LayerNormRule(Rule):
         )
         return grad_x.to(in_dtype)
 
-    def prepare(self, module, names, calls, ctx, buffer_for) -> Prepared:
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
         n = module.weight.numel() if module.weight is not None else module.bias.numel()
         parts: dict[str, list[Tensor]] = {name: [] for name in names}
         for call in calls:

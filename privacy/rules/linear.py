@@ -29,14 +29,13 @@ import torch.nn.functional as F
 
 from privacy.rules.base import (
     FP32,
-    BufferFor,
     Call,
     ClipFactors,
     Context,
     LayerPlan,
     Prepared,
     Rule,
-    add_weighted_rows,
+    Sums,
     cast,
     compute_dtype,
     finite_or_zero,
@@ -48,6 +47,7 @@ from privacy.rules.base import (
     predicted_seconds,
     row_norm_products,
     sanitising_value,
+    weighted_rows,
 )
 
 
@@ -91,13 +91,13 @@ def total(values: Sequence[Tensor]) -> Tensor:
 def rows_plan(rows: dict[str, Tensor], device_type: str) -> LayerPlan:
     """The plan of a layer whose per-example gradients are all small rows."""
     b = next(iter(rows.values())).shape[0]
-    numel = sum(r[0].numel() for r in rows.values())
+    numel = sum(r.shape[1:].numel() for r in rows.values())
     flops, nbytes = 2 * b * numel, 12 * b * numel  # the shared matmul; formed, copied, cleaned
     return LayerPlan("per_example", flops, nbytes, 4 * b * numel, predicted_seconds(device_type, flops, nbytes))
 
 
 def linear_prepare(a_parts: Sequence[Tensor], g_parts: Sequence[Tensor], names: Sequence[str], ctx: Context,
-                   buffer_for: BufferFor, owned_inputs: bool = False) -> Prepared:
+                   sums: Sums, owned_inputs: bool = False) -> Prepared:
     """Weight [p, d] (viewed so: a conv's is [out, C, k, k]) and bias [p] of a
     layer that is a Linear on token rows: ``a_parts`` [b, T_k, d] (the
     caller's own copies if ``owned_inputs``) and ``g_parts`` [b, T_k, p], one
@@ -109,26 +109,25 @@ def linear_prepare(a_parts: Sequence[Tensor], g_parts: Sequence[Tensor], names: 
     rows = {"bias": total([g.sum(1, dtype=FP32) for g in g_parts])} if "bias" in names else {}
     if "weight" not in names:
         return Prepared(rows, plan=rows_plan(rows, ctx.device_type))
-    weight = buffer_for("weight").view(p, d) if ctx.keep_sum else None
-
     if not ctx.norms:  # two-pass, second pass: the plain sum of already scaled gradients
         a = operand(a_parts, dtype, tokens, fill=0.0, owned=owned_inputs).view(-1, d)
         g = operand(g_parts, dtype, tokens, fill=0.0).view(-1, p)
-        weight.add_(mm_fp32(g.T, a))
+        sums.add("weight", mm_fp32(g.T, a))
         return Prepared(rows, plan=LayerPlan("sum", 0, b * tokens * (p + d) * dtype.itemsize, 0, 0.0))
 
     plan = plan_linear(b, tokens, p, d, dtype.itemsize, ctx.device_type, ctx.reuse_memory, "bias" in names)
     if plan.kind == "per_example":
         per_example = total([torch.bmm(g.transpose(1, 2), a) for g, a in zip(g_parts, a_parts)])  # [b, p, d]
         sq = torch.linalg.vector_norm(per_example.flatten(1), dim=1, dtype=FP32).square()
-        return Prepared(rows, sq, lambda factors: add_weighted_rows(weight, per_example, factors), plan=plan)
+        return Prepared(rows, sq, lambda factors: sums.add("weight", weighted_rows(per_example, factors)),
+                        plan=plan)
 
     # ghost
     fill = sanitising_value(dtype)
     padded = padded_tokens(tokens, ctx.device_type)
     a, g = operand(a_parts, dtype, padded, fill, owned=owned_inputs), operand(g_parts, dtype, padded, fill)
     gram_a, gram_g = gram(a), gram(g)
-    sq = ghost_sq_norm(gram_a, gram_g).clamp_min(0.0)  # rounding may leave a cancelled norm below 0
+    sq = ghost_sq_norm(gram_a, gram_g)  # may round below 0 if tokens cancel: the engine clamps the total
     bound = row_norm_products(gram_a, gram_g)
     del gram_a, gram_g
     if fill is None:  # fp16: cleaned only now that the norm has seen the inf/nan
@@ -137,9 +136,9 @@ def linear_prepare(a_parts: Sequence[Tensor], g_parts: Sequence[Tensor], names: 
     def accumulate(factors: ClipFactors) -> None:
         s = factors.in_dtype(dtype).view(-1, 1, 1)
         if p <= d:
-            weight.add_(mm_fp32((g * s).view(-1, p).T, a.view(-1, d)))
+            sums.add("weight", mm_fp32((g * s).view(-1, p).T, a.view(-1, d)))
         else:
-            weight.add_(mm_fp32(g.view(-1, p).T, (a * s).view(-1, d)))
+            sums.add("weight", mm_fp32(g.view(-1, p).T, (a * s).view(-1, d)))
 
     return Prepared(rows, sq, accumulate if ctx.keep_sum else None, bound, dtype, tokens, plan)
 
@@ -155,6 +154,6 @@ class LinearRule(Rule):
         _, weight = call.saved
         return grad.to(weight.dtype) @ weight
 
-    def prepare(self, module, names, calls, ctx, buffer_for) -> Prepared:
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
         return linear_prepare([tokens_view(c.saved[0]) for c in calls], [tokens_view(c.grad) for c in calls],
-                              names, ctx, buffer_for)
+                              names, ctx, sums)
