@@ -533,3 +533,26 @@ def test_dropped_examples_contribute_exactly_nothing(kind, dtype):
     for name, value in dropped.items():
         assert torch.isfinite(value).all(), name
         torch.testing.assert_close(value, alone[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_value_seen_only_by_a_ghost_layer_is_dropped(dtype, bad):
+    """The Gram path sanitises its operands before the norm (fused with the copy
+    that stacks and pads them): the example must still come out non-finite,
+    counted and contributing nothing."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 24, bias=False).to(dtype)  # 6 tokens: ghost
+    x = torch.randn(4, 6, 16).to(dtype)
+    x[1, 2, 3] = bad
+    engine = PrivacyEngine(model, 1.0, 0.0, 1.0, seed=0)
+    engine.backward(model(x).float().square().sum((1, 2)))
+    assert engine.plan[""].kind == "ghost"
+    stats = engine.finish_step()
+    assert stats["skipped_nonfinite"] == 1
+    alone = nn.Linear(16, 24, bias=False).to(dtype)
+    alone.load_state_dict(model.state_dict())
+    other = PrivacyEngine(alone, 1.0, 0.0, 1.0, seed=0)
+    other.backward(alone(x[[0, 2, 3]]).float().square().sum((1, 2)))
+    other.finish_step()
+    torch.testing.assert_close(model.weight.grad, alone.weight.grad, rtol=0, atol=0)
