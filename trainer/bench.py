@@ -2,6 +2,7 @@
 
     python -m privacy.bench --suite                 # the same as: python -m trainer.bench --suite
     python -m trainer.bench --suite --out bench/    # + bench.json, bench.md, bench.png in bench/
+    python -m trainer.bench --suite cpu-large       # ViT-B/16 and dpcap_base on a CPU (FLOPs, memory)
     python -m trainer.bench --model vit_b16 --batch 128 --dtype bf16 --device cuda
     python -m trainer.bench --model dpcap_nano --batch 8 --set img_size=64 --methods non_private,engine
 
@@ -77,14 +78,18 @@ class Case:
         return f"{self.model}{size}{extra}, batch {self.batch}, {self.dtype}"
 
 
-# the issue's CPU figures (fp32, small enough for a 2-core machine), and the GPU goal
+# the issue's CPU figures (fp32, small enough for a 2-core machine: a few minutes), the
+# targets' large models on a CPU (FLOPs and memory; slow), and the GPU goal
 SUITES = {
     "cpu": [
         Case("vit_tiny", 32, img_size=64),   # 17 tokens
         Case("vit_tiny", 16, img_size=224),  # 197 tokens
         Case("vit_small", 8, img_size=224),
+    ],
+    "cpu-large": [
         Case("vit_b16", 2, img_size=224, steps=1),
         Case("dpcap_base", 2, steps=1),
+        Case("vit_b16", 16, img_size=224, steps=0),  # counted only: memory where activations dominate
     ],
     "cuda": [
         Case("vit_b16", 128, img_size=224, dtype="bf16"),
@@ -190,7 +195,7 @@ def _optimizer(params, device: torch.device) -> torch.optim.Optimizer:
 
 
 def make_method(name: str, model: nn.Module, inputs: tuple, batch: int, device: torch.device,
-                autocast, compile_model: bool = False) -> Method:
+                autocast, compile_model: bool = False, reuse_memory: float = 1.0) -> Method:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, device)
 
@@ -212,7 +217,8 @@ def make_method(name: str, model: nn.Module, inputs: tuple, batch: int, device: 
         return Method(step)
 
     if name in ("engine", "two_pass"):
-        engine = PrivacyEngine(model, MAX_GRAD_NORM, NOISE_MULTIPLIER, batch, seed=0, two_pass=name == "two_pass")
+        engine = PrivacyEngine(model, MAX_GRAD_NORM, NOISE_MULTIPLIER, batch, seed=0, two_pass=name == "two_pass",
+                               reuse_memory=reuse_memory)
 
         def step(counts=None):
             loss = forward(model, counts)
@@ -273,7 +279,7 @@ def opacus_available() -> bool:
 # ----------------------------------------------------------------------------- running
 
 def run_case(case: Case, methods: list[str], device: torch.device, steps: int, warmup: int,
-             peak_tflops: float, compile_model: bool = False) -> dict:
+             peak_tflops: float, compile_model: bool = False, reuse_memory: float = 1.0) -> dict:
     """Every method on one case, each on its own copy of the same model, timed
     round-robin; a method that does not fit in memory is reported, not fatal."""
     torch.manual_seed(0)
@@ -289,7 +295,7 @@ def run_case(case: Case, methods: list[str], device: torch.device, steps: int, w
     for name in methods:
         try:
             built[name] = make_method(name, copy.deepcopy(prototype), inputs, case.batch, device, autocast,
-                                      compile_model and name == "non_private")
+                                      compile_model and name == "non_private", reuse_memory)
             built[name].step()  # a first step apart: one that does not fit fails here, alone
         except torch.cuda.OutOfMemoryError as error:
             result["methods"][name] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
@@ -428,8 +434,8 @@ def _overrides(items: list[str]) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", action="store_true",
-                   help="the standard cases for --device (" + "; ".join(
+    p.add_argument("--suite", nargs="?", const="", default=None, choices=["", *SUITES],
+                   help="standard cases: alone, those of --device (cpu or cuda); or a name (" + "; ".join(
                        f"{d}: " + ", ".join(c.label for c in cases) for d, cases in SUITES.items()) + ")")
     p.add_argument("--model", default="vit_tiny", help="a models.create_model or timm name (vit_b16, vit_small...)")
     p.add_argument("--batch", type=int, default=8, help="micro-batch: examples per step")
@@ -447,6 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=797.0,
                    help="the device's matrix rate for MFU (797: an H100's measured bf16 8192^3 rate)")
     p.add_argument("--compile", action="store_true", help="torch.compile the non-private model")
+    p.add_argument("--reuse-memory", type=float, default=1.0,
+                   help="the engine's reuse_memory: per-example gradients kept where <= this x their (a, g) pair")
     p.add_argument("--out", type=Path, default=None, help="folder for bench.json, bench.md, bench.png")
     return p.parse_args(argv)
 
@@ -461,15 +469,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not opacus_available():
         logger.warning("Opacus is not installed (pip install -e '.[dev]'): its methods are skipped")
         methods = [m for m in methods if not m.startswith("opacus")]
-    if args.suite:
-        cases = SUITES["cuda" if device.type == "cuda" else "cpu"]
+    if args.suite is not None:
+        cases = SUITES[args.suite or ("cuda" if device.type == "cuda" else "cpu")]
         if args.dtype:
             cases = [dataclasses.replace(c, dtype=args.dtype) for c in cases]
     else:
         dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         cases = [Case(args.model, args.batch, args.img_size, dtype, _overrides(args.set))]
-    results = [run_case(c, methods, device, args.steps, args.warmup, args.peak_tflops, args.compile)
-               for c in cases]
+    results = [run_case(c, methods, device, args.steps, args.warmup, args.peak_tflops, args.compile,
+                        args.reuse_memory) for c in cases]
     table = markdown(results)
     plans = "\n".join(filter(None, (plan_markdown(r) for r in results)))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
