@@ -281,7 +281,9 @@ def opacus_available() -> bool:
 def run_case(case: Case, methods: list[str], device: torch.device, steps: int, warmup: int,
              peak_tflops: float, compile_model: bool = False, reuse_memory: float = 1.0) -> dict:
     """Every method on one case, each on its own copy of the same model, timed
-    round-robin; a method that does not fit in memory is reported, not fatal."""
+    round-robin (with more than one timed step; otherwise one method at a time,
+    so that only one copy of a large model and its optimizer state is alive);
+    a method that does not fit in memory is reported, not fatal."""
     torch.manual_seed(0)
     prototype, make_inputs = build_model(case)
     prototype.to(device)
@@ -291,32 +293,42 @@ def run_case(case: Case, methods: list[str], device: torch.device, steps: int, w
               "dtype": case.dtype, "overrides": case.overrides, "device_type": device.type,
               "trainable_params": sum(p.numel() for p in prototype.parameters() if p.requires_grad),
               "methods": {}}
-    built: dict[str, Method] = {}
-    for name in methods:
+    steps = case.steps if case.steps is not None else steps
+
+    def build(name: str) -> Method | None:
         try:
-            built[name] = make_method(name, copy.deepcopy(prototype), inputs, case.batch, device, autocast,
-                                      compile_model and name == "non_private", reuse_memory)
-            built[name].step()  # a first step apart: one that does not fit fails here, alone
+            method = make_method(name, copy.deepcopy(prototype), inputs, case.batch, device, autocast,
+                                 compile_model and name == "non_private", reuse_memory)
+            method.step()  # a first step apart: one that does not fit fails here, alone
+            return method
         except torch.cuda.OutOfMemoryError as error:
             result["methods"][name] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
-            built.pop(name, None)
             torch.cuda.empty_cache()
-    steps = case.steps if case.steps is not None else steps
-    timed = time_steps({name: method.step for name, method in built.items()}, steps, warmup, device) \
-        if steps else {name: {} for name in built}
-    for name, method in built.items():
+            return None
+
+    def report(name: str, method: Method, timed: dict) -> None:
         with count_step() as counts:
             method.step(counts)
-        figures = {**timed[name], **counts.summary(), **method.info(),
-                   "gflop_per_example": counts.flops / case.batch / 1e9}
+        figures = {**timed, **counts.summary(), **method.info(), "gflop_per_example": counts.flops / case.batch / 1e9}
         if steps:
-            figures["examples_per_s"] = case.batch / timed[name]["seconds"]
-            figures["examples_per_cpu_s"] = case.batch / timed[name]["cpu_seconds"]
-            figures["tflop_per_s"] = counts.flops / timed[name]["seconds"] / 1e12
+            figures["examples_per_s"] = case.batch / timed["seconds"]
+            figures["examples_per_cpu_s"] = case.batch / timed["cpu_seconds"]
+            figures["tflop_per_s"] = counts.flops / timed["seconds"] / 1e12
             figures["mfu"] = figures["tflop_per_s"] / peak_tflops
         method.close()
         result["methods"][name] = figures
         logger.info("%s | %s: %s", case.label, name, _one_line(figures))
+
+    if steps > 1:
+        built = {name: method for name in methods if (method := build(name)) is not None}
+        timed = time_steps({name: method.step for name, method in built.items()}, steps, warmup, device)
+        for name, method in built.items():
+            report(name, method, timed[name])
+    else:
+        for name in methods:
+            if (method := build(name)) is not None:
+                report(name, method, time_steps({name: method.step}, steps, warmup, device)[name] if steps else {})
+                del method
     result["methods"] = {m: result["methods"][m] for m in methods if m in result["methods"]}
     _add_ratios(result)
     return result
