@@ -43,21 +43,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 aten = torch.ops.aten
 
-# matrix products: their bytes are part of the matmul's cost, not extra passes
-MATMUL_OPS = {
-    aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.addbmm.default,
-    aten.mv.default, aten.addmv.default, aten.dot.default, aten.convolution.default,
-    aten.convolution_backward.default, aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_flash_attention_backward.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_efficient_attention_backward.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-}
-for _name in ("mm", "bmm"):  # fp32-output products of bf16 inputs (CUDA)
-    _packet = getattr(aten, _name)
-    if "dtype" in _packet.overloads():
-        MATMUL_OPS.add(_packet.dtype)
+# matrix products: their bytes are part of the matmul's cost, not extra passes (by name: a
+# torch version that lacks one of the attention kernels simply does not have it to count)
+_MATMUL_NAMES = (
+    "mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "convolution", "convolution_backward",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+)
+MATMUL_OPS = {getattr(getattr(aten, name), overload) for name in _MATMUL_NAMES if hasattr(aten, name)
+              for overload in getattr(aten, name).overloads()}
 
 # operators whose result the host must read before it can go on
 SYNC_OPS = {
