@@ -47,40 +47,42 @@ def within(contributions: torch.Tensor, max_norm: float, margins: bool) -> None:
     assert (worst <= 1.0) if margins else (worst > 1.0), worst
 
 
-def row_contributions(x, w, max_norm, autocast):
+def row_contributions(x, w, max_norm, autocast, dtype=torch.bfloat16):
     """The clipped sum's rows (float64 norms): example i's gradient lives in row i."""
     model = Probe(x.shape[-1])
     engine = PrivacyEngine(model, max_norm, 0.0, 1.0, seed=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
         engine.backward(model(x, w))
     kinds = {plan.kind for plan in engine.plan.values()}
     engine.finish_step()
     return model.linear.weight.grad.double().norm(dim=1), engine.per_example_norms.double(), kinds
 
 
-def bf16_values(start: float, count: int) -> torch.Tensor:
-    """``count`` consecutive bf16 numbers from ``start`` up (all mantissas of a binade)."""
-    first = torch.tensor(start, dtype=torch.bfloat16)
+def consecutive_values(start: float, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """``count`` consecutive ``dtype`` numbers from ``start`` up (as fp32)."""
+    first = torch.tensor(start, dtype=dtype)
     values = [first]
     for _ in range(count - 1):
-        values.append(torch.nextafter(values[-1], torch.tensor(math.inf, dtype=torch.bfloat16)))
+        values.append(torch.nextafter(values[-1], torch.tensor(math.inf, dtype=dtype)))
     return torch.stack(values).float()
 
 
-def test_products_at_rounding_boundaries_stay_within_c_in_bf16(margins):
+@pytest.mark.parametrize("dtype, count", [(torch.bfloat16, 128), (torch.float16, 256)])
+def test_products_at_rounding_boundaries_stay_within_c_in_low_precision(margins, dtype, count):
     """Example i: 4 identical tokens, activation all ones, output gradient v_i at
     row i only. Its clipped products fl(c_i v_i) each round the same way, so
-    with 128 mantissas of v_i some round up by nearly 2^-8: measured 1.0026 C
-    without the margins, 0.9961 C with them."""
-    b, tokens = 128, 4
-    v = bf16_values(1.0, b)  # every bf16 mantissa in [1, 2)
+    among many mantissas of v_i some round up by nearly the unit roundoff
+    (2^-8 bf16, 2^-11 fp16): measured 1.0026 C (bf16) and 1.00016 C (fp16)
+    without the margins, 0.9961 C and 0.9993 C with them."""
+    b, tokens = count, 4
+    v = consecutive_values(1.0, b, dtype)  # bf16: every mantissa in [1, 2); fp16: a quarter of them
     x = torch.ones(b, tokens, b)
     w = torch.zeros(b, tokens, b)
     w[torch.arange(b), :, torch.arange(b)] = v[:, None]
     norm_of_one = tokens * math.sqrt(b)  # ||G_i|| = tokens v_i sqrt(d)
     max_norm = 0.3 * norm_of_one  # every example clipped, c_i in (0.15, 0.3]
-    rows, norms, kinds = row_contributions(x, w, max_norm, autocast=True)
-    assert kinds == {"ghost"}  # the scaled-operand matmul, where bf16 products round
+    rows, norms, kinds = row_contributions(x, w, max_norm, autocast=True, dtype=dtype)
+    assert kinds == {"ghost"}  # the scaled-operand matmul, where low-precision products round
     torch.testing.assert_close(norms, v.double() * norm_of_one, rtol=1e-6, atol=0)
     within(rows, max_norm, margins)
     # what the margin costs: clip factor rounded down, margin 2^-8, products rounded down
