@@ -496,7 +496,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"cpu ({torch.get_num_threads()} threads)"
     report = f"device: {device_name}, torch {torch.__version__}\n\n{table}\n\nengine plans:\n{plans}\n"
     print(report)
-    print(json.dumps(results))
+    # one JSON line of the figures; the engine's per-layer plans go to bench.json only
+    print(json.dumps([{**r, "methods": {m: {k: v for k, v in f.items() if k != "plan"}
+                                         for m, f in r["methods"].items()}} for r in results]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps({"device": device_name, "results": results}, indent=1))
