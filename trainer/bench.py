@@ -385,9 +385,10 @@ def markdown(results: list[dict]) -> str:
             held = (f"{f['live_after_backward'] / 2**20:.0f} ({f['held_after_backward_ratio']:.2f}x)"
                     if f.get("live_after_backward") is not None else "")
             peak = f.get("cuda_peak_bytes", f["peak_live_bytes"])
+            timed = (f"{f['examples_per_s']:.2f} | {f['throughput_ratio']:.2f}x; {f['cpu_throughput_ratio']:.2f}x"
+                     if "throughput_ratio" in f else "- | - (counted only)")
             lines.append(
-                f"| {result['case']} | {name} | {f.get('examples_per_s', float('nan')):.2f} "
-                f"| {f.get('throughput_ratio', float('nan')):.2f}x; {f.get('cpu_throughput_ratio', float('nan')):.2f}x "
+                f"| {result['case']} | {name} | {timed} "
                 f"| {f['flops'] / 1e9:.2f} G ({f.get('flops_ratio', 1):.3f}x){bound} | {f['aten_ops']} "
                 f"| {f['non_matmul_bytes'] / 2**20:.0f} "
                 f"| {syncs.get('forward', 0) + syncs.get('backward', 0)} / {syncs.get('step', 0)} "
