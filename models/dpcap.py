@@ -223,9 +223,13 @@ class DPCap(nn.Module):
                 f"{c.text_max_length}; truncate the captions or build the model with a larger text_max_length"
             )
         if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():  # values known
-            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one device sync
-            if lo < 0 or hi >= c.vocab_size:
-                raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}), got [{lo}, {hi}]")
+            # checked on the device: no host sync per micro-batch on a GPU, where a bad id stops the
+            # run at the next sync with this message (on a CPU at once, as the ValueError below)
+            message = f"token ids must lie in [0, vocab_size={c.vocab_size}); check the tokenizer's vocabulary"
+            try:
+                torch._assert_async(((tokens >= 0) & (tokens < c.vocab_size)).all(), message)
+            except RuntimeError as error:
+                raise ValueError(message) from error
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W], tokens [B, T] ([CLS] ... [SEP] then PAD) -> per-example loss [B]."""

@@ -1,193 +1,255 @@
-"""Benchmark: the private training step against the non-private one.
+"""Measuring a training step in figures that carry over from a CPU to a GPU.
 
-    python -m privacy.bench                                  # small ViT, CPU, seconds
-    python -m privacy.bench --model vit_b16 --batch 128 --dtype bf16 --device cuda
+Wall-clock time on a shared CPU says little about a GPU; these counts do not
+depend on the device (:func:`count_step`):
 
-Times, in one run, on the same model and the same batch of random data:
-non-private ``loss.mean().backward()`` + AdamW step, and private
-``engine.backward(loss)`` + ``engine.finish_step()`` (noise on) + AdamW step.
-Reports examples/s, peak memory (CUDA only: ``max_memory_allocated``) and the
-private / non-private ratios. ``--model dpcap_base`` (or any name
-``models.create_model`` knows) benchmarks a project model instead.
+- ``flops``: matrix FLOPs (``torch.utils.flop_counter``: mm, bmm, conv,
+  attention);
+- ``aten_ops``: aten operators dispatched (each is at least one kernel launch
+  on a GPU);
+- ``non_matmul_bytes``: bytes written by operators that are not matrix
+  products (copies, casts, elementwise passes, reductions): memory traffic
+  that a GPU pays for at its bandwidth, not its matrix rate;
+- ``host_syncs``: operators that make the host wait for the device
+  (``aten::_local_scalar_dense`` behind ``.item()``, ``bool()`` and ``int()``
+  of a tensor, ``nonzero`` and boolean-mask indexing, ``.tolist()``, copies
+  from a GPU to the host), by the phase of the step they happen in;
+- ``peak_live_bytes``: the peak of the bytes of tensor storages created during
+  the step and alive at once (the CPU stand-in for the CUDA allocator's peak),
+  also by phase, and ``live_after_backward``: those alive when the step's last
+  ``backward()`` returned.
+
+:func:`time_steps` times steps round-robin (median seconds; peak CUDA memory on a GPU).
+
+This module knows no model, as all of ``privacy/`` (the engine must stay
+usable without ours). The suite that composes models, this engine, timm and
+Opacus lives with what composes, in ``trainer/bench.py``; ``python -m
+privacy.bench --suite`` is the documented command, so running this module
+hands its arguments over to ``trainer.bench``.
 """
 
-import argparse
-import json
-import logging
 import statistics
 import time
-from dataclasses import dataclass
+import weakref
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
-from privacy.engine import PrivacyEngine
-from privacy.layers import AddedParameter
+aten = torch.ops.aten
 
-logger = logging.getLogger("privacy.bench")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# matrix products: their bytes are part of the matmul's cost, not extra passes (by name: a
+# torch version that lacks one of the attention kernels simply does not have it to count)
+_MATMUL_NAMES = (
+    "mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "convolution", "convolution_backward",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+)
+MATMUL_OPS = {getattr(getattr(aten, name), overload) for name in _MATMUL_NAMES if hasattr(aten, name)
+              for overload in getattr(aten, name).overloads()}
 
-
-@dataclass(frozen=True)
-class ViTConfig:
-    img_size: int
-    patch: int
-    dim: int
-    depth: int
-    heads: int
-    classes: int
-
-
-VIT_CONFIGS = {
-    "small": ViTConfig(img_size=32, patch=4, dim=64, depth=2, heads=4, classes=10),  # 65 tokens
-    "vit_b16": ViTConfig(img_size=224, patch=16, dim=768, depth=12, heads=12, classes=1000),  # 197 tokens
+# operators whose result the host must read before it can go on
+SYNC_OPS = {
+    aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+    aten.is_nonzero.default, aten.equal.default, aten.unique_consecutive.default, aten._unique2.default,
+    aten.unique_dim.default, aten.repeat_interleave.Tensor,
 }
 
+# operators that allocate without writing, or only relabel memory
+_NO_WRITE = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
+             aten.detach.default, aten.lift_fresh.default, aten._local_scalar_dense.default}
 
-class Block(nn.Module):
-    """Pre-norm transformer block: fused-qkv attention and a GELU MLP."""
 
-    def __init__(self, dim: int, heads: int):
+@dataclass
+class StepCounts:
+    """What :func:`count_step` counted (see the module docstring)."""
+
+    flops: int = 0
+    aten_ops: int = 0
+    non_matmul_bytes: int = 0
+    host_syncs: int = 0
+    syncs_by_phase: Counter = field(default_factory=Counter)
+    sync_ops: Counter = field(default_factory=Counter)
+    peak_live_bytes: int = 0
+    peak_by_phase: Counter = field(default_factory=Counter)
+    live_after_backward: int | None = None
+    live: int = 0  # bytes alive now (while counting)
+    phase: str = "step"
+
+    def sync(self, what: str) -> None:
+        self.host_syncs += 1
+        self.syncs_by_phase[self.phase] += 1
+        self.sync_ops[what] += 1
+
+    def summary(self) -> dict:
+        return {
+            "flops": self.flops, "aten_ops": self.aten_ops, "non_matmul_bytes": self.non_matmul_bytes,
+            "host_syncs": self.host_syncs, "syncs_by_phase": dict(self.syncs_by_phase),
+            "sync_ops": dict(self.sync_ops), "peak_live_bytes": self.peak_live_bytes,
+            "peak_by_phase": dict(self.peak_by_phase),
+            "live_after_backward": self.live_after_backward,
+        }
+
+
+def _is_sync(func, args, out) -> bool:
+    if func in SYNC_OPS:
+        return True
+    if func is aten.index.Tensor:  # a boolean mask index needs the count of True entries
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+    if func in (aten._to_copy.default, aten.copy_.default):  # device -> host
+        sources = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        target = out if func is aten._to_copy.default else args[0]
+        return target.device.type == "cpu" and any(t.device.type != "cpu" for t in sources)
+    return False
+
+
+class _Dispatch(TorchDispatchMode):
+    """Counts operators, non-matmul bytes written, syncs, and live storages."""
+
+    def __init__(self, counts: StepCounts):
         super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.counts = counts
+        self.tracked: dict[int, tuple] = {}  # id(storage) -> (weakref, nbytes)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [B, L, D]
-        q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D/H]
-        x = x + self.proj(attn.transpose(1, 2).flatten(2))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+    def _freed(self, key: int, nbytes: int, _ref) -> None:
+        if self.tracked.pop(key, None) is not None:
+            self.counts.live -= nbytes
 
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self.tracked or storage.nbytes() == 0:
+            return
+        nbytes = storage.nbytes()
+        self.tracked[key] = (weakref.ref(storage, lambda ref, k=key, n=nbytes: self._freed(k, n, ref)), nbytes)
+        self.counts.live += nbytes
+        c = self.counts
+        c.peak_live_bytes = max(c.peak_live_bytes, c.live)
+        c.peak_by_phase[c.phase] = max(c.peak_by_phase[c.phase], c.live)
 
-class ViT(nn.Module):
-    """A plain ViT classifier (timm's ViT-B/16 layout) returning per-example losses."""
-
-    def __init__(self, c: ViTConfig):
-        super().__init__()
-        self.config = c
-        tokens = (c.img_size // c.patch) ** 2 + 1
-        self.patch_embed = nn.Conv2d(3, c.dim, kernel_size=c.patch, stride=c.patch)
-        self.cls_token = AddedParameter(1, 1, c.dim, init_std=0.02)
-        self.pos_embed = AddedParameter(1, tokens, c.dim, init_std=0.02)
-        self.blocks = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.depth))
-        self.norm = nn.LayerNorm(c.dim, eps=1e-6)
-        self.head = nn.Linear(c.dim, c.classes)
-
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, L, D]
-        cls = self.cls_token(x.new_zeros(x.shape[0], 1, x.shape[2]))
-        x = self.pos_embed(torch.cat([cls, x], dim=1))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.norm(x[:, 0]))
-        return F.cross_entropy(logits.float(), labels, reduction="none")
-
-
-def build(name: str, batch: int, device: torch.device, generator: torch.Generator) -> tuple[nn.Module, tuple]:
-    """The model and one batch of random inputs for it."""
-    if name in VIT_CONFIGS:
-        c = VIT_CONFIGS[name]
-        model = ViT(c)
-        inputs = (torch.randn(batch, 3, c.img_size, c.img_size, generator=generator),
-                  torch.randint(0, c.classes, (batch,), generator=generator))
-    else:
-        import models  # only for project models: keeps privacy/ free of a models dependency
-
-        model = models.create_model(name)
-        c = model.config
-        images = torch.randn(batch, 3, c.img_size, c.img_size, generator=generator)
-        inputs = (images, torch.randint(1, c.vocab_size, (batch, c.text_max_length), generator=generator)) \
-            if hasattr(c, "text_max_length") else (images,)
-    return model.to(device), tuple(t.to(device) for t in inputs)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        out = func(*args, **kwargs)
+        c = self.counts
+        c.aten_ops += 1
+        if _is_sync(func, args, out):
+            c.sync(str(func.overloadpacket.__name__))
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+        for t in outputs:
+            fresh = id(t.untyped_storage()) not in inputs
+            if fresh:
+                self._track(t)
+            writes = fresh or func._schema.is_mutable  # a view shares its input's storage: no write
+            if writes and func not in MATMUL_OPS and func not in _NO_WRITE:
+                c.non_matmul_bytes += t.numel() * t.element_size()
+        return out
 
 
-def _sync(device: torch.device) -> None:
+@contextmanager
+def _host_reads(counts: StepCounts) -> Iterator[None]:
+    """``.tolist()`` and ``.numpy()`` of a CPU tensor dispatch no operator, and no
+    mode sees them inside a backward, so they are counted by wrapping them; the
+    end of ``backward()`` is where the engine's held memory is measured."""
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+    backward = torch.autograd.backward
+
+    def reader(name):
+        def read(self, *args, **kwargs):
+            if self.device.type == "cpu":
+                counts.sync(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    def counted_backward(*args, **kwargs):
+        out = backward(*args, **kwargs)
+        counts.live_after_backward = counts.live
+        return out
+
+    for name in originals:
+        setattr(torch.Tensor, name, reader(name))
+    torch.autograd.backward = counted_backward
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        torch.autograd.backward = backward
+
+
+@contextmanager
+def count_step() -> Iterator[StepCounts]:
+    """Count what runs inside (one training step); :func:`phase` attributes
+    host syncs to a part of the step."""
+    counts = StepCounts()
+    with FlopCounterMode(display=False) as flop_counter, _Dispatch(counts), _host_reads(counts):
+        yield counts
+    counts.flops = flop_counter.get_total_flops()
+
+
+@contextmanager
+def phase(counts: StepCounts | None, name: str) -> Iterator[None]:
+    """Attribute host syncs inside to ``name`` (no-op when not counting)."""
+    if counts is None:
+        yield
+        return
+    before, counts.phase = counts.phase, name
+    try:
+        yield
+    finally:
+        counts.phase = before
+
+
+def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
-    """Median seconds per step and peak GiB allocated during the timed steps (CUDA only)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
-
-
-def run(model_name: str, batch: int, steps: int, warmup: int, device: str, dtype: str) -> dict:
-    device = torch.device(device)
-    torch.manual_seed(0)
-    model, inputs = build(model_name, batch, device, torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
-
-    def plain_step():
-        with autocast:
-            loss = model(*inputs)
-        loss.mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    plain_s, plain_gib = measure(plain_step, steps, warmup, device)
-
-    engine = PrivacyEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=batch, seed=0)
-
-    def private_step():
-        with autocast:
-            loss = model(*inputs)
-        engine.backward(loss)
-        engine.finish_step()
-        optimizer.step()
-        engine.zero_grad()
-
-    private_s, private_gib = measure(private_step, steps, warmup, device)
-    engine.detach()
-
-    result = {
-        "model": model_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "batch": batch, "dtype": dtype, "steps": steps,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "non_private_examples_per_s": batch / plain_s, "private_examples_per_s": batch / private_s,
-        "throughput_ratio": plain_s / private_s,
-        "non_private_peak_gib": plain_gib, "private_peak_gib": private_gib,
-        "memory_ratio": private_gib / plain_gib if plain_gib else None,
-    }
-    return result
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small",
-                        help=f"{' or '.join(VIT_CONFIGS)} (built here), or a models.create_model name, e.g. dpcap_base")
-    parser.add_argument("--batch", type=int, default=32, help="micro-batch: examples per step")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32: no autocast)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = run(args.model, args.batch, args.steps, args.warmup, args.device, args.dtype)
-    memory = "n/a on CPU" if result["memory_ratio"] is None else (
-        f"{result['non_private_peak_gib']:.2f} -> {result['private_peak_gib']:.2f} GiB "
-        f"({result['memory_ratio']:.2f}x)")
-    logger.info("%s batch %d %s on %s: non-private %.1f ex/s, private %.1f ex/s (%.2fx); peak memory %s",
-                args.model, args.batch, args.dtype, result["device"], result["non_private_examples_per_s"],
-                result["private_examples_per_s"], result["throughput_ratio"], memory)
-    print(json.dumps(result))
+def time_steps(steps: dict[str, Callable[[], None]], repeats: int, warmup: int,
+               device: torch.device) -> dict[str, dict]:
+    """Seconds per step of each named step function, timed round-robin (one step
+    of each in turn, ``repeats`` times) so that a machine shared with other jobs
+    slows them alike: median and all wall times, the median CPU time of this
+    process (on a shared CPU the steadier figure: other jobs lengthen wall time
+    far more than the work done), and on CUDA the peak bytes allocated above
+    what was allocated before each one's timed steps."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+            if device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device) - base)
+    result = {}
+    for name, values in times.items():
+        result[name] = {"seconds": statistics.median(values), "all_seconds": values,
+                        "cpu_seconds": statistics.median(cpu_times[name])}
+        if name in peaks:
+            result[name]["cuda_peak_bytes"] = peaks[name]
     return result
 
 
 if __name__ == "__main__":
+    from trainer.bench import main
+
     main()

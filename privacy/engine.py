@@ -4,27 +4,58 @@ Book-keeping clipping (see ../shared/SPEC.md section 3). At construction the
 engine finds a rule for every layer that owns trainable parameters and swaps
 that layer's ``forward`` for a custom autograd Function which keeps the input
 activation, catches the output gradient, and returns a gradient for the input
-only, so autograd never forms the (unclipped) weight gradient. After the one
-backward of a micro-batch the engine knows every layer's (activation, output
-gradient), computes per-example norms over all parameters, and adds each
-layer's clipped sum ``sum_i c_i g_i`` (one matmul) to its own fp32 buffers.
-``finish_step`` reduces, noises once, scales by 1/B and assigns ``p.grad``.
+only, so autograd never forms the (unclipped) weight gradient. As soon as a
+layer's output gradient arrives, still inside the backward, its rule computes
+the layer's per-example norms and keeps only what the clipped sum needs (the
+pair (activation, output gradient) for a matmul, or the per-example gradient
+itself where that is small: see ``privacy/rules/linear.py`` for the cost
+model); Gram matrices and layer-norm inputs are freed at once. After the
+backward the clip factors are known and each layer adds ``sum_i c_i g_i`` to
+its own fp32 buffers. ``finish_step`` reduces, noises once, scales by 1/B and
+assigns ``p.grad``. No step of a micro-batch waits for the device: dropped
+(non-finite) examples are handled on the device (see ``privacy/rules/base.py``),
+and the step statistics are read once per logical step.
+
+The bound. The accountant assumes every example adds at most C. What is
+proved, for every dtype the rules compute in: in exact arithmetic over the
+operands the engine's matmuls consume, each example's contribution has norm
+``<= c_i (||g_i|| + E_i) <= C``. The clip factor is rounded towards zero in
+the dtype it is applied in (``scale_in``); the scaled products of a layer L
+whose clipped sum is a matmul over tokens round once each, by at most the
+dtype's unit roundoff u (2^-8 bf16, 2^-11 fp16, 2^-24 fp32) relative, and its
+fp32 accumulation over the example's T tokens adds at most T 2^-24 relative to
+``B_iL = sum_t ||g_t|| ||a_t||``: that is the error bound, not the norm, because
+tokens can cancel. With ``e_iL = (u + T 2^-24) B_iL (1 + 2^-12)`` for such
+layers and ``e_iL = 2^-24 ||g_iL||`` for per-example gradients scaled in fp32,
+``E_i = sqrt(sum_L e_iL^2)`` bounds the rounding of the whole contribution by
+Minkowski's inequality, and ``c_i = min(1, C / (N_i + E_i + 1e-6))``.
+``N_i`` is the fp32 norm with a margin for its own arithmetic:
+``N_i^2 = sum_L (n_iL + 2^-20 (n_iL + B_iL^2))``, which covers the realised
+rounding of fp32 sums and of ghost norms (whose error is relative to
+``B_iL^2``, not ``n_iL``, when tokens cancel) with room, measured in
+tests/test_privacy_bound.py, but is not the worst case (``(p + d) 2^-24
+B_iL^2``, which would shrink typical clip factors by 1e-4-1e-3 for nothing).
+Not covered: the fp32 rounding of the final sums over examples (the rounding
+of a sum of bounded terms, as in every floating-point DP implementation), and
+the two-pass mode's second backward (see ``two_pass``). TF32 would round fp32
+matmul operands to 11 bits: the engine refuses to run with it
+(:func:`check_matmul_precision`).
 
 Parameters are addressed as (module, attribute name) and read again when
 needed, so FSDP2's swapping between sharded and unsharded parameters is
 transparent. The noise seed is secret: whoever knows it can remove the noise.
 
 Limits: activation checkpointing stays exact but saves no memory (the engine
-keeps each layer's input from the first forward until the step's norms are
-known); torch.compile breaks the graph at every wrapped layer; with TF32
-matmuls enabled, norms and clipped sums of fp32 layers are TF32-rounded, so a
-clipped gradient may exceed C by about 1e-3 relative: keep TF32 off.
+keeps each layer's input from the first forward until the layer's backward);
+torch.compile breaks the graph at every wrapped layer.
 """
 
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,11 +65,49 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from privacy.reducer import GradReducer, LocalReducer
 from privacy.rules import DEFAULT_RULES, Call, Rule, find_rule
+from privacy.rules.base import ClipFactors, Context, LayerPlan, Prepared, finite_or_zero, mm_fp32, unit_roundoff
 
 logger = logging.getLogger(__name__)
 
 FP32 = torch.float32
-STABILITY = 1e-6  # c_i = min(1, C / (||g_i|| + STABILITY))
+STABILITY = 1e-6  # c_i = min(1, C / (||g_i|| + E_i + STABILITY))
+U32 = 2.0**-24
+NORM_SLACK = 2.0**-20  # margin on fp32 norm arithmetic, relative to n_iL + B_iL^2
+BOUND_SLACK = 1 + 2.0**-12  # B_iL is itself computed in fp32 from Gram diagonals
+
+
+def check_matmul_precision(device_type: str) -> None:
+    """Refuse fp32 matmuls of reduced precision (TF32 on CUDA, bf16/TF32 through
+    oneDNN on CPU): they round the engine's fp32 norm and sum operands to 11
+    bits or fewer, so a clipped contribution could exceed C by about 1e-3.
+
+    Refused rather than switched off for the engine's arithmetic: PyTorch
+    raises on any later read of its legacy TF32 flag once its new API was used
+    to change it, so flipping the setting behind the user's back could break
+    their code. Only reads, which are safe with either API."""
+    backend = torch.backends.cuda.matmul if device_type == "cuda" else getattr(torch.backends.mkldnn, "matmul", None)
+    precision = getattr(backend, "fp32_precision", None)
+    if precision is None:  # torch before the new API: only CUDA has a (legacy) TF32 flag
+        reduced = device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    else:
+        reduced = precision not in ("ieee", "none")
+    if reduced:
+        setting = ("torch.backends.cuda.matmul.fp32_precision = 'ieee' (or allow_tf32 = False)"
+                   if device_type == "cuda" else "torch.backends.mkldnn.matmul.fp32_precision = 'ieee'")
+        raise ValueError(
+            f"reduced-precision fp32 matmuls are enabled on {device_type} ({precision or 'allow_tf32'}); they "
+            f"round the privacy engine's norms and clipped sums, so an example could add more than "
+            f"max_grad_norm: set {setting} (bf16 autocast is unaffected and stays fast)"
+        )
+
+
+@contextmanager
+def _arithmetic(device: torch.device) -> Iterator[None]:
+    """The engine's own arithmetic: no graph (saved inputs may require grad) and
+    no autocast (a backward called inside autocast would run the fp32 Grams and
+    sums in bf16)."""
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        yield
 
 
 @dataclass(eq=False)
@@ -49,10 +118,68 @@ class _Target:
     module: nn.Module
     rule: Rule
     names: tuple[str, ...]  # trainable parameter attributes, all covered by the rule
-    # each parameter's full shape, read once here: a sharding backend may later swap a
-    # parameter's storage for a part of it (a ZeRO-3 parameter released after use is empty)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
+    done: bool = False  # prepared in this pass
+
+
+@dataclass(eq=False)
+class _MicroBatch:
+    """What one backward pass gathers from the layers, combined at its end: few
+    operators per layer (a GPU pays a launch for each), the sums over layers
+    and the small per-example gradients of every layer in one go."""
+
+    batch: int
+    device: torch.device
+    ctx: Context
+    keep: ClipFactors | None = None  # two-pass second pass: the factors are in the gradients; 1 kept, 0 dropped
+    sq_norms: list[Tensor] = field(default_factory=list)  # per layer, its parameters not in rows
+    # B_iL of ghost layers by their rounding unit u + T 2^-24 (few distinct): the margins' terms
+    ghost_bounds: dict[float, list[Tensor]] = field(default_factory=dict)
+    rows: list[tuple[nn.Module, str, Tensor]] = field(default_factory=list)  # small per-example gradients
+    sums: list = field(default_factory=list)  # the layers' accumulate(factors) for the rest
+
+    def add(self, module: nn.Module, prepared: Prepared) -> None:
+        self.rows += [(module, name, value) for name, value in prepared.rows.items()]
+        if self.ctx.norms and prepared.sq_norm is not None:
+            self.sq_norms.append(prepared.sq_norm)
+            if prepared.ghost_bound is not None:
+                u = unit_roundoff(prepared.operand_dtype) + prepared.tokens * U32
+                self.ghost_bounds.setdefault(u, []).append(prepared.ghost_bound)
+        if prepared.accumulate is not None:
+            if self.keep is not None:  # nothing left to wait for
+                prepared.accumulate(self.keep)
+            elif self.ctx.keep_sum:
+                self.sums.append(prepared.accumulate)
+
+    def flat_rows(self) -> Tensor | None:
+        """fp32 [b, N]: every small per-example gradient of the micro-batch, side by side."""
+        if not self.rows:
+            return None
+        return torch.cat([value.reshape(self.batch, -1) for _, _, value in self.rows], 1)
+
+    def add_rows(self, flat: Tensor, factors: ClipFactors, add_sum) -> None:
+        """The clipped sums of all small per-example gradients: one matmul."""
+        summed = mm_fp32(factors.fp32.view(1, -1), finite_or_zero(flat)).view(-1)
+        parts = summed.split([value.shape[1:].numel() for _, _, value in self.rows])
+        for (module, name, _), part in zip(self.rows, parts):
+            add_sum(module, name, part)
+
+
+def _total(parts: list[Tensor], batch: int, device: torch.device) -> Tensor:
+    return torch.stack(parts).sum(0) if parts else torch.zeros(batch, dtype=FP32, device=device)
+
+
+class _LayerSums:
+    """One layer's view of the engine's clipped sums (privacy.rules.base.Sums)."""
+
+    def __init__(self, engine: "PrivacyEngine", module: nn.Module, device: torch.device):
+        self.engine, self.module, self.device = engine, module, device
+
+    def add(self, name: str, value: Tensor) -> None:
+        self.engine._add_sum(self.module, name, value)
+
+    def buffer(self, name: str) -> Tensor:
+        return self.engine._buffer(self.module, name, self.device)
 
 
 class _BookkeptCall(torch.autograd.Function):
@@ -66,17 +193,17 @@ class _BookkeptCall(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, target: _Target, call: Call, x: Tensor, anchor: Tensor) -> Tensor:
-        ctx.target, ctx.call = target, call
+    def forward(ctx, engine: "PrivacyEngine", target: _Target, call: Call, x: Tensor, anchor: Tensor):
+        ctx.engine, ctx.target, ctx.call = engine, target, call
         module = target.module
         return target.rule.forward(module, call, x, *(getattr(module, s, None) for s in target.rule.slots))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         target, call = ctx.target, ctx.call
-        call.grad = grad
-        grad_x = target.rule.grad_input(target.module, call, grad) if ctx.needs_input_grad[2] else None
-        return None, None, grad_x, None
+        grad_x = target.rule.grad_input(target.module, call, grad) if ctx.needs_input_grad[3] else None
+        ctx.engine._on_grad(target, call, grad)
+        return None, None, None, grad_x, None
 
 
 def _refuse_batch_mixing(qualname: str, module: nn.Module) -> None:
@@ -131,8 +258,7 @@ def _plan(model: nn.Module, rules: dict[type[nn.Module], Rule]) -> list[_Target]
         if "forward" in module.__dict__:
             raise ValueError(f"{label} already has an instance-level forward; the privacy engine cannot wrap it")
         rule.check(module, label)
-        shapes = {name: tuple(getattr(module, name).shape) for name in trainable}
-        targets.append(_Target(qualname, module, rule, trainable, shapes))
+        targets.append(_Target(qualname, module, rule, trainable))
     return targets
 
 
@@ -154,6 +280,18 @@ class PrivacyEngine:
     :meth:`state_dict` to resume. The noise of step ``k`` comes from a
     generator seeded with (seed, reducer.noise_stream, k, device), so a resumed
     run never reuses noise and ranks with distinct streams are independent.
+
+    ``two_pass=True`` runs the original DP-Cap algorithm instead, on the same
+    rules: a backward for the norms, then a backward of ``sum_i c_i loss_i``
+    whose (already clipped) weight gradients are summed in each layer's
+    backward. For comparison only: it costs a second backward, and its bound
+    holds only up to the rounding of that backward (exact in exact arithmetic;
+    in bf16 the clipped gradient is rounded through the whole backward).
+
+    ``reuse_memory``: a layer keeps its per-example gradients for the clipped
+    sum (instead of its (activation, output gradient) pair) only where they take
+    at most this multiple of the pair's bytes; 1.0 never lets the choice raise
+    what the engine holds. :attr:`plan` shows each layer's choice.
     """
 
     def __init__(
@@ -166,6 +304,8 @@ class PrivacyEngine:
         reducer: GradReducer | None = None,
         *,
         rules: dict[type[nn.Module], Rule] | None = None,
+        two_pass: bool = False,
+        reuse_memory: float = 1.0,
     ):
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm}")
@@ -176,16 +316,26 @@ class PrivacyEngine:
                              f"got {expected_batch_size}")
         if seed is not None and not (isinstance(seed, int) and seed >= 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        if not (reuse_memory >= 0 and math.isfinite(reuse_memory)):
+            raise ValueError(f"reuse_memory must be a finite number >= 0, got {reuse_memory}")
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
         self.reducer: GradReducer = reducer if reducer is not None else LocalReducer()
         self.rules = dict(DEFAULT_RULES if rules is None else rules)
+        self.two_pass = bool(two_pass)
+        self.reuse_memory = float(reuse_memory)
         self._seed = _random_seed() if seed is None else seed
         self._step = 0
         self._targets = _plan(model, self.rules)
+        # each parameter's full shape, read once here: a sharding backend may later swap a
+        # parameter's storage for a part of it (a ZeRO-3 parameter released after use is empty)
+        self._shapes = {(t.module, name): tuple(getattr(t.module, name).shape)
+                        for t in self._targets for name in t.names}
         self._anchor = torch.zeros((), requires_grad=True)  # see _BookkeptCall
         self._sums: dict[tuple[nn.Module, str], Tensor] = {}
+        self._micro: _MicroBatch | None = None
+        self.plan: dict[str, LayerPlan] = {}
         self._reset_step_stats()
         self.per_example_norms = torch.empty(0, dtype=FP32)
         self._attached = True
@@ -205,7 +355,7 @@ class PrivacyEngine:
                 return original(module, x)
             call = Call()
             target.calls.append(call)
-            return _BookkeptCall.apply(target, call, x, self._anchor)
+            return _BookkeptCall.apply(self, target, call, x, self._anchor)
 
         return forward
 
@@ -233,18 +383,118 @@ class PrivacyEngine:
                 "per_example_loss must have shape [b] (one loss per example, not reduced), "
                 f"got {tuple(per_example_loss.shape)}"
             )
+        device = per_example_loss.device
+        check_matmul_precision(device.type)
         self._drop_stale_calls()
+        batch = per_example_loss.shape[0]
         try:
             # an empty micro-batch still runs backward, so that every rank runs the
             # same hooks and collectives, but it has no per-example gradient to clip
-            per_example_loss.sum().backward()
-            if per_example_loss.shape[0] == 0:
-                self.per_example_norms = per_example_loss.new_zeros(0, dtype=FP32)
+            if self.two_pass and batch > 0:
+                # the original algorithm's norm pass: ghost norms for every Linear (nothing kept for a sum)
+                scale = self._pass(per_example_loss, Context(device.type, keep_sum=False, reuse_memory=0.0),
+                                   retain=True)
+                keep = (scale > 0).to(FP32)
+                self._pass(per_example_loss * scale.to(per_example_loss.dtype),
+                           Context(device.type, norms=False), keep=keep)
             else:
-                self._clip_and_accumulate(per_example_loss.shape[0], per_example_loss.device)
+                self._pass(per_example_loss, Context(device.type, reuse_memory=self.reuse_memory))
+            if batch == 0:
+                self.per_example_norms = per_example_loss.new_zeros(0, dtype=FP32)
         finally:
+            self._micro = None
             for target in self._targets:
                 target.calls.clear()
+
+    def _pass(self, loss: Tensor, ctx: Context, retain: bool = False, keep: Tensor | None = None) -> Tensor | None:
+        """One backward: every layer prepared as its gradient arrives; then (unless
+        this is the two-pass mode's second pass) clip factors, and the sums."""
+        micro = _MicroBatch(loss.shape[0], loss.device, ctx, keep=None if keep is None else ClipFactors(keep))
+        self._micro = micro
+        for target in self._targets:
+            target.done = False
+        loss.sum().backward(retain_graph=retain)
+        if micro.batch == 0:
+            return None
+        with _arithmetic(micro.device):
+            for target in self._targets:  # layers whose every call did not reach the loss
+                if not target.done and any(call.grad is not None for call in target.calls):
+                    self._prepare(target)
+            self._micro = None
+            flat = micro.flat_rows()
+            scale = None
+            if ctx.norms:
+                scale = self._clip_factors(micro, flat)
+            factors = micro.keep or (ClipFactors(scale) if ctx.keep_sum else None)
+            if factors is not None:
+                for accumulate in micro.sums:
+                    accumulate(factors)
+                if flat is not None:
+                    micro.add_rows(flat, factors, self._add_sum)
+        return scale
+
+    def _on_grad(self, target: _Target, call: Call, grad: Tensor) -> None:
+        """A wrapped layer's output gradient: once all its calls have theirs, prepare it."""
+        call.grad = grad
+        micro = self._micro
+        if micro is None:  # a backward outside engine.backward: dropped later
+            return
+        if micro.batch == 0:  # nothing to clip; the backward ran for the ranks' symmetry
+            return
+        if grad.shape[0] != micro.batch:
+            raise ValueError(
+                f"{target.qualname}: its output has {grad.shape[0]} rows in dim 0 but the loss has "
+                f"{micro.batch} examples; every layer must keep the example in dim 0"
+            )
+        if all(c.grad is not None for c in target.calls):
+            with _arithmetic(micro.device):
+                self._prepare(target)
+
+    def _prepare(self, target: _Target) -> None:
+        micro = self._micro
+        calls = [call for call in target.calls if call.grad is not None]
+        prepared = target.rule.prepare(target.module, target.names, calls, micro.ctx,
+                                       _LayerSums(self, target.module, micro.device))
+        target.done = True
+        micro.add(target.module, prepared)
+        if micro.ctx.norms:
+            self._record_plan(target, prepared)
+        for call in target.calls:  # what the rule did not keep is freed now
+            call.grad = None
+            if micro.ctx.keep_sum:
+                call.saved = None
+
+    def _record_plan(self, target: _Target, prepared: Prepared) -> None:
+        plan = prepared.plan
+        if plan is None:
+            return
+        before = self.plan.get(target.qualname)
+        if before is None or before.kind != plan.kind:
+            logger.debug("%s: %s, predicted extra %.3g GFLOP, %.3g MB written, %.3g MB held, %.3g ms (%s)",
+                         target.qualname or "model", plan.kind, plan.extra_flops / 1e9, plan.extra_bytes / 1e6,
+                         plan.held_bytes / 1e6, plan.seconds * 1e3,
+                         ", ".join(f"{k} {s * 1e3:.3g} ms" for k, s in plan.alternatives) or "no choice")
+        self.plan[target.qualname] = plan
+
+    def _clip_factors(self, micro: _MicroBatch, flat: Tensor | None) -> Tensor:
+        """Clip factors (0 for dropped examples), all on the device; the bound's
+        margins are described in the module docstring."""
+        b, device = micro.batch, micro.device
+        parts = micro.sq_norms + ([flat.square().sum(1)] if flat is not None else [])
+        sq = _total(parts, b, device).clamp_min(0.0)  # a ghost norm of cancelling tokens may round below 0
+        slack, error_sq = sq, sq * U32**2
+        for u, bounds in micro.ghost_bounds.items():
+            sq_bounds = _total([bound.square() for bound in bounds], b, device) if len(bounds) < 2 else \
+                torch.stack(bounds).square().sum(0)
+            slack = slack + sq_bounds
+            error_sq = error_sq + sq_bounds * (u * BOUND_SLACK) ** 2
+        upper = (sq + NORM_SLACK * slack).sqrt() + error_sq.sqrt() + STABILITY
+        scale = torch.where(torch.isfinite(upper), (self.max_grad_norm / upper).clamp(max=1.0), 0.0)
+        norms = sq.sqrt()
+        self.per_example_norms = norms
+        self._norm_parts.append(norms)
+        self._scale_parts.append(scale)
+        return scale
 
     def _drop_stale_calls(self) -> None:
         """Forget layer calls that a backward outside the engine already reached,
@@ -258,40 +508,20 @@ class PrivacyEngine:
             logger.warning("%d layer calls had a gradient from a backward outside engine.backward "
                            "(e.g. loss.backward()); it was discarded, use engine.backward(per_example_loss)", stale)
 
-    @torch.no_grad()  # saved inputs may require grad: the arithmetic must not build a graph
-    def _clip_and_accumulate(self, batch: int, device: torch.device) -> None:
-        active, sq_norms = [], torch.zeros(batch, dtype=FP32, device=device)
-        for target in self._targets:
-            calls = [call for call in target.calls if call.grad is not None]
-            if not calls:
-                continue  # unused in this forward: contributes zero
-            for call in calls:
-                if call.grad.shape[0] != batch:
-                    raise ValueError(
-                        f"{target.qualname}: its output has {call.grad.shape[0]} rows in dim 0 but the loss has "
-                        f"{batch} examples; every layer must keep the example in dim 0"
-                    )
-            scratch: dict = {}
-            sq_norms += target.rule.sq_norms(target.module, target.names, calls, scratch)
-            active.append((target, calls, scratch))
-        norms = sq_norms.sqrt()
-        finite = torch.isfinite(norms)
-        scale = torch.where(finite, (self.max_grad_norm / (norms + STABILITY)).clamp(max=1.0), 0.0)
-        dropped = int((~finite).sum())
-        for target, calls, scratch in active:
-            target.rule.accumulate(
-                target.module, target.names, calls, scratch, scale, dropped > 0,
-                lambda name, target=target: self._buffer(target, name, device),
-            )
-        self.per_example_norms = norms
-        self._norm_parts.append(norms)
-        self._dropped += dropped
-
-    def _buffer(self, target: _Target, name: str, device: torch.device) -> Tensor:
-        key = (target.module, name)
+    def _buffer(self, module: nn.Module, name: str, device: torch.device) -> Tensor:
+        key = (module, name)
         if key not in self._sums:
-            self._sums[key] = torch.zeros(target.shapes[name], dtype=FP32, device=device)
+            self._sums[key] = torch.zeros(self._shapes[key], dtype=FP32, device=device)
         return self._sums[key]
+
+    def _add_sum(self, module: nn.Module, name: str, value: Tensor) -> None:
+        """The step's first sum of a parameter is kept as it is (no zeros, no add)."""
+        key = (module, name)
+        summed = self._sums.get(key)
+        if summed is None:
+            self._sums[key] = value.view(self._shapes[key])
+        else:
+            summed.add_(value.view_as(summed))
 
     # -- the logical step ---------------------------------------------------
 
@@ -307,15 +537,16 @@ class PrivacyEngine:
                 param = getattr(target.module, name)
                 summed = self._sums.pop((target.module, name), None)
                 if summed is None:  # no example this step used the layer
-                    summed = torch.zeros(target.shapes[name], dtype=FP32, device=param.device)
+                    summed = torch.zeros(self._shapes[(target.module, name)], dtype=FP32, device=param.device)
                 local = self.reducer.reduce(param, summed)
                 if std > 0:
                     generator = generators.get(local.device) or self._generator(local.device, len(generators))
                     generators[local.device] = generator
-                    local = local + std * torch.randn(
-                        local.shape, generator=generator, dtype=FP32, device=local.device
-                    )
-                self.reducer.assign(param, local / self.expected_batch_size)
+                    noise = torch.randn(local.shape, generator=generator, dtype=FP32, device=local.device)
+                    local = torch.add(local, noise, alpha=std).div_(self.expected_batch_size)
+                else:
+                    local = local / self.expected_batch_size
+                self.reducer.assign(param, local)
         self._step += 1
         stats = self._step_stats()
         self._reset_step_stats()
@@ -330,21 +561,29 @@ class PrivacyEngine:
 
     def _reset_step_stats(self) -> None:
         self._norm_parts: list[Tensor] = []
-        self._dropped = 0
+        self._scale_parts: list[Tensor] = []
 
     def _step_stats(self) -> dict[str, float]:
-        norms = torch.cat(self._norm_parts) if self._norm_parts else torch.empty(0)
-        finite = norms[torch.isfinite(norms)].sort().values
-        stats = {"step": self._step, "examples": int(norms.numel()), "skipped_nonfinite": self._dropped}
-        if finite.numel() == 0:
+        """Statistics of the step's per-example norms, read from the device once."""
+        stats = {"step": self._step, "examples": sum(n.numel() for n in self._norm_parts)}
+        if stats["examples"] == 0:
+            return stats | {"skipped_nonfinite": 0, "clip_fraction": 0.0}
+        norms, scale = torch.cat(self._norm_parts), torch.cat(self._scale_parts)
+        kept = scale > 0
+        count = kept.sum()
+        ordered = torch.where(kept, norms, torch.inf).sort().values
+        quantiles = torch.tensor([0.1, 0.5, 0.9, 1.0], device=norms.device)
+        picks = ordered.index_select(0, (quantiles * (count - 1).clamp(min=0)).round().long())
+        values = torch.cat([
+            torch.stack([count.float(), ((scale < 1) & kept).sum().float(), torch.where(kept, norms, 0.0).sum()]),
+            picks,
+        ]).tolist()  # the one read per step
+        finite, clipped, total = values[:3]
+        stats["skipped_nonfinite"] = stats["examples"] - int(finite)
+        if finite == 0:
             return stats | {"clip_fraction": 0.0}
-        last = finite.numel() - 1
-        picks = torch.stack([
-            (finite > self.max_grad_norm).float().mean(), finite.mean(),
-            finite[round(0.1 * last)], finite[round(0.5 * last)], finite[round(0.9 * last)], finite[last],
-        ]).tolist()
-        keys = ("clip_fraction", "norm_mean", "norm_p10", "norm_p50", "norm_p90", "norm_max")
-        return stats | dict(zip(keys, picks))
+        keys = ("norm_p10", "norm_p50", "norm_p90", "norm_max")
+        return stats | {"clip_fraction": clipped / finite, "norm_mean": total / finite} | dict(zip(keys, values[3:]))
 
     def zero_grad(self) -> None:
         """Set ``p.grad = None`` for every clipped parameter."""

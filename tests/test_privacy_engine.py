@@ -1,14 +1,16 @@
 """PrivacyEngine against torch.func per-example gradients (vmap of grad)."""
 
 import copy
+import logging
 
 import pytest
 import torch
 from torch import nn
 
 from privacy import AddedParameter, PrivacyEngine
-from privacy.rules.base import gram, pad_tokens
-from privacy.rules.linear import use_ghost, weight_sq_norms
+from privacy.engine import check_matmul_precision
+from privacy.rules.base import ClipFactors, Context, ghost_sq_norm, gram, operand, padded_tokens
+from privacy.rules.linear import linear_prepare
 from tests.privacy_helpers import (
     OddLayers,
     TinyDecoder,
@@ -47,8 +49,9 @@ def case(request):
     return model, inputs, reference
 
 
-def run_engine(model, inputs, splits, max_norm, sigma=0.0, expected=EXPECTED_BATCH, autocast=False):
-    engine = PrivacyEngine(model, max_grad_norm=max_norm, noise_multiplier=sigma, expected_batch_size=expected, seed=3)
+def run_engine(model, inputs, splits, max_norm, sigma=0.0, expected=EXPECTED_BATCH, autocast=False, two_pass=False):
+    engine = PrivacyEngine(model, max_grad_norm=max_norm, noise_multiplier=sigma, expected_batch_size=expected,
+                           seed=3, two_pass=two_pass)
     norms, start = [], 0
     for size in splits:
         chunk = [t[start:start + size] for t in inputs]
@@ -313,24 +316,44 @@ def test_invalid_settings_are_refused():
         PrivacyEngine(nn.Linear(2, 2), 1.0, 1.0, 0)
 
 
-@pytest.mark.parametrize("tokens, out_features, in_features", [(5, 16, 16), (9, 3, 4), (1, 7, 5)])
-def test_linear_weight_norm_both_paths(tokens, out_features, in_features):
+@pytest.mark.parametrize("tokens, out_features, in_features, reuse_memory, kind", [
+    (5, 16, 16, 1.0, "ghost"), (1, 7, 5, 1.0, "ghost"), (9, 3, 4, 1.0, "per_example"),
+    (40, 4, 6, 1.0, "per_example"), (9, 3, 4, 0.0, "ghost"),  # kept gradients not allowed
+])
+def test_linear_weight_norm_and_sum_on_both_paths(tokens, out_features, in_features, reuse_memory, kind):
+    """Ghost and per-example paths against einsum in float64, over two calls of
+    the layer (stacked along tokens)."""
     generator = torch.Generator().manual_seed(tokens)
     a = torch.randn(4, tokens, in_features, generator=generator)
     g = torch.randn(4, tokens, out_features, generator=generator)
+    scale = torch.rand(4, generator=generator)
     per_example = torch.einsum("btp,btd->bpd", g.double(), a.double())
-    expected = per_example.square().sum((1, 2)).float()
-    torch.testing.assert_close(weight_sq_norms(a, g), expected, rtol=1e-5, atol=0)
-    assert use_ghost(5, 16, 16) and not use_ghost(9, 3, 4)
+    buffers = {"weight": torch.zeros(out_features, in_features)}
+
+    class Sums:
+        def add(self, name, value):
+            buffers[name] += value.view_as(buffers[name])
+
+    split = max(1, tokens // 2)
+    prepared = linear_prepare([a[:, :split], a[:, split:]], [g[:, :split], g[:, split:]], ["weight"],
+                              Context("cpu", reuse_memory=reuse_memory), Sums())
+    assert prepared.plan.kind == kind
+    torch.testing.assert_close(prepared.sq_norm, per_example.square().sum((1, 2)).float(), rtol=1e-5, atol=0)
+    prepared.accumulate(ClipFactors(scale))
+    expected = torch.einsum("b,bpd->pd", scale.double(), per_example).float()
+    torch.testing.assert_close(buffers["weight"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_padded_tokens_leave_the_ghost_norm_unchanged():
-    """The CUDA path pads tokens to a multiple of 16 before the Gram bmm."""
+    """The CUDA path pads tokens to a multiple of 16 before the Gram bmm (in the
+    copy that also sanitises the operands)."""
     generator = torch.Generator().manual_seed(0)
     a, g = torch.randn(3, 197, 24, generator=generator), torch.randn(3, 197, 40, generator=generator)
-    padded_a, padded_g = pad_tokens(a), pad_tokens(g)
-    assert padded_a.shape == (3, 208, 24) and pad_tokens(padded_a) is padded_a
-    torch.testing.assert_close((gram(padded_a) * gram(padded_g)).sum((1, 2)),
+    tokens = padded_tokens(197, "cuda")
+    assert tokens == 208 and padded_tokens(197, "cpu") == 197
+    padded_a, padded_g = operand([a], a.dtype, tokens, fill=None), operand([g], g.dtype, tokens, fill=None)
+    assert padded_a.shape == (3, 208, 24) and not padded_a[:, 197:].any()
+    torch.testing.assert_close(ghost_sq_norm(gram(padded_a), gram(padded_g)),
                                (gram(a) * gram(g)).sum((1, 2)), rtol=1e-6, atol=0)
 
 
@@ -421,3 +444,115 @@ def test_randomly_shaped_models_match_reference(seed):
         torch.testing.assert_close(norms, flat_norms(reference), rtol=1e-5, atol=0)
         for name, value in grads.items():
             assert relative_error(value, expected[name]) < 1e-5, name
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    """Tests set the (new-API) fp32 matmul precisions; put them back."""
+    cuda, cpu = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = (cuda.fp32_precision, cpu.fp32_precision)
+    yield cuda, cpu
+    cuda.fp32_precision, cpu.fp32_precision = saved
+
+
+def test_reduced_precision_fp32_matmuls_are_refused(restore_matmul_precision):
+    """TF32 (CUDA) or bf16 (oneDNN on CPU) fp32 matmuls would round the norms and
+    sums: the engine refuses to run, naming the setting; on CPU end to end."""
+    cuda, cpu = restore_matmul_precision
+    model, inputs = build("vit")
+    engine = PrivacyEngine(model, 1.0, 0.0, 4)
+    cpu.fp32_precision = "bf16"
+    with pytest.raises(ValueError, match="mkldnn.matmul.fp32_precision = 'ieee'"):
+        engine.backward(model(*inputs))
+    cpu.fp32_precision = "ieee"
+    engine.backward(model(*inputs))
+    cuda.fp32_precision = "tf32"
+    with pytest.raises(ValueError, match="cuda.matmul.fp32_precision = 'ieee'"):
+        check_matmul_precision("cuda")
+    check_matmul_precision("cpu")  # a CUDA setting does not concern CPU tensors
+    cuda.fp32_precision = "ieee"
+    check_matmul_precision("cuda")
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_two_pass_mode_equals_the_one_pass_engine(kind):
+    """The original two-backward algorithm on the same rules: same norms, same
+    clipped gradient (fp32), a dropped example included."""
+    model, inputs = build(kind)
+    inputs = [t.clone() for t in inputs]
+    inputs[0][2].view(-1)[0] = float("nan")
+    reference = per_example_grads(model, *inputs)
+    max_norm = flat_norms(reference)[torch.isfinite(flat_norms(reference))].median().item()
+    one, one_norms, one_stats = run_engine(model, inputs, (2, 4), max_norm)
+    two, two_norms, two_stats = run_engine(model, inputs, (2, 4), max_norm, two_pass=True)
+    torch.testing.assert_close(two_norms, one_norms, rtol=1e-6, atol=0, equal_nan=True)
+    assert one_stats == two_stats and one_stats["skipped_nonfinite"] == 1
+    for name, value in one.items():
+        assert torch.isfinite(two[name]).all()
+        assert relative_error(two[name], value) < 1e-5, name
+
+
+def test_cost_model_choices_and_their_log(caplog):
+    """Per layer, the faster option the memory allows, shown in engine.plan and
+    a debug log: vit_tiny's layers at 197 tokens keep per-example gradients in
+    fp32 (each [p, d] is smaller than its (a, g) pair), ViT-B/16's qkv does not
+    (3x larger) and takes the Gram route, so does a short sequence."""
+    from privacy.rules.linear import plan_linear
+
+    assert plan_linear(16, 197, 576, 192, 4, "cpu", 1.0, True).kind == "per_example"  # vit_tiny qkv
+    assert plan_linear(16, 197, 2304, 768, 4, "cpu", 1.0, True).kind == "ghost"  # ViT-B/16 qkv
+    assert plan_linear(16, 197, 2304, 768, 4, "cpu", 4.0, True).kind == "per_example"  # allowed 4x: faster
+    assert plan_linear(16, 197, 2304, 768, 2, "cuda", 4.0, True).kind == "ghost"  # on a GPU the bytes cost more
+    assert plan_linear(32, 17, 576, 192, 4, "cpu", 1.0, True).kind == "ghost"  # 17 tokens
+    ghost = plan_linear(8, 17, 576, 192, 4, "cpu", 1.0, False)
+    assert ghost.extra_flops == 2 * 8 * 17 * 17 * (576 + 192)  # the two Grams
+    model, inputs = build("odd")
+    engine = PrivacyEngine(model, 1.0, 0.0, 4)
+    with caplog.at_level(logging.DEBUG, logger="privacy.engine"):
+        engine.backward(model(*inputs))
+    assert engine.plan["small"].kind == "per_example" and engine.plan["out"].kind == "ghost"
+    assert "small: per_example, predicted extra" in caplog.text and "out: ghost" in caplog.text
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropped_examples_contribute_exactly_nothing(kind, dtype):
+    """An example with a nan input is dropped on the device (no sync) in every
+    rule and dtype, fp16's clean-after-the-norm path included: the clipped sum
+    equals the engine's on the other examples alone (measured: bitwise, since a
+    dropped example adds exact zeros to every sum)."""
+    model, inputs = build(kind)
+    model = model.to(dtype)
+    inputs = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+    poisoned = [t.clone() for t in inputs]
+    poisoned[0][2].view(-1)[0] = float("nan")
+    keep = torch.tensor([True, True, False, True, True, True])
+    dropped, norms, stats = run_engine(copy.deepcopy(model), poisoned, (3, 3), 0.05)
+    alone, _, _ = run_engine(copy.deepcopy(model), [t[keep] for t in inputs], (2, 3), 0.05)
+    assert stats["skipped_nonfinite"] == 1 and not torch.isfinite(norms[2])
+    for name, value in dropped.items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, alone[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_value_seen_only_by_a_ghost_layer_is_dropped(dtype, bad):
+    """The Gram path sanitises its operands before the norm (fused with the copy
+    that stacks and pads them): the example must still come out non-finite,
+    counted and contributing nothing."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 24, bias=False).to(dtype)  # 6 tokens: ghost
+    x = torch.randn(4, 6, 16).to(dtype)
+    x[1, 2, 3] = bad
+    engine = PrivacyEngine(model, 1.0, 0.0, 1.0, seed=0)
+    engine.backward(model(x).float().square().sum((1, 2)))
+    assert engine.plan[""].kind == "ghost"
+    stats = engine.finish_step()
+    assert stats["skipped_nonfinite"] == 1
+    alone = nn.Linear(16, 24, bias=False).to(dtype)
+    alone.load_state_dict(model.state_dict())
+    other = PrivacyEngine(alone, 1.0, 0.0, 1.0, seed=0)
+    other.backward(alone(x[[0, 2, 3]]).float().square().sum((1, 2)))
+    other.finish_step()
+    torch.testing.assert_close(model.weight.grad, alone.weight.grad, rtol=0, atol=0)

@@ -10,7 +10,7 @@ from torch import nn
 
 from privacy.layers import AddedParameter
 from privacy.rules.added import AddedParameterRule
-from privacy.rules.base import Call, Rule
+from privacy.rules.base import Call, LayerPlan, Rule
 from privacy.rules.conv import Conv2dRule
 from privacy.rules.embedding import EmbeddingRule
 from privacy.rules.layernorm import LayerNormRule
@@ -33,4 +33,4 @@ def find_rule(module: nn.Module, rules: dict[type[nn.Module], Rule]) -> tuple[ty
     return None
 
 
-__all__ = ["Call", "Rule", "DEFAULT_RULES", "find_rule"]
+__all__ = ["Call", "LayerPlan", "Rule", "DEFAULT_RULES", "find_rule"]

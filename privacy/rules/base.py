@@ -3,13 +3,29 @@
 A rule knows, for one kind of layer, how to run its forward without letting
 autograd form the weight gradient, how to pass the gradient to the layer's
 input, and how to turn the saved (activation, output gradient) pairs of a
-micro-batch into per-example squared gradient norms and into the clipped sum
-``sum_i c_i g_i``. Rules hold no state: per-call state lives in :class:`Call`
-objects owned by the engine.
+micro-batch into per-example squared gradient norms and a way to add the
+clipped sum ``sum_i c_i g_i`` once the clip factors are known
+(:meth:`Rule.prepare`). The engine calls ``prepare`` inside the backward, as
+soon as the layer's last call has its output gradient, so that whatever the
+sum does not need (Gram matrices, layer-norm inputs, the pair itself when the
+per-example gradient is kept instead) is freed before the backward goes on.
+Rules hold no state: per-call state lives in :class:`Call` objects and
+per-micro-batch state in the :class:`Prepared` a rule returns, both owned by
+the engine.
+
+Dropped examples (non-finite norm) without a host sync: the engine gives them
+clip factor 0, and a rule must make their contribution exactly 0 even where
+their operands hold inf/nan (``0 * inf`` is nan). Per-example gradients kept
+by a rule are finite for every example whose norm is finite, so replacing
+their non-finite entries by 0 (:func:`finite_or_zero`) touches dropped
+examples only. Operands kept for a clipped-sum matmul get their non-finite
+entries replaced by the dtype's largest finite value in the copy that stacks
+and pads them (:func:`operand`), which overflows the example's fp32 norm to
+inf, so it is still dropped, and multiplies by its clip factor 0 to exactly 0.
 """
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +33,14 @@ from torch import Tensor, nn
 FP32 = torch.float32
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-# name -> the fp32 full-shape buffer the clipped sum of that parameter goes into
-BufferFor = Callable[[str], Tensor]
+class Sums(Protocol):
+    """Where one layer's clipped sums go: one fp32 tensor per parameter, kept by the engine."""
+
+    def add(self, name: str, value: Tensor) -> None:
+        """Add ``value`` (fp32, the parameter's numel; the engine may keep it as is) to its sum."""
+
+    def buffer(self, name: str) -> Tensor:
+        """The parameter's fp32 full-shape sum, to add into in place (zeros at first)."""
 
 
 @dataclass(eq=False)
@@ -27,6 +49,89 @@ class Call:
 
     saved: Any = None
     grad: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the cost model chose for one layer of one micro-batch, and why.
+
+    ``extra_flops``: matrix FLOPs beyond a non-private step's (the clipped
+    sum's matmul takes the place of autograd's weight gradient);
+    ``extra_bytes``: bytes written by non-matmul work beyond it;
+    ``held_bytes``: what the layer keeps from its backward to the clipped sum;
+    ``seconds``: the model's predicted extra time (see :data:`DEVICE_RATES`).
+    """
+
+    kind: str  # "ghost" | "per_example" (materialised, reused for the sum) | "sum" (two-pass, 2nd pass)
+    extra_flops: int
+    extra_bytes: int
+    held_bytes: int
+    seconds: float
+    alternatives: tuple[tuple[str, float], ...] = ()  # (kind, predicted seconds) of the options weighed
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "extra_flops": self.extra_flops, "extra_bytes": self.extra_bytes,
+                "held_bytes": self.held_bytes, "seconds": self.seconds, "alternatives": dict(self.alternatives)}
+
+
+# rough matrix FLOP/s and memory bytes/s of one device, for the cost model's time
+# estimate only: an H100-class GPU in bf16 (about half its peak, as real kernels
+# reach), and one core of a recent x86 CPU in fp32
+DEVICE_RATES = {"cuda": (4e14, 2.5e12), "cpu": (5e10, 1e10)}
+
+
+def predicted_seconds(device_type: str, flops: float, nbytes: float) -> float:
+    flop_rate, byte_rate = DEVICE_RATES.get(device_type, DEVICE_RATES["cpu"])
+    return flops / flop_rate + nbytes / byte_rate
+
+
+@dataclass
+class Context:
+    """How the engine wants this micro-batch handled, and where to add sums."""
+
+    device_type: str
+    norms: bool = True  # False: the two-pass mode's second pass (gradients already scaled)
+    keep_sum: bool = True  # False: the two-pass mode's first pass (norms only)
+    reuse_memory: float = 1.0  # per-example gradient kept for the sum if <= this x the pair it replaces
+
+
+class ClipFactors:
+    """A micro-batch's clip factors: fp32 [b], 0 for dropped examples, and
+    their round-down to other dtypes, each computed once."""
+
+    def __init__(self, fp32: Tensor):
+        self.fp32 = fp32
+        self._in = {FP32: fp32}
+
+    def in_dtype(self, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._in:
+            self._in[dtype] = scale_in(self.fp32, dtype)
+        return self._in[dtype]
+
+
+@dataclass
+class Prepared:
+    """One layer's share of a micro-batch, returned by :meth:`Rule.prepare`.
+
+    ``rows``: name -> fp32 [b, *param shape] per-example gradients small
+    enough to keep (biases, norms, added tokens); the engine takes their norms
+    and their clipped sum for all layers at once (one matmul). The rest of the
+    layer's parameters: ``sq_norm`` fp32 [b] squared per-example norms (None in
+    the two-pass mode's second pass) and ``accumulate(factors)``, which adds
+    ``sum_i c_i g_i`` to their buffers. ``ghost_bound``: for a clipped sum
+    formed by a matmul over tokens whose smaller operand is scaled in
+    ``operand_dtype``, fp32 [b] ``B_i = sum_t ||g_it|| ||a_it||`` over the
+    ``tokens`` rows of each example (the engine's margin for the rounding of
+    those products and of the fp32 norm arithmetic; see ``privacy/engine.py``).
+    """
+
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    sq_norm: Tensor | None = None
+    accumulate: Callable[["ClipFactors"], None] | None = None
+    ghost_bound: Tensor | None = None
+    operand_dtype: torch.dtype = FP32
+    tokens: int = 1
+    plan: LayerPlan | None = None
 
 
 class Rule:
@@ -50,26 +155,18 @@ class Rule:
         """The gradient with respect to the layer's input only."""
         raise NotImplementedError
 
-    def sq_norms(self, module: nn.Module, names: Sequence[str], calls: Sequence[Call], scratch: dict) -> Tensor:
-        """fp32 [b]: per-example squared gradient norm of the parameters ``names``."""
-        raise NotImplementedError
+    def prepare(self, module: nn.Module, names: Sequence[str], calls: Sequence[Call], ctx: Context,
+                sums: Sums) -> Prepared:
+        """Per-example norms of the parameters ``names`` over ``calls`` (which
+        all have their output gradient), and what adding the clipped sum needs;
+        the calls' tensors are released by the engine afterwards.
 
-    def accumulate(
-        self,
-        module: nn.Module,
-        names: Sequence[str],
-        calls: Sequence[Call],
-        scratch: dict,
-        scale: Tensor,
-        dropped: bool,
-        buffer_for: BufferFor,
-    ) -> None:
-        """Add ``sum_i scale_i g_i`` to ``buffer_for(name)`` for each name.
-
-        ``scale`` is fp32 [b]. When ``dropped``, some examples have
-        ``scale == 0`` because their norm is not finite: they may hold inf/nan
-        and must contribute exactly zero (see :func:`zero_dropped`).
-        """
+        ``accumulate(factors)`` (a :class:`ClipFactors`; 0 for dropped
+        examples) must add ``sum_i c_i g_i`` to ``sums`` for each name not in
+        ``rows``, with exactly nothing from dropped examples (see
+        the module docstring). In the two-pass mode's second pass
+        (``ctx.norms`` False) the output gradients already carry the clip
+        factors and the factors are 1 or 0."""
         raise NotImplementedError
 
 
@@ -85,22 +182,45 @@ def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Largest relative error of rounding a real number to nearest in ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
 def bmm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """Batched matmul with an fp32 result, without fp32 copies of the inputs on CUDA."""
-    if a.dtype in LOW_PRECISION and a.is_cuda:
-        return torch.bmm(a, b, out_dtype=FP32)
-    return torch.bmm(a, b).to(FP32)
+    """Batched matmul with an fp32 result accumulated in fp32 (on CUDA without
+    fp32 copies of low-precision inputs; CPU has no mixed-dtype bmm)."""
+    if a.dtype in LOW_PRECISION:
+        if a.is_cuda:
+            return torch.bmm(a, b, out_dtype=FP32)
+        a, b = a.float(), b.float()
+    return torch.bmm(a, b)
 
 
 def mm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    if a.dtype in LOW_PRECISION and a.is_cuda:
-        return torch.mm(a, b, out_dtype=FP32)
-    return torch.mm(a, b).to(FP32)
+    """Matmul with an fp32 result accumulated in fp32 (see :func:`bmm_fp32`)."""
+    if a.dtype in LOW_PRECISION:
+        if a.is_cuda:
+            return torch.mm(a, b, out_dtype=FP32)
+        a, b = a.float(), b.float()
+    return torch.mm(a, b)
 
 
 def gram(x: Tensor) -> Tensor:
     """fp32 [b, T, T] inner products of the token rows of ``x`` [b, T, k]."""
     return bmm_fp32(x, x.transpose(1, 2))
+
+
+def ghost_sq_norm(gram_a: Tensor, gram_g: Tensor) -> Tensor:
+    """fp32 [b]: ``sum_{t,s} A_ts G_ts``. An elementwise product and a blocked
+    sum: as a [1, T^2] x [T^2, 1] matmul it would be summed serially on CPU,
+    with 50x the rounding error (5e-6 relative at 197 tokens)."""
+    return torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1))
+
+
+def row_norm_products(gram_a: Tensor, gram_g: Tensor) -> Tensor:
+    """fp32 [b]: ``sum_t ||a_t|| ||g_t||`` from the Grams' diagonals."""
+    return (gram_a.diagonal(dim1=1, dim2=2) * gram_g.diagonal(dim1=1, dim2=2)).sqrt().sum(1)
 
 
 # cuBLAS runs a [T, T] product whose T is not a multiple of 8 on an old, slow kernel:
@@ -109,36 +229,66 @@ def gram(x: Tensor) -> Tensor:
 TOKEN_MULTIPLE = 16
 
 
-def pad_tokens(x: Tensor, multiple: int = TOKEN_MULTIPLE) -> Tensor:
-    """``x`` [b, T, k] with zero tokens appended up to a multiple of ``multiple``.
+def padded_tokens(tokens: int, device_type: str) -> int:
+    """Tokens after padding (on CUDA only: CPU kernels have no such cliff)."""
+    return tokens + (-tokens % TOKEN_MULTIPLE if device_type == "cuda" else 0)
 
-    Zero tokens add zero rows and columns to a Gram matrix, so ghost norms are
-    unchanged; the copy is transient (one layer at a time).
+
+def sanitising_value(dtype: torch.dtype) -> float | None:
+    """What :func:`operand` writes for a non-finite entry: the largest finite
+    value, whose square overflows an fp32 Gram entry to inf, so the example
+    still has an infinite norm. fp16's largest value squares to a finite fp32
+    number, so fp16 operands are copied as they are and cleaned after the norm."""
+    return None if dtype == torch.float16 else torch.finfo(dtype).max
+
+
+def operand(parts: Sequence[Tensor], dtype: torch.dtype, tokens: int, fill: float | None,
+            owned: bool = False) -> Tensor:
+    """The calls' [b, T_k, k] tensors as one new [b, tokens, k] tensor in
+    ``dtype``, zero tokens appended up to ``tokens``, non-finite entries
+    replaced by +-``fill`` (None: kept): ONE pass over the data, fusing the
+    stacking, padding, cast and sanitising copies. ``owned``: the parts are the
+    caller's own copies, so a single contiguous one is sanitised in place.
+
+    Zero tokens add zero rows to Gram matrices and to the clipped sum, so norms
+    and sums are unchanged by the padding; several calls of one layer give the
+    same per-example gradient as one call on all their tokens.
     """
-    extra = -x.shape[1] % multiple
-    return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
+    first = parts[0]
+    if owned and len(parts) == 1 and first.shape[1] == tokens and first.dtype == dtype and first.is_contiguous():
+        return first if fill is None else first.nan_to_num_(nan=fill, posinf=fill, neginf=-fill)
+    out = torch.empty(first.shape[0], tokens, first.shape[-1], dtype=dtype, device=first.device)
+    start = 0
+    for part in parts:
+        view = out if part.shape[1] == tokens else out[:, start:start + part.shape[1]]
+        if fill is not None and part.dtype == dtype:
+            torch.nan_to_num(part, nan=fill, posinf=fill, neginf=-fill, out=view)
+        else:
+            view.copy_(part)
+            if fill is not None:
+                view.nan_to_num_(nan=fill, posinf=fill, neginf=-fill)
+        start += part.shape[1]
+    if start < tokens:
+        out[:, start:].zero_()
+    return out
 
 
 def scale_in(scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """``scale`` in ``dtype``, rounded towards zero, never above C / ||g_i||.
-
-    Rounding a clip factor up in bf16 would scale every example by up to 2^-8
-    too much. The scaled bf16 products still round (at most 2^-9 relative per
-    element, like every bf16 product of the model); only fp32 layers are free
-    of that.
-    """
+    """``scale`` in ``dtype``, rounded towards zero: never above the fp32 factor."""
     low = scale.to(dtype)
-    too_big = low.to(FP32) > scale
     if dtype == FP32:
         return low
+    too_big = low.to(FP32) > scale
     return torch.where(too_big, torch.nextafter(low, torch.zeros_like(low)), low)
 
 
-def zero_dropped(t: Tensor, scale: Tensor) -> Tensor:
-    """``t`` with the rows of examples whose ``scale`` is 0 set to exactly 0.
+def finite_or_zero(t: Tensor) -> Tensor:
+    """``t`` (owned by the caller) with non-finite entries set to 0, in place."""
+    return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
-    A dropped example may carry inf/nan; ``0 * inf`` is nan, so multiplying by
-    the scale is not enough.
-    """
-    keep = (scale > 0).view(-1, *([1] * (t.dim() - 1)))
-    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+def weighted_rows(per_example: Tensor, factors: ClipFactors) -> Tensor:
+    """fp32 [numel]: ``sum_i c_i per_example[i]`` (``per_example`` [b, ...], owned
+    by the caller and cleaned of dropped examples' inf/nan here)."""
+    rows = finite_or_zero(per_example).reshape(per_example.shape[0], -1)
+    return mm_fp32(factors.in_dtype(rows.dtype).view(1, -1), rows).view(-1)

@@ -3,14 +3,14 @@
 ``F.unfold`` turns the input into per-position patches [b, L, C k k], ordered
 like ``weight.view(out, -1)``, so the Linear arithmetic applies unchanged. For
 a patch embedding (kernel == stride) the patches are just a permuted copy of
-the image.
+the image. The weight's buffer [out, C, k, k] is added to as a [out, C k k] view.
 """
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privacy.rules.base import FP32, Call, Rule, cast, compute_dtype, zero_dropped
-from privacy.rules.linear import bias_per_example, clipped_weight_sum, stacked, weight_sq_norms
+from privacy.rules.base import Call, Prepared, Rule, cast, compute_dtype
+from privacy.rules.linear import linear_prepare
 
 
 def _is_patch_embedding(module: nn.Conv2d) -> bool:
@@ -55,33 +55,17 @@ class Conv2dRule(Rule):
             x.shape, weight, grad.to(weight.dtype), module.stride, self._padding(module), module.dilation
         )
 
-    def _pairs(self, module: nn.Conv2d, calls, scratch) -> tuple[Tensor, Tensor]:
-        if "pairs" not in scratch:
-            def patches(call: Call) -> Tensor:
-                x = call.saved[0]
-                if _is_patch_embedding(module):
-                    return _patches(x, module.kernel_size)
-                cols = F.unfold(x, module.kernel_size, module.dilation, self._padding(module), module.stride)
-                return cols.transpose(1, 2)  # [b, L, C k k]
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
+        def patches(call: Call) -> Tensor:
+            x = call.saved[0]
+            if _is_patch_embedding(module):
+                return _patches(x, module.kernel_size)
+            cols = F.unfold(x, module.kernel_size, module.dilation, self._padding(module), module.stride)
+            return cols.transpose(1, 2)  # [b, L, C k k]
 
-            def grads(call: Call) -> Tensor:
-                g = call.grad.to(call.saved[0].dtype)
-                return g.flatten(2).transpose(1, 2)  # [b, L, out]
-
-            scratch["pairs"] = (stacked(calls, patches), stacked(calls, grads))
-        return scratch["pairs"]
-
-    def sq_norms(self, module, names, calls, scratch) -> Tensor:
-        a, g = self._pairs(module, calls, scratch)
-        total = weight_sq_norms(a, g) if "weight" in names else a.new_zeros(a.shape[0], dtype=FP32)
-        if "bias" in names:
-            scratch["bias"] = bias_per_example(g)
-            total = total + scratch["bias"].square().sum(1)
-        return total
-
-    def accumulate(self, module, names, calls, scratch, scale, dropped, buffer_for) -> None:
-        a, g = self._pairs(module, calls, scratch)
-        if "weight" in names:
-            buffer_for("weight").add_(clipped_weight_sum(a, g, scale, dropped).view_as(buffer_for("weight")))
-        if "bias" in names:
-            buffer_for("bias").add_(zero_dropped(scratch["bias"], scale).T @ scale)
+        grads = [call.grad.flatten(2).transpose(1, 2) for call in calls]  # [b, L, out]
+        cols = [patches(call) for call in calls]
+        # the patches are a copy of the input unless one patch covers the whole image
+        owned = all(c.untyped_storage().data_ptr() != call.saved[0].untyped_storage().data_ptr()
+                    for c, call in zip(cols, calls))
+        return linear_prepare(cols, grads, names, ctx, sums, owned_inputs=owned)

@@ -3,15 +3,22 @@
 One example's gradient has row ``v`` equal to the sum of the output gradients
 at the positions holding token ``v`` (never the padding token, whose row gets
 no gradient). Its squared norm is ``sum_{t,s} [id_t == id_s] (g_t.g_s)`` over
-non-padding positions, which never forms a [vocab, dim] matrix per example.
+non-padding positions, which never forms a [vocab, dim] matrix per example; the
+clipped sum adds the scaled rows in fp32 (``index_add_``).
 """
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privacy.rules.base import FP32, Call, Rule, gram
-from privacy.rules.linear import stacked
+from privacy.rules.base import FP32, Call, ClipFactors, LayerPlan, Prepared, Rule, finite_or_zero, gram
+
+
+def total_tokens(parts: Sequence[Tensor]) -> Tensor:
+    """Several calls' [b, T_k, ...] tensors joined along tokens (the first itself if one)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 class EmbeddingRule(Rule):
@@ -34,24 +41,25 @@ class EmbeddingRule(Rule):
     def grad_input(self, module, call: Call, grad: Tensor) -> None:
         return None  # token ids have no gradient
 
-    def _pairs(self, module: nn.Embedding, calls) -> tuple[Tensor, Tensor, Tensor]:
-        ids = stacked(calls, lambda c: c.saved.reshape(c.saved.shape[0], -1, 1)).squeeze(2)  # [b, T]
-        g = stacked(calls, lambda c: c.grad.reshape(c.grad.shape[0], -1, c.grad.shape[-1]))  # [b, T, D]
-        if module.padding_idx is None:
-            real = torch.ones_like(ids, dtype=torch.bool)
-        else:
-            real = ids != module.padding_idx
-        return ids, g, real
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
+        ids = total_tokens([c.saved.reshape(c.saved.shape[0], -1) for c in calls])  # [b, T]
+        g = total_tokens([c.grad.reshape(c.grad.shape[0], -1, c.grad.shape[-1]) for c in calls])  # [b, T, D]
+        real = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
+        b, tokens, dim = g.shape
+        sq = bound = None
+        if ctx.norms:
+            gram_g = gram(g)
+            same = (ids[:, :, None] == ids[:, None, :]) & real[:, :, None] & real[:, None, :]
+            sq = (gram_g * same).sum((1, 2))
+            bound = (gram_g.diagonal(dim1=1, dim2=2).sqrt() * real).sum(1)  # one-hot inputs: ||a_t|| = 1
+            del gram_g, same
 
-    def sq_norms(self, module, names, calls, scratch) -> Tensor:
-        ids, g, real = self._pairs(module, calls)
-        same = (ids[:, :, None] == ids[:, None, :]) & real[:, :, None] & real[:, None, :]
-        return (gram(g) * same).sum((1, 2))
+        def accumulate(factors: ClipFactors) -> None:
+            weights = torch.where(real, factors.fp32[:, None], 0.0)  # [b, T]
+            rows = finite_or_zero(g.to(FP32) * weights[:, :, None])
+            sums.buffer("weight").index_add_(0, ids.reshape(-1), rows.reshape(-1, dim))
 
-    def accumulate(self, module, names, calls, scratch, scale, dropped, buffer_for) -> None:
-        ids, g, real = self._pairs(module, calls)
-        weights = torch.where(real, scale[:, None], 0.0)  # [b, T]
-        rows = g.to(FP32) * weights[:, :, None]
-        if dropped:
-            rows = torch.where(weights[:, :, None] > 0, rows, 0.0)
-        buffer_for("weight").index_add_(0, ids.reshape(-1), rows.reshape(-1, g.shape[-1]))
+        plan = LayerPlan("ghost", 2 * b * tokens * tokens * dim, 4 * b * tokens * (tokens + 2 * dim),
+                         b * tokens * dim * g.element_size(), 0.0)
+        return Prepared(sq_norm=sq, accumulate=accumulate, ghost_bound=bound, operand_dtype=FP32, tokens=tokens,
+                        plan=plan)

@@ -1,7 +1,9 @@
 """nn.LayerNorm: per-example gradients materialised (they are only [b, n]).
 
 weight gradient of one example: ``sum_t g_t * xhat_t``; bias: ``sum_t g_t``.
-Under autocast the layer runs in fp32, as CUDA autocast runs layer_norm.
+They are formed in the layer's backward, so its input and output gradient are
+freed there. Under autocast the layer runs in fp32, as CUDA autocast runs
+layer_norm.
 """
 
 import math
@@ -9,7 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from privacy.rules.base import FP32, Call, Rule, cast, zero_dropped
+from privacy.rules.base import FP32, Call, Prepared, Rule, cast
+from privacy.rules.linear import rows_plan, total
 
 
 class LayerNormRule(Rule):
@@ -28,31 +31,17 @@ class LayerNormRule(Rule):
         )
         return grad_x.to(in_dtype)
 
-    def _per_example(self, module: nn.LayerNorm, names, calls, scratch) -> dict[str, Tensor]:
-        """name -> fp32 [b, n] per-example gradients, summed over calls."""
-        if "per_example" in scratch:
-            return scratch["per_example"]
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
         n = math.prod(module.normalized_shape)  # not weight.numel(): a sharded weight may be a part
-        sums: dict[str, Tensor] = {}
+        parts: dict[str, list[Tensor]] = {name: [] for name in names}
         for call in calls:
             x, mean, rstd = call.saved[:3]
             b = x.shape[0]
             g = call.grad.reshape(b, -1, n)
-            parts = {}
             if "weight" in names:
                 xhat = ((x.to(FP32) - mean) * rstd).reshape(b, -1, n)
-                parts["weight"] = (g.to(FP32) * xhat).sum(1)
+                parts["weight"].append((g.to(FP32) * xhat).sum(1))
             if "bias" in names:
-                parts["bias"] = g.sum(1, dtype=FP32)
-            for name, value in parts.items():
-                sums[name] = sums[name] + value if name in sums else value
-        scratch["per_example"] = sums
-        return sums
-
-    def sq_norms(self, module, names, calls, scratch) -> Tensor:
-        per_example = self._per_example(module, names, calls, scratch)
-        return sum(value.square().sum(1) for value in per_example.values())
-
-    def accumulate(self, module, names, calls, scratch, scale, dropped, buffer_for) -> None:
-        for name, value in self._per_example(module, names, calls, scratch).items():
-            buffer_for(name).add_((zero_dropped(value, scale).T @ scale).view_as(buffer_for(name)))
+                parts["bias"].append(g.sum(1, dtype=FP32))
+        rows = {name: total(values) for name, values in parts.items()}
+        return Prepared(rows, plan=rows_plan(rows, ctx.device_type))

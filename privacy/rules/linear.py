@@ -1,65 +1,78 @@
-"""nn.Linear on inputs of any rank: ghost (Gram) or materialised norms.
+"""nn.Linear on inputs of any rank: ghost (Gram) norms, or per-example gradients
+materialised and reused for the clipped sum, whichever the cost model says is faster.
 
 For one example with input rows a_t [d] and output-gradient rows g_t [p], the
-weight gradient is ``sum_t g_t a_t^T`` and its squared norm is either
-``sum_{t,s} (a_t.a_s)(g_t.g_s)`` (ghost, O(T^2 (p + d))) or the squared norm of
-the materialised [p, d] matrix (O(T p d)); the cheaper one is used. The bias
-gradient is ``sum_t g_t``: its norm is NOT ``sqrt(sum_t ||g_t||^2)``.
+weight gradient is ``G = sum_t g_t a_t^T`` and its squared norm is either
+``sum_{t,s} (a_t.a_s)(g_t.g_s)`` (ghost) or that of the materialised [p, d]
+matrix. The bias gradient is ``sum_t g_t``: its norm is NOT
+``sqrt(sum_t ||g_t||^2)``.
+
+The choice (:func:`plan_linear`) minimises predicted time, not memory alone:
+- ghost: two [T, T] Grams, ``2 b T^2 (p + d)`` extra FLOPs, then the clipped sum
+  ``sum_i c_i G_i`` as one matmul over (a, g) with the smaller operand scaled,
+  which takes the place of autograd's weight gradient (no extra FLOPs);
+- per-example: one bmm forms every ``G_i`` (the weight gradient's own FLOPs,
+  split by example), its norms are read off, and the clipped sum is a weighted
+  sum of the ``G_i`` (``2 b p d`` extra FLOPs); (a, g) are freed at once.
+  Allowed only where the ``G_i`` take no more memory than ``reuse_memory`` times
+  the (a, g) pair they replace, so it never raises what the engine holds.
+Materialising without keeping the ``G_i`` is never faster than one of these
+two: where the ``G_i`` are too big to keep, ``pd > T (p + d)``, so the ghost
+norm costs fewer FLOPs and moves fewer bytes.
 """
 
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+import torch.nn.functional as F
 
 from privacy.rules.base import (
     FP32,
-    BufferFor,
     Call,
+    ClipFactors,
+    Context,
+    LayerPlan,
+    Prepared,
     Rule,
-    bmm_fp32,
+    Sums,
     cast,
     compute_dtype,
+    finite_or_zero,
+    ghost_sq_norm,
     gram,
     mm_fp32,
-    pad_tokens,
-    scale_in,
-    zero_dropped,
+    operand,
+    padded_tokens,
+    predicted_seconds,
+    row_norm_products,
+    sanitising_value,
+    weighted_rows,
 )
 
 
-def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
-    """Ghost norm when the two [T, T] Grams cost less than the [p, d] matrix."""
-    return 2 * tokens * tokens < out_features * in_features
-
-
-def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
-    """fp32 [b]: squared norms of ``sum_t g[i, t] a[i, t]^T``; a [b,T,d], g [b,T,p]."""
-    if use_ghost(a.shape[1], g.shape[2], a.shape[2]):
-        if a.is_cuda:
-            a, g = pad_tokens(a), pad_tokens(g)
-        # elementwise, not a matmul: TF32 (if enabled) would round this fp32 sum
-        return (gram(a) * gram(g)).sum((1, 2))
-    per_example = bmm_fp32(g.transpose(1, 2), a)  # [b, p, d]
-    return torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()  # no squared temporary
-
-
-def clipped_weight_sum(a: Tensor, g: Tensor, scale: Tensor, dropped: bool) -> Tensor:
-    """fp32 [p, d]: ``sum_i scale_i sum_t g[i, t] a[i, t]^T`` as one matmul."""
-    if dropped:
-        a, g = zero_dropped(a, scale), zero_dropped(g, scale)
-    # scale whichever of the two is smaller
-    if g.shape[2] <= a.shape[2]:
-        g = g * scale_in(scale, g.dtype).view(-1, 1, 1)
-    else:
-        a = a * scale_in(scale, a.dtype).view(-1, 1, 1)
-    return mm_fp32(g.reshape(-1, g.shape[2]).T, a.reshape(-1, a.shape[2]))
-
-
-def bias_per_example(g: Tensor) -> Tensor:
-    """fp32 [b, p]: ``sum_t g[i, t]``."""
-    return g.sum(1, dtype=FP32)
+def plan_linear(batch: int, tokens: int, out_features: int, in_features: int, element_size: int,
+                device_type: str, reuse_memory: float, bias: bool) -> LayerPlan:
+    """The faster of ghost and per-example for a weight [p, d] over ``tokens`` rows."""
+    b, T, p, d, e = batch, tokens, out_features, in_features, element_size
+    Tp = padded_tokens(T, device_type)
+    bias_flops, bias_bytes = (2 * b * p, 4 * b * p) if bias else (0, 0)
+    pair_bytes = b * T * (p + d) * e
+    # ghost: Grams, the clipped sum over padded rows; operand copies, Gram outputs and
+    # their product, the scaled copy of the smaller operand
+    ghost_flops = 2 * b * Tp * Tp * (p + d) + 2 * b * (Tp - T) * p * d + bias_flops
+    ghost_bytes = b * Tp * (p + d) * e + 3 * 4 * b * Tp * Tp + b * Tp * min(p, d) * e + bias_bytes
+    ghost = LayerPlan("ghost", ghost_flops, ghost_bytes, b * Tp * (p + d) * e + bias_bytes,
+                      predicted_seconds(device_type, ghost_flops, ghost_bytes))
+    # per-example: the bmm's output (its FLOPs are the weight gradient's), cleaned in place, summed
+    kept = b * p * d * e
+    per_flops, per_bytes = 2 * b * p * d + bias_flops, 2 * kept + bias_bytes
+    per_example = LayerPlan("per_example", per_flops, per_bytes, kept + bias_bytes,
+                            predicted_seconds(device_type, per_flops, per_bytes))
+    options = [ghost] + ([per_example] if kept <= reuse_memory * pair_bytes else [])
+    best = min(options, key=lambda plan: plan.seconds)
+    weighed = (("ghost", ghost.seconds), ("per_example", per_example.seconds))
+    return LayerPlan(best.kind, best.extra_flops, best.extra_bytes, best.held_bytes, best.seconds, weighed)
 
 
 def tokens_view(t: Tensor) -> Tensor:
@@ -67,11 +80,71 @@ def tokens_view(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-def stacked(calls: Sequence[Call], key) -> Tensor:
-    """Concatenate the calls' tensors along tokens: several calls of one layer
-    give the same per-example gradient as one call on all their tokens."""
-    parts = [key(call) for call in calls]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+def total(values: Sequence[Tensor]) -> Tensor:
+    """The sum of ``values`` (the first itself when there is one: no copy)."""
+    out = values[0]
+    for value in values[1:]:
+        out = out + value
+    return out
+
+
+def rows_plan(rows: dict[str, Tensor], device_type: str) -> LayerPlan:
+    """The plan of a layer whose per-example gradients are all small rows."""
+    b = next(iter(rows.values())).shape[0]
+    numel = sum(r.shape[1:].numel() for r in rows.values())
+    flops, nbytes = 2 * b * numel, 12 * b * numel  # the shared matmul; formed, copied, cleaned
+    return LayerPlan("per_example", flops, nbytes, 4 * b * numel, predicted_seconds(device_type, flops, nbytes))
+
+
+def linear_prepare(a_parts: Sequence[Tensor], g_parts: Sequence[Tensor], names: Sequence[str], ctx: Context,
+                   sums: Sums, owned_inputs: bool = False) -> Prepared:
+    """Weight [p, d] (viewed so: a conv's is [out, C, k, k]) and bias [p] of a
+    layer that is a Linear on token rows: ``a_parts`` [b, T_k, d] (the
+    caller's own copies if ``owned_inputs``) and ``g_parts`` [b, T_k, p], one
+    pair per call."""
+    dtype = a_parts[0].dtype
+    g_parts = [g.to(dtype) for g in g_parts]
+    b, d, p = a_parts[0].shape[0], a_parts[0].shape[-1], g_parts[0].shape[-1]
+    tokens = sum(a.shape[1] for a in a_parts)
+    rows = {"bias": total([g.sum(1, dtype=FP32) for g in g_parts])} if "bias" in names else {}
+    if "weight" not in names:
+        return Prepared(rows, plan=rows_plan(rows, ctx.device_type))
+    if not ctx.norms:  # two-pass, second pass: the plain sum of already scaled gradients
+        a = operand(a_parts, dtype, tokens, fill=0.0, owned=owned_inputs).view(-1, d)
+        g = operand(g_parts, dtype, tokens, fill=0.0).view(-1, p)
+        sums.add("weight", mm_fp32(g.T, a))
+        return Prepared(rows, plan=LayerPlan("sum", 0, b * tokens * (p + d) * dtype.itemsize, 0, 0.0))
+
+    plan = plan_linear(b, tokens, p, d, dtype.itemsize, ctx.device_type, ctx.reuse_memory, "bias" in names)
+    if plan.kind == "per_example":
+        per_example = total([torch.bmm(g.transpose(1, 2), a) for g, a in zip(g_parts, a_parts)])  # [b, p, d]
+        # norms along the shorter of p, d, then a blocked sum of their squares: CPU's vector_norm
+        # accumulates serially (over all of [p, d]: 1.6e-6 relative at 1e5 entries, 6e-5 at 2e6;
+        # over <= 4096: <= 4e-7, inside the engine's 2^-20 norm margin)
+        shorter = 1 if p <= d else 2
+        sq = torch.linalg.vector_norm(per_example, dim=shorter, dtype=FP32).square().sum(1)
+        return Prepared(rows, sq, lambda factors: sums.add("weight", weighted_rows(per_example, factors)),
+                        plan=plan)
+
+    # ghost
+    fill = sanitising_value(dtype)
+    padded = padded_tokens(tokens, ctx.device_type)
+    a, g = operand(a_parts, dtype, padded, fill, owned=owned_inputs), operand(g_parts, dtype, padded, fill)
+    gram_a, gram_g = gram(a), gram(g)
+    sq = ghost_sq_norm(gram_a, gram_g)  # may round below 0 if tokens cancel: the engine clamps the total
+    bound = row_norm_products(gram_a, gram_g)
+    del gram_a, gram_g
+    if fill is None:  # fp16: cleaned only now that the norm has seen the inf/nan
+        finite_or_zero(a), finite_or_zero(g)
+
+    def accumulate(factors: ClipFactors) -> None:
+        s = factors.in_dtype(dtype).view(-1, 1, 1)
+        if p <= d:
+            sums.add("weight", mm_fp32((g * s).view(-1, p).T, a.view(-1, d)))
+        else:
+            sums.add("weight", mm_fp32(g.view(-1, p).T, (a * s).view(-1, d)))
+
+    return Prepared(rows, sq, accumulate if ctx.keep_sum else None, bound, dtype, tokens, plan)
 
 
 class LinearRule(Rule):
@@ -85,26 +158,6 @@ class LinearRule(Rule):
         _, weight = call.saved
         return grad.to(weight.dtype) @ weight
 
-    def _pairs(self, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
-        """Token-stacked (activation, output gradient); rebuilt when needed rather
-        than kept, so a layer called several times holds no extra copies."""
-        a = stacked(calls, lambda c: tokens_view(c.saved[0]))
-        g = stacked(calls, lambda c: tokens_view(c.grad.to(c.saved[0].dtype)))
-        return a, g
-
-    def sq_norms(self, module, names, calls, scratch) -> Tensor:
-        a, g = self._pairs(calls)
-        total = torch.zeros(a.shape[0], dtype=FP32, device=a.device)
-        if "weight" in names:
-            total += weight_sq_norms(a, g)
-        if "bias" in names:
-            scratch["bias"] = bias_per_example(g)
-            total += scratch["bias"].square().sum(1)
-        return total
-
-    def accumulate(self, module, names, calls, scratch, scale, dropped, buffer_for: BufferFor) -> None:
-        a, g = self._pairs(calls)
-        if "weight" in names:
-            buffer_for("weight").add_(clipped_weight_sum(a, g, scale, dropped))
-        if "bias" in names:
-            buffer_for("bias").add_(zero_dropped(scratch["bias"], scale).T @ scale)
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
+        return linear_prepare([tokens_view(c.saved[0]) for c in calls], [tokens_view(c.grad) for c in calls],
+                              names, ctx, sums)

@@ -1,0 +1,85 @@
+"""The benchmark suite runs end to end on tiny models and reports what it
+promises (no timing asserted): every method, counts, the engine's plan and its
+FLOP bound, the files; and python -m privacy.bench hands over to it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from privacy import PrivacyEngine
+from trainer import bench
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop", "ignore:Full backward hook",
+                                        "ignore:Using a non-full backward hook")
+REPO = Path(__file__).resolve().parent.parent
+TINY_VIT = ["--model", "vit_tiny", "--img-size", "32", "--set", "depth=1", "--batch", "3"]
+
+
+def test_suite_on_a_tiny_timm_vit(tmp_path):
+    (result,) = bench.main([*TINY_VIT, "--device", "cpu", "--steps", "2", "--out", str(tmp_path)])  # round-robin
+    methods = result["methods"]
+    assert list(methods) == list(bench.METHODS)  # Opacus is in the dev extra
+    base, engine = methods["non_private"], methods["engine"]
+    for name, figures in methods.items():
+        assert len(figures["all_seconds"]) == 2 and figures["examples_per_s"] > 0 and figures["flops"] > 0 and figures["aten_ops"] > 0, name
+        assert figures["non_matmul_bytes"] > 0 and figures["peak_live_bytes"] > 0, name
+    # the engine: no sync in forward and backward, one read of its statistics per step
+    assert engine["added_syncs_per_micro_batch"] == 0
+    assert engine["syncs_by_phase"]["step"] == base["syncs_by_phase"]["step"] + 1
+    assert abs(engine["flops_over_bound"] - 1) < 0.03
+    assert {p["kind"] for p in engine["plan"].values()} <= {"ghost", "per_example"}
+    assert methods["two_pass"]["flops"] > engine["flops"]  # a second backward
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["results"][0]["methods"]["engine"]["flops"] == engine["flops"]
+    table = (tmp_path / "bench.md").read_text()
+    assert all(f"| {name} |" in table for name in bench.METHODS)
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_project_model_steps_never_sync():
+    """DP-Cap validates its token ids on the device: no host sync in its forward
+    or backward, private or not (one timed step: the methods run one at a time)."""
+    (result,) = bench.main(["--model", "dpcap_nano", "--batch", "2", "--methods", "non_private,engine",
+                            "--steps", "1", "--warmup", "0", "--device", "cpu", "--set", "img_size=32",
+                            "--set", "depth=1", "--set", "decoder_depth=1", "--set", "vocab_size=300",
+                            "--set", "text_max_length=8"])
+    base, engine = result["methods"]["non_private"], result["methods"]["engine"]
+    assert base["syncs_by_phase"].get("forward", 0) == 0 and engine["added_syncs_per_micro_batch"] == 0
+    assert engine["syncs_by_phase"].get("backward", 0) == 0
+    assert abs(engine["flops_over_bound"] - 1) < 0.03
+
+
+def test_privacy_bench_hands_over_to_the_suite():
+    """``python -m privacy.bench --suite`` is the documented command: it is trainer.bench's."""
+    done = subprocess.run([sys.executable, "-m", "privacy.bench", "--suite", "--help"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--suite" in done.stdout and "opacus_ghost" in done.stdout
+
+
+def test_timm_conversion_is_labelled_and_makes_the_model_acceptable():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    with pytest.raises(ValueError, match="cls_token"):
+        PrivacyEngine(model, 1.0, 1.0, 4)
+    changed = bench.accept_timm_model(model)
+    assert "froze cls_token" in changed and "froze pos_embed" in changed
+    assert any("LayerNorm -> torch.nn.LayerNorm" in c for c in changed)
+    engine = PrivacyEngine(model, 1.0, 1.0, 4)
+    assert not any("cls_token" in name for name in engine.covered_parameters)
+    images = torch.randn(2, 3, 32, 32)
+    engine.backward(torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1]), reduction="none"))
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        bench.main(["--model", "vip_base", "--device", "cpu", "--set", "depth"])
+    with pytest.raises(ValueError, match="unknown --methods"):
+        bench.main([*TINY_VIT, "--methods", "engine,fast"])
+    with pytest.raises(ValueError, match="unknown model"):
+        bench.main(["--model", "no_such_net", "--device", "cpu"])
