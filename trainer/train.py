@@ -35,8 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "backend=deepspeed ds.zero_optimization.stage=2")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (geometry, sigma, "
                         "epsilon along the way, TAN options) and exit")
-    parser.add_argument("--init", default=None, help="initial weights only (our checkpoint folder "
-                        "or an original-layout DP-Cap .pth)")
+    parser.add_argument("--init", default=None, help="initial weights only: our checkpoint folder, or "
+                        "a .pt/.pth or .safetensors file (ours, or the original DP-Cap / MAE layout)")
     parser.add_argument("--allow-non-private", action="store_true",
                         help="confirm privacy.enabled=false (no privacy guarantee)")
     parser.add_argument("--world-size", type=int, default=None,
