@@ -85,7 +85,7 @@ def test_a_vip_gets_probes_only(tmp_path):
     assert set(r["eval_data"]["few_shot"]) == {"1"} and 0 <= r["eval_data"]["linear_probe"]["top1"] <= 1
 
 
-def test_refusals_come_before_the_model_is_loaded(dpcap, tmp_path, capsys):
+def test_refusals_come_before_the_model_is_loaded(dpcap, tmp_path, capsys, caplog):
     tmp, _, _ = dpcap
     synthetic = load_config("default", TINY_MODEL)  # the compact vocabulary of the synthetic scenes
     save_like_trainer(tmp_path / "synthetic", synthetic, build_model(synthetic, build_tokenizer(synthetic)))
@@ -103,9 +103,11 @@ def test_refusals_come_before_the_model_is_loaded(dpcap, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error: ") and message in err, (args, err)
     assert not (tmp_path / "r.json").exists()
-    # the synthetic model without zero-shot is fine
-    assert evaluate.main([str(tmp_path / "synthetic"), "--data", str(tmp / "classes"), "--methods", "",
-                          "--shots", "", "--device", "cpu", "--out", str(tmp_path / "r.json")]) == 0
+    # the defaults that cannot run are skipped with a warning, as in the job
+    assert evaluate.main([str(tmp / "checkpoints"), "--data", str(tmp / "classes"), "--device", "cpu",
+                          "--out", str(tmp_path / "r.json")]) == 0
+    assert set(json.loads((tmp_path / "r.json").read_text())["eval_data"]["few_shot"]) == {"1"}
+    assert "5-shot probe skipped: --shots 5" in caplog.text
 
 
 def test_one_folder_is_split_by_file_name_hash(tmp_path):

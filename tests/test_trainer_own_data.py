@@ -94,7 +94,7 @@ def test_laion_style_shards_on_two_ranks_then_evaluation_on_your_classes(tmp_pat
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out, err = proc.stdout, proc.stderr
     # indexed once, by both ranks, beside the shards; N from the index
-    assert "indexing 3 shards of data.shards=laion/{00000..00002}.tar, once" in err and "on 2 ranks x 1" in err
+    assert "indexing 3 shards of data.shards=laion/{00000..00002}.tar, once" in err and "on 2 ranks x 1 process" in err
     assert "indexed 3 shards (96 samples) in " in err
     assert "data.num_examples not set: N = 96, the number of samples the index of data.shards lists" in err
     assert len(list((tmp_path / "laion").glob("index-*.json"))) == 1
@@ -104,7 +104,7 @@ def test_laion_style_shards_on_two_ranks_then_evaluation_on_your_classes(tmp_pat
     assert "zero-shot on your classes: accuracy " in out and "(trie), " in out and "(loss)" in out
     assert "(3 classes, chance 0.333; 9 train / 9 test images of classes)" in out
     assert "1-shot: " in out and "5-shot" not in out
-    assert "5-shot probe skipped: --shots 5: class 'blue_square' has only 3 training examples" in err
+    assert "5-shot probe skipped: eval.shots 5: class 'blue_square' has only 3 training examples" in err
     results_file = tmp_path / "runs/dpcap_own/tb/eval_step_00000002.json"
     assert f"evaluation results: runs/dpcap_own/tb/eval_step_00000002.json" in out
     r = json.loads(results_file.read_text())

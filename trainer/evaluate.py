@@ -31,6 +31,7 @@ from trainer.common.probing import folder_data
 from trainer.common.weights import add_model_arguments, load_trained_model, locate, pick_device
 
 DEFAULTS = EvalConfig()
+logger = logging.getLogger("trainer.evaluate")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -41,11 +42,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="FOLDER/train/<class>/ and FOLDER/val/<class>/, or "
                         "FOLDER/<class>/ (split by --val-fraction)")
-    parser.add_argument("--prompt", default=DEFAULTS.prompt, help="zero-shot: the text before the label")
-    parser.add_argument("--methods", default=",".join(DEFAULTS.methods),
-                        help=f"zero-shot scoring, comma-separated ({', '.join(METHODS)}; '' for none)")
-    parser.add_argument("--shots", default=",".join(map(str, DEFAULTS.shots)),
-                        help="comma-separated k of the k-shot probes ('' for none)")
+    parser.add_argument("--prompt", default=None, help=f"zero-shot: the text before the label (default "
+                        f"{DEFAULTS.prompt!r})")
+    parser.add_argument("--methods", default=None, help=f"zero-shot scoring, comma-separated ({', '.join(METHODS)}; "
+                        f"'' for none; default {','.join(DEFAULTS.methods)})")
+    parser.add_argument("--shots", default=None, help="comma-separated k of the k-shot probes ('' for none; "
+                        f"default {','.join(map(str, DEFAULTS.shots))}, those that every class has enough "
+                        "training images for)")
     parser.add_argument("--trials", type=int, default=DEFAULTS.trials, help="draws of k examples per class per k")
     parser.add_argument("--captions", type=int, default=4, help="val images to caption (DP-Cap)")
     parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction,
@@ -71,20 +74,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = DEFAULTS.methods if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+        shots = DEFAULTS.shots if args.shots is None else _numbers(args.shots, "--shots")
         if args.trials < 1 or args.batch_size < 1 or args.captions < 0:
             raise ValueError("--trials and --batch-size must be >= 1, --captions >= 0")
         device = pick_device(args.device)
         cfg, weights = locate(args.checkpoint, args.config)
         data = folder_data(Path(args.data), cfg, args.val_fraction, args.max_per_class)
         tokenizer = build_tokenizer(cfg)
-        asked = dataclasses.replace(DEFAULTS, data=args.data, prompt=args.prompt, methods=methods,
-                                    shots=_numbers(args.shots, "--shots"), trials=args.trials,
+        asked = dataclasses.replace(DEFAULTS, data=args.data, prompt=args.prompt or DEFAULTS.prompt, methods=methods,
+                                    shots=shots, trials=args.trials,
                                     batch_size=args.batch_size, zero_shot=cfg.is_captioner and bool(methods),
                                     val_fraction=args.val_fraction, max_per_class=args.max_per_class)
-        section, notes = folder_plan(asked, data, tokenizer, cfg.data.text_length, cfg.is_captioner)
-        if notes:  # asked for on the command line: refused before the (long) evaluation
-            raise ValueError("; ".join(notes) + " (--methods '' skips zero-shot, --shots sets the k)")
+        section, notes = folder_plan(asked, data, tokenizer, cfg.data.text_length, cfg.is_captioner, "--shots")
+        # what was asked for explicitly and cannot run is refused before the (long) evaluation;
+        # the defaults that cannot run are skipped, as the job skips them
+        asked_for = [n for n in notes if (args.shots is not None and "-shot probe" in n)
+                     or ((args.methods, args.prompt) != (None, None) and n.startswith("zero-shot"))]
+        if asked_for:
+            raise ValueError("; ".join(asked_for) + " (--methods '' skips zero-shot, --shots sets the k)")
+        for note in notes:
+            logger.warning("%s", note)
         model = load_trained_model(cfg, weights).to(device)
         results = evaluate(model, tokenizer, device, section, folder=data,
                            captions=args.captions if cfg.is_captioner else 0)

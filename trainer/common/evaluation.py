@@ -101,7 +101,7 @@ def label_text(folder_name: str) -> str:
 
 
 def folder_plan(section: EvalConfig, data: ProbeData, tokenizer, text_length: int,
-                captioner: bool) -> tuple[EvalConfig, list[str]]:
+                captioner: bool, shots_setting: str = "eval.shots") -> tuple[EvalConfig, list[str]]:
     """What of ``section`` can run on ``data``, and why the rest cannot: zero-shot needs every
     label to tokenise within the caption length (a synthetic-data job's compact vocabulary has
     only the scenes' words), a k-shot probe needs k training images in every class. Checked
@@ -129,7 +129,7 @@ def folder_plan(section: EvalConfig, data: ProbeData, tokenizer, text_length: in
     shots = []
     for k in section.shots:
         try:
-            check_shots(data.train_labels, k, data.classes)
+            check_shots(data.train_labels, k, data.classes, shots_setting)
             shots.append(k)
         except ValueError as e:
             notes.append(f"{k}-shot probe skipped: {e}")

@@ -200,12 +200,12 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     return (predicted == test_y.cpu()).sum().item() / len(test_y)
 
 
-def check_shots(labels: torch.Tensor, shots: int, classes: Sequence[str]) -> None:
-    """k-shot needs k training examples in every class."""
+def check_shots(labels: torch.Tensor, shots: int, classes: Sequence[str], setting: str = "--shots") -> None:
+    """k-shot needs k training examples in every class (``setting`` names k in the message)."""
     counts = torch.bincount(labels, minlength=len(classes))
     smallest = int(counts.argmin())
     if counts[smallest] < shots:
-        raise ValueError(f"--shots {shots}: class {classes[smallest]!r} has only {int(counts[smallest])} "
+        raise ValueError(f"{setting} {shots}: class {classes[smallest]!r} has only {int(counts[smallest])} "
                          f"training examples; use fewer shots or more data")
 
 

@@ -80,15 +80,15 @@ def prepare_shards(cfg: JobConfig, d: Distributed | None) -> ShardIndex:
         beside = _agreed(lambda: shards.index_dir(fallback) == shards.beside, d, share=True)
         folder = shards.beside if beside else fallback
         if main:
-            logger.info("indexing %d shards of data.shards=%s, once (the index is cached in %s), on %d ranks "
-                        "x %d processes", len(shards.paths), spec, folder, world, _processes(cfg))
+            logger.info("indexing %d shards of data.shards=%s, once (the index is cached in %s), on %s",
+                        len(shards.paths), spec, folder, _workers(world, cfg))
         _agreed(lambda: scan_part(shards, folder, rank, world, _processes(cfg)), d)
         _agreed(lambda: merge_parts(shards, folder, world) if main else None, d)
         if main:
             index = cached_index(shards, fallback)
-            logger.info("indexed %d shards (%s samples) in %.1f s on %d ranks x %d processes: %s and %s",
-                        len(index.paths), f"{sum(index.counts):,}", time.perf_counter() - start, world,
-                        _processes(cfg), index.index_path, index.offsets_path)
+            logger.info("indexed %d shards (%s samples) in %.1f s on %s: %s and %s",
+                        len(index.paths), f"{sum(index.counts):,}", time.perf_counter() - start,
+                        _workers(world, cfg), index.index_path, index.offsets_path)
     index = cached_index(shards, fallback)
     if index is None:
         raise ValueError(f"data.shards={spec}: rank {rank} does not see the index rank 0 found or wrote "
@@ -113,6 +113,11 @@ def _write_synthetic(cfg: JobConfig, folder: Path, d: Distributed | None) -> Non
 
 def _processes(cfg: JobConfig) -> int:
     return max(1, cfg.data.num_workers)
+
+
+def _workers(world: int, cfg: JobConfig) -> str:
+    ranks, processes = world, _processes(cfg)
+    return f"{ranks} rank{'s' * (ranks > 1)} x {processes} process{'es' * (processes > 1)}"
 
 
 def _agreed(work, d: Distributed | None, share: bool = False):
