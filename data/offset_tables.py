@@ -97,8 +97,9 @@ def write_table(path: str | Path, blocks: Iterable[tuple[np.ndarray, int]]) -> N
 
 
 def read_blocks(path: str | Path, counts: Sequence[int]) -> Iterable[tuple[np.ndarray, int]]:
-    """The ``(offsets, shard size)`` blocks of a table written for shards of ``counts`` samples."""
-    table = np.fromfile(path, dtype=_DTYPE)
+    """The ``(offsets, shard size)`` blocks of a table written for shards of ``counts`` samples
+    (views of a read-only mapping: a paper-scale table is not copied into memory)."""
+    table = np.memmap(path, dtype=_DTYPE, mode="r") if os.path.getsize(path) else np.zeros(0, _DTYPE)
     if len(table) != sum(counts) + len(counts):
         raise ValueError(f"{path}: {len(table)} entries, expected {sum(counts) + len(counts)}")
     start = 0

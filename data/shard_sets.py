@@ -184,27 +184,30 @@ def _fits(offsets: Path, counts: list[int]) -> bool:
 
 # --------------------------------------------------------------------------- building one
 
-def parts_dir(shards: ShardSet, folder: Path) -> Path:
-    """Where the ranks leave their parts of a new index of ``shards``."""
-    return Path(folder) / f".index-{shards.digest}.parts"
+def parts_dir(shards: ShardSet, folder: Path, job: str) -> Path:
+    """Where the ranks of ``job`` leave their parts of a new index of ``shards`` (a folder of
+    its own: two jobs indexing the same shards at once never read each other's parts)."""
+    return Path(folder) / f".index-{shards.digest}.parts-{job}"
 
 
-def scan_part(shards: ShardSet, folder: Path, rank: int, world_size: int, processes: int = 1) -> None:
+def scan_part(shards: ShardSet, folder: Path, rank: int, world_size: int, processes: int = 1,
+              job: str = "") -> None:
     """Rank ``rank``'s part of the index: shards rank, rank + world_size, ..., read on
-    ``processes`` processes, written to the parts folder under final names when complete."""
+    ``processes`` processes, written to the parts folder under final names when complete.
+    ``job`` names the indexing job (the same on every rank of it, unique among jobs)."""
     mine = shards.paths[rank::world_size]
     tables = scan_shards(mine, processes)
-    out = parts_dir(shards, folder)
+    out = parts_dir(shards, folder, job)
     out.mkdir(parents=True, exist_ok=True)
     write_table(out / f"part-{rank:05d}{OFFSETS_SUFFIX}",
                 ((table, os.path.getsize(path)) for table, path in zip(tables, mine)))
     _write_json(out / f"part-{rank:05d}.json", {"counts": [len(t) for t in tables]})
 
 
-def merge_parts(shards: ShardSet, folder: Path, world_size: int) -> ShardIndex:
-    """One process: the parts of all ranks -> the offset table, then the index (last, so a
-    reader that finds the index finds the table complete); the parts are removed."""
-    src = parts_dir(shards, folder)
+def merge_parts(shards: ShardSet, folder: Path, world_size: int, job: str = "") -> ShardIndex:
+    """One process: the parts of all ranks of ``job`` -> the offset table, then the index
+    (last, so a reader that finds the index finds the table complete); the parts are removed."""
+    src = parts_dir(shards, folder, job)
     parts = []
     for rank in range(world_size):
         counts = json.loads((src / f"part-{rank:05d}.json").read_text())["counts"]
@@ -246,9 +249,9 @@ def index_shard_set(spec: str | Path, fallback: Path | None = None, processes: i
     found = cached_index(shards, fallback)
     if found is not None:
         return found
-    folder = shards.index_dir(fallback)
-    scan_part(shards, folder, 0, 1, processes)
-    return merge_parts(shards, folder, 1)
+    folder, job = shards.index_dir(fallback), f"pid{os.getpid()}"
+    scan_part(shards, folder, 0, 1, processes, job)
+    return merge_parts(shards, folder, 1, job)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from data import shard_sets
-from data.loader import PoissonReader
+from data.loader import PoissonReader, StreamingReader
 from data.offset_tables import scan_sample_offsets, scan_shards
 from data.shard_sets import cached_index, index_shard_set, merge_parts, resolve, scan_part
 from data.tar_index import TarIndex
@@ -112,6 +112,8 @@ def test_images_alone_for_vip(tmp_path):
     dpcap = PoissonReader(_tar_index(found), All(), transform)  # a captioner needs captions
     (batch,) = dpcap.micro_batches(0)
     assert len(batch.images) == 0 and dict(dpcap.skipped_reasons) == {"missing caption": 6}
+    streaming = StreamingReader(found.paths, transform, batch_size=6, captions=False, shuffle_buffer=0)
+    assert next(iter(streaming)).images.shape == (6, 3, 8, 8)
 
 
 def test_brace_patterns_globs_gaps_and_a_read_only_folder(tmp_path, monkeypatch, caplog):
@@ -156,9 +158,11 @@ def test_ranks_index_their_parts_and_one_merges(tmp_path):
     _shard_writer(tmp_path / "laion", 47, per_shard=9)  # 6 shards
     shards = resolve(tmp_path / "laion")
     for rank in range(3):
-        scan_part(shards, shards.beside, rank, 3)
+        scan_part(shards, shards.beside, rank, 3, job="run")
+    scan_part(shards, shards.beside, 0, 1, job="other")  # another job indexing the same shards at once
     assert cached_index(shards) is None  # the parts alone are no index
-    merged = merge_parts(shards, shards.beside, 3)
+    merged = merge_parts(shards, shards.beside, 3, job="run")
+    assert shard_sets.parts_dir(shards, shards.beside, "other").is_dir()  # its parts are its own
     assert merged.counts == [9, 9, 9, 9, 9, 2]
     blocks = (tmp_path / "laion" / "index.offsets").read_bytes()
     (tmp_path / "laion" / "index.json").unlink()

@@ -82,8 +82,9 @@ def prepare_shards(cfg: JobConfig, d: Distributed | None) -> ShardIndex:
         if main:
             logger.info("indexing %d shards of data.shards=%s, once (the index is cached in %s), on %s",
                         len(shards.paths), spec, folder, _workers(world, cfg))
-        _agreed(lambda: scan_part(shards, folder, rank, world, _processes(cfg)), d)
-        _agreed(lambda: merge_parts(shards, folder, world) if main else None, d)
+        job = f"{cfg.name}-{world}"  # two runs at once on the same shards keep their parts apart
+        _agreed(lambda: scan_part(shards, folder, rank, world, _processes(cfg), job), d)
+        _agreed(lambda: merge_parts(shards, folder, world, job) if main else None, d)
         if main:
             index = cached_index(shards, fallback)
             logger.info("indexed %d shards (%s samples) in %.1f s on %s: %s and %s",
