@@ -1,10 +1,11 @@
 """The training job: one :class:`Trainer`, built in a fixed order, that resumes by itself.
 
 Order: checks (before any work), distributed, the data's size (from the shards'
-index, built first if another tool wrote them) and the privacy plan, model,
-``--init`` weights, the privacy engine on the bare model, the backend (sharding
-and optimizer), the reader, checkpointer and resume, metrics. Everything here is the same for every
-backend; ``trainer.job.backend`` is the seam.
+index, built first if another tool wrote them) and the privacy plan, model and
+what the evaluation will read, ``--init`` weights, the privacy engine on the bare
+model, the backend (sharding and optimizer), the reader, checkpointer and resume,
+metrics. Everything here is the same for every backend; ``trainer.job.backend``
+is the seam.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ class Trainer:
 
         # 2. the data's size N (q = B / N), then the privacy plan
         index = prepare_shards(cfg, self.dist) if train_data is None else None
-        self._check_data_size(count_examples(index) if index is not None else len(train_data))
+        if index is not None:
+            self._check_data_size(count_examples(index), "the number of samples the index of data.shards lists")
+        else:
+            self._check_data_size(len(train_data), "the size of the in-memory data set")
         self.plan = privacy_plan.resolve(cfg, self.geo)
 
         # 3. model (same init on every rank), its weights
@@ -147,15 +151,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
 
-    def _check_data_size(self, num_examples: int) -> None:
+    def _check_data_size(self, num_examples: int, source: str) -> None:
         """N as given (it must be the data's), or, left out (0), the data's, said once."""
         cfg = self.cfg
         if cfg.data.num_examples == 0:
             cfg.data.num_examples = num_examples
             if self.dist.is_main:
-                logger.info("data.num_examples not set: N = %s, the number of samples the index of "
-                            "data.shards lists (q = B / N = %.4g)", f"{num_examples:,}",
-                            self.geo.batch_size / num_examples)
+                logger.info("data.num_examples not set: N = %s, %s (q = B / N = %.4g)", f"{num_examples:,}",
+                            source, self.geo.batch_size / num_examples)
         elif num_examples != cfg.data.num_examples:
             raise ValueError(f"data.num_examples={cfg.data.num_examples} but the data set has {num_examples} "
                              f"examples; set data.num_examples={num_examples}, or leave it out "
@@ -359,8 +362,8 @@ class Trainer:
         scalars = {f"eval/{kind}_{task}": r["accuracy"] for kind in ("zero_shot", "probe")
                    for task, r in results.get(kind, {}).items()}
         own = results.get("eval_data", {})
-        scalars |= {f"eval/data_zero_shot_{m}": r["accuracy"] for m, r in own.get("zero_shot", {}).items()
-                    if isinstance(r, dict)}
+        scalars |= {f"eval/data_zero_shot_{m}": own["zero_shot"][m]["accuracy"]
+                    for m in self.eval_section.methods if m in own.get("zero_shot", {})}
         if "linear_probe" in own:
             scalars["eval/data_linear_probe"] = own["linear_probe"]["top1"]
             scalars |= {f"eval/data_{k}_shot": r["mean"] for k, r in own["few_shot"].items()}
