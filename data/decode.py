@@ -148,11 +148,15 @@ def decode_metadata(data: bytes) -> dict:
     return value
 
 
-def decode_sample(members: dict[str, bytes], draft_size: int | None = None) -> tuple[Image.Image, str]:
-    """(RGB image, caption) from a sample's members keyed by lower-case extension."""
+def decode_sample(members: dict[str, bytes], draft_size: int | None = None,
+                  caption_required: bool = True) -> tuple[Image.Image, str]:
+    """(RGB image, caption) from a sample's members keyed by lower-case extension; without
+    `caption_required` (images alone, for ViP) the caption is "" and never decoded."""
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
     if image_ext is None:
         raise BadSample("missing image")
+    if not caption_required:
+        return decode_image(members[image_ext], draft_size), ""
     if CAPTION_EXTENSION not in members:
         raise BadSample("missing caption")
     caption = decode_caption(members[CAPTION_EXTENSION])

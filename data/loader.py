@@ -58,13 +58,15 @@ class _Tagged:
 
 
 def _decode_all(raw: list[RawSample], transform: ImageTextTransform, skipped: SkipCounter,
-                words: list[tuple[int, ...]]) -> Batch:
+                words: list[tuple[int, ...]], captions: bool) -> Batch:
     """The good samples of `raw` as one batch, possibly of zero examples; `words[i]` names
-    sample i for the transform's augmentation (the same whenever it is read again)."""
+    sample i for the transform's augmentation (the same whenever it is read again);
+    without `captions` a sample needs only its image."""
     images, tokens = [], []
     for (key, members), sample_words in zip(raw, words, strict=True):
         try:
-            pixels, ids = transform(*decode_sample(members, draft_size=transform.decode_size), sample_words)
+            image, caption = decode_sample(members, draft_size=transform.decode_size, caption_required=captions)
+            pixels, ids = transform(image, caption, sample_words)
         except BadSample as bad:
             skipped.record(bad.reason, str(key))
             continue
@@ -100,8 +102,8 @@ class _Request:
 
 
 class _IndexedSamples(Dataset):
-    def __init__(self, index: TarIndex, transform: ImageTextTransform):
-        self.index, self.transform = index, transform
+    def __init__(self, index: TarIndex, transform: ImageTextTransform, captions: bool):
+        self.index, self.transform, self.captions = index, transform, captions
 
     def __getitems__(self, requests: list[_Request]) -> _Tagged:
         """One micro-batch, decoded in the worker."""
@@ -115,7 +117,7 @@ class _IndexedSamples(Dataset):
                 words.append((request.step, request.index))
             except BadSample as bad:
                 skipped.record(bad.reason, f"sample {request.index}")
-        batch = _decode_all(raw, self.transform, skipped, words)
+        batch = _decode_all(raw, self.transform, skipped, words, self.captions)
         return _Tagged(batch, skipped, step=first.step, micro=first.micro, num_micro=first.num_micro)
 
 
@@ -153,20 +155,23 @@ class PoissonReader:
     micro-batch, so ranks stay in lockstep, even when it has zero examples
     (an empty micro-batch, or all its samples bad). Steps are read in
     increasing order; worker processes prefetch across step boundaries. The
-    state is the next step to read.
+    state is the next step to read. `index` is a wids index.json or a TarIndex;
+    `captions=False` (ViP) reads samples that are an image alone.
     """
 
     def __init__(
         self,
-        index_path: str | Path,
+        index: str | Path | TarIndex,
         batch_source: BatchSource,
         transform: ImageTextTransform,
         *,
         num_workers: int = 0,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        captions: bool = True,
     ):
-        self.index = TarIndex(index_path)
+        self.index = index if isinstance(index, TarIndex) else TarIndex(index)
+        self.captions = captions
         self.batch_source = batch_source
         self.transform = transform
         self.num_workers = num_workers
@@ -216,7 +221,7 @@ class PoissonReader:
     def _open(self, step: int) -> Iterator[_Tagged]:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
         loader = _loader(
-            _IndexedSamples(self.index, self.transform),
+            _IndexedSamples(self.index, self.transform, self.captions),
             self.num_workers,
             batch_sampler=_StepPlan(self.batch_source, step, self.num_examples),
             pin_memory=self.pin_memory,
@@ -246,6 +251,7 @@ class _EpochStream(IterableDataset):
     rank: int
     skip: list[int]
     rotation: int = 0
+    captions: bool = True
 
     def __iter__(self) -> Iterator[_Tagged]:
         info = get_worker_info()
@@ -261,7 +267,7 @@ class _EpochStream(IterableDataset):
                 batch = None
                 if chunk is not None:
                     words = [(self.epoch, self.rank, worker, number, i) for i in range(len(chunk))]
-                    batch = _decode_all(chunk, self.transform, skipped, words)
+                    batch = _decode_all(chunk, self.transform, skipped, words, self.captions)
                 yield _Tagged(batch, SkipCounter(skipped), worker=worker)
             skipped.clear()  # what was skipped up to here is reported (or was, before the checkpoint)
 
@@ -291,6 +297,7 @@ class StreamingReader:
     turn is next): resuming skips the delivered items without decoding them and
     restarts the worker round-robin at the same worker, so the batch sequence
     continues exactly. Resume with the same shards, world size and num_workers.
+    `captions=False` (ViP) reads samples that are an image alone.
     """
 
     def __init__(
@@ -306,8 +313,10 @@ class StreamingReader:
         shuffle_buffer: int = 1000,
         shard_shuffle: bool = True,
         resampled: bool = False,
+        captions: bool = True,
     ):
         self.urls = [str(u) for u in urls]
+        self.captions = captions
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -349,7 +358,7 @@ class StreamingReader:
         while True:
             stream = _EpochStream(
                 self.epoch_shards(self.epoch), self.transform, self.batch_size, self.shuffle_buffer,
-                self.seed, self.epoch, self.rank, list(self._delivered), self._next_worker,
+                self.seed, self.epoch, self.rank, list(self._delivered), self._next_worker, self.captions,
             )
             for tagged in _loader(stream, self.num_workers, batch_size=None):
                 self._delivered[tagged.worker] += 1

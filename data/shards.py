@@ -5,10 +5,10 @@ Each example becomes `{key}.jpg`, `{key}.txt` and, when it has metadata,
 it holds `max_count` samples or the next sample would make the file exceed
 `max_size` bytes (a single sample larger than that gets a shard of its own).
 Shards and the index are written under temporary names and renamed when
-complete, so a reader never sees a partial file. Each shard gets its offset
-table (`<shard>.offsets`, see `data.offset_tables`) for random access. The
-index is the format `widsindex create` writes (shard URLs relative to the
-index file), so `wids.ShardListDataset(index_path)` reads it too.
+complete, so a reader never sees a partial file. The offset table of the set
+(`index.offsets`, see `data.offset_tables`) is written before the index, for
+random access. The index is the format `widsindex create` writes (shard URLs
+relative to the index file), so `wids.ShardListDataset(index_path)` reads it too.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from data.offset_tables import scan_sample_offsets, write_offset_table
+from data.offset_tables import scan_sample_offsets, table_path, write_table
 from data.sources import Example
 
 log = logging.getLogger(__name__)
@@ -55,24 +55,25 @@ def write_shards(
     """Write `examples` as `<out_dir>/<prefix>-NNNNNN.tar` shards; return the index path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shardlist, shard = [], None
+    shardlist, blocks, shard = [], [], None
     for number, example in enumerate(examples):
         members = _encode(example, limits.jpeg_quality)
         sample_bytes = sum(_member_bytes(data) for data in members.values())
         if shard is not None and (
             shard.count >= limits.max_count or _file_bytes(shard.payload + sample_bytes) > limits.max_size
         ):
-            shardlist.append(shard.close())
+            shardlist.append(shard.close(blocks))
             shard = None
         if shard is None:
             shard = _OpenShard(out_dir / f"{prefix}-{len(shardlist):06d}.tar")
         shard.add(f"{number:09d}", members, sample_bytes)
     if shard is not None:
-        shardlist.append(shard.close())
+        shardlist.append(shard.close(blocks))
     if not shardlist:
         raise ValueError("no examples to write: the source is empty or every example was skipped")
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix, "shardlist": shardlist}
     index_path = out_dir / INDEX_NAME
+    write_table(table_path(index_path), blocks)
     _write_atomically(index_path, json.dumps(index, indent=2).encode())
     log.info("wrote %d samples in %d shards, index %s", sum(s["nsamples"] for s in shardlist), len(shardlist), index_path)
     return index_path
@@ -94,7 +95,8 @@ class _OpenShard:
         self.count += 1
         self.payload += sample_bytes
 
-    def close(self) -> dict:
+    def close(self, blocks: list) -> dict:
+        """Finish the file, append its (offsets, size) to ``blocks``; its index entry."""
         self.writer.close()
         self.stream.close()
         md5 = hashlib.md5()
@@ -102,7 +104,7 @@ class _OpenShard:
             for chunk in iter(lambda: f.read(2**20), b""):
                 md5.update(chunk)
         os.replace(self.tmp_path, self.path)
-        write_offset_table(self.path, scan_sample_offsets(self.path))
+        blocks.append((scan_sample_offsets(self.path), self.path.stat().st_size))
         return {
             "url": self.path.name,
             "nsamples": self.count,

@@ -1,13 +1,12 @@
-"""Random access to the samples of a wids-indexed shard set, safely decoded later.
+"""Random access to the samples of an indexed shard set, safely decoded later.
 
-The index (`index.json`, the wids format) gives the shards in order and their
-sample counts; global index i is sample i - offset of its shard, where a
-shard's samples are its runs of regular members sharing a key, the same
-grouping wids uses. Each shard's table of where its samples' first headers
-start (8 bytes a sample, so a process can hold the tables of hundreds of
-millions) is loaded lazily from the shard's saved offset table
-(`data.offset_tables`), or found by scanning its headers, and stays cached
-(like wids with lru_size >= number of shards).
+The index gives the shards in order and their sample counts (a wids
+`index.json`, or data.shard_sets' index of shards from any tool); global
+index i is sample i - offset of its shard, where a shard's samples are its runs
+of regular members sharing a key, the same grouping wids uses. Where each
+sample starts comes from the set's offset table (`data.offset_tables`: one
+file, memory-mapped, so all processes on a node share one copy), or, for a
+shard without one, from scanning its headers (kept in this process).
 Reading a sample parses its headers again from there and reads only members
 with a known extension under the size caps; nothing else is ever read.
 At most `max_open_files` shard files are open at once (least recently used
@@ -27,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 
 from data.decode import KNOWN_EXTENSIONS, MAX_MEMBER_BYTES, BadSample
-from data.offset_tables import load_offset_table, scan_sample_offsets
+from data.offset_tables import OffsetTable, scan_sample_offsets, table_path
 from data.tar_samples import COMPRESSED_SHARD, compression_of, member_key
 from data.wids_index import read_shard_list
 
@@ -35,46 +34,81 @@ log = logging.getLogger(__name__)
 
 
 class TarIndex:
-    """`len(index)` samples; `index.members(i) -> {extension: bytes}` raises BadSample."""
+    """`len(index)` samples; `index.members(i) -> {extension: bytes}` raises BadSample.
 
-    def __init__(self, index_path: str | Path, max_open_files: int = 64):
+    `TarIndex(index.json)` reads a wids index (shards inside its folder only) and the
+    table beside it (or `offsets`); `TarIndex.of(paths, counts, offsets)` an index
+    built by data.shard_sets."""
+
+    def __init__(self, index_path: str | Path, max_open_files: int = 64, offsets: str | Path | None = None):
+        shards = read_shard_list(index_path)
+        self._setup([path for path, _ in shards], [count for _, count in shards],
+                    offsets if offsets is not None else table_path(index_path), max_open_files)
+
+    @classmethod
+    def of(cls, paths: list[str], counts: list[int], offsets: str | Path | None,
+           max_open_files: int = 64) -> TarIndex:
+        index = cls.__new__(cls)
+        index._setup([str(p) for p in paths], list(counts), offsets, max_open_files)
+        return index
+
+    def _setup(self, paths: list[str], counts: list[int], offsets, max_open_files: int) -> None:
         if max_open_files < 1:
             raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+        if len(paths) != len(counts):
+            raise ValueError(f"{len(paths)} shards but {len(counts)} sample counts")
         self.max_open_files = max_open_files
-        shards = read_shard_list(index_path)
-        self.paths = [path for path, _ in shards]
-        counts = [count for _, count in shards]
+        self.paths = paths
         self.starts = [0]
         for count in counts:
             self.starts.append(self.starts[-1] + count)
-        self._tables: dict[int, np.ndarray] = {}  # shard -> int64 header offset of each sample
-        self._gaps: dict[int, str] = {}  # shard -> why a sample the index lists is not in it
-        self._files: OrderedDict[int, BinaryIO] = OrderedDict()  # least recently used first
-        self._pid = os.getpid()
+        self.offsets_path = None if offsets is None else str(offsets)
+        self.__setstate__(self.__getstate__())
 
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def __getstate__(self):  # worker processes reopen files and reload tables lazily
-        return {"paths": self.paths, "starts": self.starts, "max_open_files": self.max_open_files}
+    def __getstate__(self):  # worker processes reopen files and map the table again, lazily
+        return {"paths": self.paths, "starts": self.starts, "max_open_files": self.max_open_files,
+                "offsets_path": self.offsets_path}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _tables={}, _gaps={}, _files=OrderedDict(), _pid=os.getpid())
+        self.__dict__.update(state, _table_file=None, _table_opened=False, _tables={}, _gaps={},
+                             _files=OrderedDict(), _pid=os.getpid())
 
-    def members(self, index: int) -> dict[str, bytes]:
+    def sample_offset(self, index: int) -> tuple[int, int | None]:
+        """(shard, header offset of sample ``index``), the offset None if the shard lacks it."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range [0, {len(self)})")
         shard = bisect.bisect_right(self.starts, index) - 1
         table = self._table(shard)
         inner = index - self.starts[shard]
-        if inner >= len(table):
+        return shard, (int(table[inner]) if inner < len(table) else None)
+
+    def members(self, index: int) -> dict[str, bytes]:
+        shard, offset = self.sample_offset(index)
+        if offset is None:
             raise BadSample(self._gaps[shard])
         try:
             stream = self._file(shard)
         except OSError as exn:  # the shard vanished since it was scanned
             raise BadSample("unreadable shard") from exn
-        stream.seek(int(table[inner]))
+        stream.seek(offset)
         return _read_sample(stream)
+
+    def _offset_table(self) -> OffsetTable | None:
+        """The shared table, mapped on first use in this process (None: scan every shard)."""
+        if not self._table_opened:
+            self._table_opened = True
+            if self.offsets_path is not None:
+                counts = [b - a for a, b in zip(self.starts, self.starts[1:])]
+                try:
+                    self._table_file = OffsetTable(self.offsets_path, counts)
+                except FileNotFoundError:
+                    pass
+                except (OSError, ValueError) as exn:
+                    log.warning("ignoring offset table %s: %s; scanning shards instead", self.offsets_path, exn)
+        return self._table_file
 
     def _table(self, shard: int) -> np.ndarray:
         if shard not in self._tables:
@@ -85,7 +119,8 @@ class TarIndex:
                             "are skipped", path, kind, count)
                 table, self._gaps[shard] = np.zeros(0, dtype=np.int64), COMPRESSED_SHARD
             else:
-                table = load_offset_table(path, count)
+                shared = self._offset_table()
+                table = shared.shard(shard, path) if shared is not None else None
                 if table is None:
                     table = scan_sample_offsets(path)
                     _hint_once(path)
@@ -155,6 +190,6 @@ _hinted = False
 def _hint_once(path: str) -> None:
     global _hinted
     if not _hinted:
-        log.info("no offset table for %s: scanned its headers (write tables once with python -m "
-                 "data.offset_tables INDEX to skip the scan in every worker)", path)
+        log.info("no offset table for %s: scanned its headers (index the shards once with python -m "
+                 "data.offset_tables SHARDS to skip the scan in every worker)", path)
         _hinted = True

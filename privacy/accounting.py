@@ -10,12 +10,37 @@ Only the add-or-remove-one neighbouring relation is used: it is the one under
 which Poisson subsampling amplifies privacy.
 """
 
+import logging
 import math
 from collections.abc import Sequence
 
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
+
+log = logging.getLogger(__name__)
+
+
+class _UnevaluatedOrders(logging.Filter):
+    """dp-accounting's RDP accountant logs a warning (through absl) for every Renyi order it
+    cannot evaluate ("_compute_log_a_frac failed to converge ... Excluding this order"), at
+    every call: screens of them around a dry run at a high sampling rate. Leaving those
+    orders out is harmless, since epsilon is the minimum over the orders that remain (still
+    an upper bound, perhaps a looser one). Said once per process, in our words."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "_compute_log_a_frac failed to converge" not in str(record.msg):
+            return True
+        if not self.said:
+            _UnevaluatedOrders.said = True
+            log.info("RDP accounting: some small Renyi orders cannot be evaluated at this sampling rate and "
+                     "are left out (the RDP epsilon stays an upper bound, perhaps a loose one; PLD is tighter)")
+        return False
+
+
+logging.getLogger("absl").addFilter(_UnevaluatedOrders())
 
 METHODS = ("rdp", "pld")
 # PLD grid step for the privacy loss at sigma >= 0.5: 1e-3 is fast (well under a

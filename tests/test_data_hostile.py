@@ -17,7 +17,7 @@ from PIL import Image
 from data import read_samples
 from data.decode import MAX_METADATA_BYTES, BadSample, decode_image, decode_metadata, to_rgb
 from data.loader import PoissonReader, StreamingReader
-from data.offset_tables import write_index_offset_tables
+from data.shard_sets import index_shard_set
 from data.tar_index import TarIndex, indexed_sample_count
 from data.transform import ImageTextTransform
 
@@ -416,7 +416,7 @@ def test_index_may_only_name_shards_inside_its_folder(tmp_path, url):
     url = str(tmp_path / "outside" / "o.tar") if url == "ABSOLUTE" else url
     index = tmp_path / "data" / "index.json"
     index.write_text(json.dumps({"shardlist": [{"url": "inside/./ok.tar", "nsamples": 1}, {"url": url, "nsamples": 1}]}))
-    for open_index in (TarIndex, indexed_sample_count, write_index_offset_tables):
+    for open_index in (TarIndex, indexed_sample_count, index_shard_set):
         with pytest.raises(ValueError, match="not a relative path inside"):
             open_index(index)
     index.write_text(json.dumps({"shardlist": [{"url": "inside/./ok.tar", "nsamples": 1}]}))

@@ -120,7 +120,7 @@ def test_tar_index_bounds_open_files_and_reports_vanished_shards(tmp_path):
     order = np.random.default_rng(0).permutation(NUM_EXAMPLES).tolist()
     captions = {i: index.members(i)["txt"].decode() for i in order}
     assert captions == {i: f"s{i}" for i in range(NUM_EXAMPLES)}
-    assert len(os.listdir("/proc/self/fd")) - open_before <= 2
+    assert len(os.listdir("/proc/self/fd")) - open_before <= 2 + 1  # + the offset table's one mapping
     index.members(0), index.members(7)  # shards 0 and 1 are now the open ones
     for shard in tmp_path.glob("*.tar"):
         shard.unlink()

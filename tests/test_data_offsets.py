@@ -1,26 +1,28 @@
-"""Offset tables: written with the shards, used for random access, ignored when they do not fit."""
+"""The offset table of a shard set: written with the shards, memory-mapped for random access,
+ignored (shard by shard) when it does not fit."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from data.decode import BadSample
-from data.offset_tables import load_offset_table, main, offsets_path, scan_sample_offsets, write_offset_table
+from data.offset_tables import main, read_blocks, scan_sample_offsets, table_path, write_table
 from data.shards import ShardLimits, write_shards
 from data.sources import Example
 from data.tar_index import TarIndex
 
-COUNT = 7
+COUNT = 7  # per shard, two shards
 
 
 @pytest.fixture
-def shard(tmp_path):
-    examples = (Example(Image.new("RGB", (8, 8), (i, i, i)), f"caption {i}") for i in range(COUNT))
+def shards(tmp_path):
+    examples = (Example(Image.new("RGB", (8, 8), (i, i, i)), f"caption {i}") for i in range(2 * COUNT))
     index_path = write_shards(examples, tmp_path, ShardLimits(max_count=COUNT))
-    return index_path, tmp_path / "shard-000000.tar"
+    return index_path, [tmp_path / "shard-000000.tar", tmp_path / "shard-000001.tar"]
 
 
 def _captions(index_path):
@@ -28,48 +30,63 @@ def _captions(index_path):
     return [index.members(i)["txt"].decode() for i in range(len(index))]
 
 
-def test_writer_saves_the_offsets_a_scan_finds(shard):
-    index_path, path = shard
-    table = load_offset_table(path, COUNT)
-    assert table is not None and np.array_equal(table, scan_sample_offsets(path)) and len(table) == COUNT
-    assert _captions(index_path) == [f"caption {i}" for i in range(COUNT)]
+def test_writer_saves_the_offsets_a_scan_finds_and_the_reader_maps_them(shards):
+    index_path, paths = shards
+    blocks = list(read_blocks(table_path(index_path), [COUNT, COUNT]))
+    for (offsets, size), path in zip(blocks, paths):
+        assert np.array_equal(offsets, scan_sample_offsets(path)) and size == path.stat().st_size
+    index = TarIndex(index_path)
+    assert [index.members(i)["txt"].decode() for i in range(2 * COUNT)] == [f"caption {i}" for i in range(2 * COUNT)]
+    # one shared mapping of the table in this process, not a private copy
+    maps = Path("/proc/self/smaps").read_text()
+    assert str(table_path(index_path).resolve()) in maps
 
 
-def test_reader_uses_the_table_and_a_wrong_one_only_mislabels(shard):
-    index_path, path = shard
-    offsets = scan_sample_offsets(path)
-    write_offset_table(path, np.append(offsets[1:], offsets[-1] + 100))  # every sample points to the next
+def test_reader_uses_the_table_and_a_wrong_one_only_mislabels(shards):
+    index_path, paths = shards
+    first = scan_sample_offsets(paths[0])
+    shifted = np.append(first[1:], first[-1] + 100)  # every sample of shard 0 points to the next
+    write_table(table_path(index_path), [(shifted, paths[0].stat().st_size),
+                                         (scan_sample_offsets(paths[1]), paths[1].stat().st_size)])
     index = TarIndex(index_path)
     assert [index.members(i)["txt"].decode() for i in range(COUNT - 1)] == [f"caption {i}" for i in range(1, COUNT)]
     with pytest.raises(BadSample):
         index.members(COUNT - 1)  # points inside a member: an unreadable sample, not a crash
+    assert index.members(COUNT)["txt"] == b"caption 7"  # shard 1's block is right
 
 
-@pytest.mark.parametrize("damage", ["stale", "short", "decreasing", "garbage"])
-def test_tables_that_do_not_fit_the_shard_are_ignored(shard, damage):
-    index_path, path = shard
-    table_path = offsets_path(path)
-    if damage == "stale":  # the shard changed size after its table was written
-        path.write_bytes(path.read_bytes() + bytes(10240))
-    elif damage == "short":
-        table_path.write_bytes(table_path.read_bytes()[:-8])
+@pytest.mark.parametrize("damage", ["stale", "decreasing", "short", "garbage"])
+def test_tables_that_do_not_fit_are_ignored(shards, damage, caplog):
+    index_path, paths = shards
+    table = table_path(index_path)
+    blocks = list(read_blocks(table, [COUNT, COUNT]))
+    if damage == "stale":  # shard 0 changed size after the table was written
+        paths[0].write_bytes(paths[0].read_bytes() + bytes(10240))
     elif damage == "decreasing":
-        write_offset_table(path, scan_sample_offsets(path)[::-1])
+        write_table(table, [(blocks[0][0][::-1], blocks[0][1]), blocks[1]])
+    elif damage == "short":
+        table.write_bytes(table.read_bytes()[:-8])
     else:
-        table_path.write_bytes(os.urandom((COUNT + 1) * 8))
-    assert table_path.stat().st_size == (COUNT + 1) * 8 or damage == "short"
-    assert load_offset_table(path, COUNT) is None
-    assert _captions(index_path) == [f"caption {i}" for i in range(COUNT)]  # the reader scanned instead
+        table.write_bytes(os.urandom(table.stat().st_size))
+    with caplog.at_level("WARNING"):
+        assert _captions(index_path) == [f"caption {i}" for i in range(2 * COUNT)]  # scanned instead
+    assert "ignoring" in caplog.text
 
 
-def test_cli_writes_tables_for_shards_from_other_tools(shard, capsys):
-    index_path, path = shard
-    offsets_path(path).unlink()
-    main([str(index_path)])
-    assert np.array_equal(load_offset_table(path, COUNT), scan_sample_offsets(path))
-    offsets_path(path).unlink()
+def test_cli_indexes_an_index_without_a_table(shards, capsys):
+    index_path, paths = shards
+    table = table_path(index_path)
+    expected = table.read_bytes()
+    table.unlink()
+    main([str(index_path), "--processes", "2"])
+    assert table.read_bytes() == expected
+    assert "14 samples" in capsys.readouterr().out
+    # an index that claims more samples than a shard holds: that shard gets no table (scanned, and
+    # its missing samples skipped when read); the others keep theirs
+    table.unlink()
     spec = json.loads(index_path.read_text())
     spec["shardlist"][0]["nsamples"] = COUNT + 1
     index_path.write_text(json.dumps(spec))
     main([str(index_path)])
-    assert "index says 8" in capsys.readouterr().out and not offsets_path(path).exists()
+    blocks = list(read_blocks(table, [COUNT + 1, COUNT]))
+    assert blocks[0][1] == -1 and np.array_equal(blocks[1][0], scan_sample_offsets(paths[1]))

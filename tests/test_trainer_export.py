@@ -131,3 +131,26 @@ def test_vip_in_the_original_mae_layout_loads_back(tmp_path):
     images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(again(images, noise=noise), vip(images, noise=noise), rtol=0, atol=0)
+
+
+def test_safetensors_format_and_its_name(dpcap_checkpoint, tmp_path, capsys):
+    """--format safetensors writes the weights with no pickle; the suffix must say which format a
+    file is (the readers tell them apart by it)."""
+    folder, trained, cfg = dpcap_checkpoint
+    assert export.main([str(folder), str(tmp_path / "w.safetensors"), "--layout", "original"]) == 0
+    from safetensors.torch import load_file
+
+    original = load_file(tmp_path / "w.safetensors")
+    assert original["text_embedding_layer_SimVLM.weight"].shape[0] == 30_522
+    assert b"\x80\x04" not in (tmp_path / "w.safetensors").read_bytes()[:16]  # no pickle header
+    model = load_trained_model(cfg, tmp_path / "w.safetensors")  # original layout, converted back
+    images, tokens = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, tokens), trained(images, tokens), rtol=0, atol=0)
+    assert export.main([str(folder), str(tmp_path / "w.pth"), "--format", "safetensors"]) == 2
+    assert "name the file" in capsys.readouterr().err
+    assert export.main([str(folder), str(tmp_path / "x.safetensors"), "--format", "pth"]) == 2
+    assert "use --format safetensors" in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_trained_model(cfg, tmp_path / "bad.safetensors")

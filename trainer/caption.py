@@ -23,6 +23,7 @@ import torch
 
 import models
 from trainer.common.build import build_tokenizer
+from trainer.common.evaluation import describe
 from trainer.common.inputs import image_file_pixels, transform
 from trainer.common.weights import add_model_arguments, load_trained_model, locate, pick_device
 
@@ -40,16 +41,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=None, help="caption tokens (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
     return parser.parse_args(argv)
-
-
-@torch.no_grad()
-def describe(model: models.DPCap, tokenizer, images: torch.Tensor, labels: Sequence[str] | None,
-             method: str, prompt: str, max_length: int | None) -> list[str]:
-    """Captions of ``images`` [B, 3, H, W], or their zero-shot labels."""
-    if labels is None:
-        return [tokenizer.decode(row.tolist()) for row in model.generate(images, max_length)]
-    picks = model.zero_shot(images, labels, method=method, tokenizer=tokenizer, prompt=prompt)
-    return [labels[i] for i in picks.tolist()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,10 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainer.common.config import load_config
+from trainer.common.evaluation import summary_lines
 from trainer.job import plan as privacy_plan
+from trainer.job.data import count_examples, prepare_shards
 from trainer.job.distributed import exit_process, launcher_env, shutdown
 from trainer.job.trainer import Trainer
-from trainer.job.validation import validate
+from trainer.job.validation import validate, validate_data_size
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -31,8 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "backend=deepspeed ds.zero_optimization.stage=2")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (geometry, sigma, "
                         "epsilon along the way, TAN options) and exit")
-    parser.add_argument("--init", default=None, help="initial weights only (our checkpoint folder "
-                        "or an original-layout DP-Cap .pth)")
+    parser.add_argument("--init", default=None, help="initial weights only: our checkpoint folder, or "
+                        "a .pt/.pth or .safetensors file (ours, or the original DP-Cap / MAE layout)")
     parser.add_argument("--allow-non-private", action="store_true",
                         help="confirm privacy.enabled=false (no privacy guarantee)")
     parser.add_argument("--world-size", type=int, default=None,
@@ -53,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             world = args.world_size or launcher_env(args.local_rank)[2]
             geo = validate(cfg, world, args.allow_non_private)
+            if cfg.data.num_examples == 0:  # left out: the shards' index says (built now if need be)
+                cfg.data.num_examples = count_examples(prepare_shards(cfg, None))
+                logger.info("data.num_examples not set: N = %s, the number of samples the index of "
+                            "data.shards lists", f"{cfg.data.num_examples:,}")
+                validate_data_size(cfg, geo)
             print(privacy_plan.format_plan(cfg, geo, privacy_plan.resolve(cfg, geo)))
             return 0
         if args.world_size is not None:
@@ -82,6 +91,9 @@ def _summary_text(s: dict[str, Any]) -> str:
     for task, r in s.get("probe", {}).items():
         lines.append(f"linear probe {task}: top-1 {r['accuracy']:.3f} ({r['classes']} classes, chance "
                      f"{1 / r['classes']:.3f}; {r['train']} train / {r['test']} test held-out images)")
+    lines += summary_lines(s)
+    if "results_file" in s:
+        lines.append(f"evaluation results: {s['results_file']}")
     lines.append(f"TensorBoard logs: {s['log_dir']}  (tensorboard --logdir {s['log_dir']})")
     lines.append(f"checkpoints: {s['checkpoint_dir']}")
     return "\n".join(lines)

@@ -10,9 +10,18 @@ Layout of a run's checkpoint folder (written by ``trainer.job.checkpoint``)::
     .tmp-step_00000200/      a save in progress (or killed): never read
 
 Everything that reads one of our checkpoints (resume, ``--init``, probe, caption,
-export) finds it through here. The weights alone come from DCP (fsdp2) or from
-``weights.pt`` (deepspeed, read with ``torch.load(weights_only=True)``), so no tool
-needs the backend that trained the model.
+evaluate, export) finds it through here. The weights alone come from DCP (fsdp2) or
+from ``weights.pt`` (deepspeed), so no tool needs the backend that trained the model.
+
+Checkpoints from elsewhere run no code. Three files in a checkpoint are pickles:
+DCP's ``.metadata``, read here with an unpickler that knows only the classes DCP's
+metadata is made of (:func:`read_dcp_metadata`, also the reader :func:`load_dcp`
+hands to DCP); ``weights.pt`` and released ``.pt``/``.pth`` files, read with
+``torch.load(weights_only=True)``; and DeepSpeed's own files, which its
+``load_checkpoint`` unpickles without restriction, so :func:`check_deepspeed_files`
+reads each of them first with ``weights_only=True`` and the three DeepSpeed classes
+they hold allowed, and refuses the folder if anything else is in them. Released
+weights may also be ``.safetensors`` (no pickle at all).
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,6 +55,103 @@ META = "meta.json"
 DCP_METADATA = ".metadata"
 DEEPSPEED_TAG = "deepspeed"  # the engine's own folder inside a step folder
 WEIGHTS = "weights.pt"  # {"model": full fp32 state dict}, beside a DeepSpeed checkpoint
+SAFETENSORS = ".safetensors"
+
+# what DCP's .metadata pickle is made of (torch 2.14): its dataclasses, torch.Size, dtypes
+# (and layouts, by name), the checkpoint's path. Not BytesStorageMetadata: a non-tensor entry,
+# which DCP's loader would torch.load(weights_only=False); our checkpoints hold tensors only.
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+     ("pathlib", "PureWindowsPath")}
+# what DeepSpeed 0.19.8's checkpoint files hold beyond torch's weights-only allowlist
+_DEEPSPEED_CLASSES = (("deepspeed.utils.tensor_fragment", "fragment_address"),
+                      ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is refused (it holds what our saves never write) or cannot be loaded;
+    the message names it and says what to do."""
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Finds only the classes of :data:`_DCP_CLASSES` and torch's dtypes: anything else in the
+    file (a function to call, any other class) stops the read before it is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                               torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+def read_dcp_metadata(folder: Path) -> Metadata:
+    """A DCP checkpoint's ``.metadata``, unpickled with only DCP's own classes allowed;
+    a ValueError saying so (nothing in the file ran) if it holds anything else."""
+    path = Path(folder) / DCP_METADATA
+    try:
+        with open(path, "rb") as f:
+            metadata = _DcpMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing {path}: {e}, so DCP did not write it (a crafted checkpoint?). "
+                              f"Nothing in it was run; do not load it elsewhere") from None
+    except (OSError, EOFError, AttributeError, TypeError, ValueError, IndexError) as e:
+        raise unloadable(folder, e) from e
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"refusing {path}: it holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the metadata read by :func:`read_dcp_metadata` (its own reader
+    unpickles it unrestricted); tensors it reads with ``torch.load(weights_only=True)``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:  # per-rank metadata files: never written by our saves
+            raise ValueError(f"{self.path}: per-rank DCP metadata is not read here")
+        metadata = read_dcp_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_dcp(state: dict[str, Any], folder: Path) -> None:
+    """``dcp.load`` of a checkpoint folder (collective), its metadata checked first (a clear
+    refusal on every rank rather than DCP's wrapped error), then read safely by DCP too."""
+    read_dcp_metadata(folder)
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))
+    except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
+        raise unloadable(folder, e) from e
+
+
+def check_deepspeed_files(folder: Path) -> None:
+    """Before DeepSpeed's ``load_checkpoint`` unpickles them unrestricted: every ``*.pt`` of
+    its folder read with ``torch.load(weights_only=True)`` and only DeepSpeed's own classes
+    (:data:`_DEEPSPEED_CLASSES`) allowed; a ValueError naming the file otherwise."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_CLASSES]
+    files = sorted(Path(folder).rglob("*.pt"))
+    if not files:
+        raise ValueError(f"{folder}: no DeepSpeed checkpoint files (*.pt) in it")
+    for path in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            detail = str(e).strip().splitlines()[0][:200]
+            raise CheckpointError(f"refusing {path}: it holds more than tensors and DeepSpeed's checkpoint classes "
+                             f"({detail}), so DeepSpeed did not write it as it is (a crafted checkpoint?). "
+                             f"Nothing in it was run; do not load it elsewhere") from None
+        except (OSError, RuntimeError, EOFError) as e:  # cut short, not a torch file
+            raise unloadable(Path(folder).parent, e) from e
 
 
 class ModelOptimizerState(Stateful):
@@ -111,25 +219,26 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise unloadable(path, e) from e
 
 
-def unloadable(path: Path, error: BaseException) -> ValueError:
+def unloadable(path: Path, error: BaseException) -> CheckpointError:
     """What to do when a checkpoint cannot be loaded: it is left as it is, never deleted,
     and the previous one is one rename away (a folder not named step_* is ignored)."""
     path = Path(path)
     if isinstance(error, CheckpointException) and error.failures:  # the first rank's own error
         error = next(iter(error.failures.values()))[0]
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ValueError(f"cannot load checkpoint {path} ({type(error).__name__}: {detail[:300]}). It is left "
+    return CheckpointError(f"cannot load checkpoint {path} ({type(error).__name__}: {detail[:300]}). It is left "
                       f"untouched. If it is damaged, move it aside to resume from the one before: "
                       f"mv {path} {path.parent / ('damaged-' + path.name)}")
 
 
 def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
-    """Weights only (``--init``, probes, export), from a checkpoint folder of ours or a .pt/.pth file.
+    """Weights only (``--init``, the tools), from a checkpoint folder of ours or a weights file.
 
     Collective when the model is sharded (every rank loads). A folder may be a run's
     checkpoint directory (its latest step is used) or one ``step_*`` folder, written by
-    either backend. A file holds a state dict (or ``{"model": state_dict}``) in our
-    layout or the original code's layout (converted with ``convert_upstream``).
+    either backend. A file (``.pt``/``.pth``, or ``.safetensors``) holds a state dict (or
+    ``{"model": state_dict}``) in our layout or the original code's layout (converted
+    with ``convert_upstream``).
     """
     p = Path(path)
     if p.is_dir():
@@ -139,10 +248,7 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
         elif (step_dir / DCP_METADATA).is_file():
             tensors = ModelOptimizerState(model, None)
             state = tensors.state_dict()
-            try:
-                dcp.load({"app": state}, checkpoint_id=str(step_dir))
-            except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
-                raise unloadable(step_dir, e) from e
+            load_dcp({"app": state}, step_dir)
             tensors.load_state_dict(state)
         else:
             raise ValueError(f"{step_dir}: holds neither DCP files ({DCP_METADATA}) nor {WEIGHTS}; "
@@ -156,6 +262,14 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == SAFETENSORS:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

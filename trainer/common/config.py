@@ -37,8 +37,13 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "synthetic"  # "synthetic": write shards from data.synthetic first; "shards": use `shards`
-    shards: str = ""  # folder of tar shards + index.json ("" with synthetic: runs/<name>/shards)
-    num_examples: int = 0  # N, the data set size (q = B / N); for "shards" checked against the data
+    # tar shards from any webdataset writer: a folder (with or without index.json), a glob
+    # ("/data/laion/*.tar") or a brace pattern ("/data/laion/{00000..23380}.tar"); indexed once
+    # if need be ("" with synthetic: runs/<name>/shards)
+    shards: str = ""
+    # N, the data set size (q = B / N): synthetic: how many to write; shards: checked against
+    # the shards' index, or 0 to take it from the index
+    num_examples: int = 0
     heldout_examples: int = 256  # synthetic held-out images for zero-shot evaluation
     text_length: int = 16  # caption tokens, [CLS] ... [SEP] and padding
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -98,10 +103,22 @@ class MetricsConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    zero_shot: bool = True  # DP-Cap: zero-shot accuracy on the held-out synthetic images
-    probe: bool = False  # either model: linear probe of the encoder on the held-out synthetic images
-    tasks: list[str] = field(default_factory=lambda: ["colour", "shape", "object"])  # the classes
+    """The end-of-job evaluation: on held-out synthetic images when training on synthetic
+    data, and on ``data``, a folder of your classes, whatever the training data."""
+
+    zero_shot: bool = True  # DP-Cap: zero-shot accuracy (synthetic tasks; eval.data's classes)
+    probe: bool = True  # either model: linear probe of the encoder (and k-shot probes on eval.data)
+    tasks: list[str] = field(default_factory=lambda: ["colour", "shape", "object"])  # synthetic tasks
     batch_size: int = 64
+    # class folders: FOLDER/train/<class>/ and FOLDER/val/<class>/, or FOLDER/<class>/ (split
+    # by val_fraction); the folder names are the zero-shot labels ("_" read as a space)
+    data: str = ""
+    prompt: str = "this is a photo of a"  # zero-shot on eval.data: the text before the label
+    methods: list[str] = field(default_factory=lambda: ["trie", "loss"])  # zero-shot scoring on eval.data
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10])  # k-shot probes on eval.data
+    trials: int = 5  # draws of k examples per class, per k
+    val_fraction: float = 0.5  # FOLDER/<class>/ layout: each class's share held out to test
+    max_per_class: int = 0  # > 0: at most this many images of each class per split
 
 
 @dataclass(kw_only=True)
@@ -177,7 +194,6 @@ def default() -> JobConfig:
         optim=OptimConfig(lr=4e-3, warmup_steps=40, weight_decay=0.005),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
         metrics=MetricsConfig(log_every=10, pld_every=50),
-        eval=EvalConfig(probe=True),
     )
 
 
@@ -194,7 +210,6 @@ def default_gpu() -> JobConfig:
         optim=OptimConfig(lr=2e-3, warmup_steps=100),
         checkpoint=CheckpointConfig(every_steps=250, keep_last=2),
         metrics=MetricsConfig(log_every=10, pld_every=100),
-        eval=EvalConfig(probe=True),
     )
 
 
@@ -212,7 +227,6 @@ def dpcap_paper(model: str = "dpcap_base") -> JobConfig:
                           warmup_steps=2000, decay_steps=10_000),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=3),
         metrics=MetricsConfig(log_every=1, pld_every=50, caption_every=500),
-        eval=EvalConfig(zero_shot=False),
     )
 
 
@@ -245,7 +259,7 @@ def vip_stage1() -> JobConfig:
         privacy=PrivacyConfig(enabled=False),
         optim=OptimConfig(blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500),
         checkpoint=CheckpointConfig(every_steps=500),
-        eval=EvalConfig(zero_shot=False, probe=True),
+        eval=EvalConfig(zero_shot=False),
     )
 
 
@@ -265,6 +279,34 @@ def vip_stage2() -> JobConfig:
     )
 
 
+def dpcap_own() -> JobConfig:
+    """The default job's DP-Cap (minutes on a CPU) on your captioned shards: N from their
+    index, the full BERT vocabulary, epsilon 8 (PLD); add eval.data=FOLDER to judge it."""
+    cfg = default()
+    cfg.name = "dpcap_own"
+    cfg.data = DataConfig(source="shards", text_length=cfg.data.text_length, num_workers=cfg.data.num_workers)
+    return cfg
+
+
+def vip_own() -> JobConfig:
+    """A CPU-sized ViP trained privately on your images (captions not needed): N from the
+    shards' index, epsilon 8 (PLD), MAE's crops; add eval.data=FOLDER for its probes."""
+    return JobConfig(
+        name="vip_own",
+        ds_config="default.json",  # B = 512, micro-batches of 128
+        steps=400,
+        model=ModelConfig(name="vip_base", mask_ratio=0.75,
+                          overrides=dict(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=3,
+                                         decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)),
+        data=DataConfig(source="shards", augment=True),
+        privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0, accountant="pld"),
+        optim=OptimConfig(lr=2e-3, warmup_steps=40, weight_decay=0.005),
+        checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
+        metrics=MetricsConfig(log_every=10, pld_every=50),
+        eval=EvalConfig(zero_shot=False),
+    )
+
+
 def _paper(model: str) -> Callable[[], JobConfig]:
     return lambda: dpcap_paper(model)
 
@@ -279,6 +321,8 @@ PRESETS: dict[str, Callable[[], JobConfig]] = {
     "vip_stage1": vip_stage1,
     "vip_stage2": vip_stage2,
     "vip_base": vip_stage2,
+    "dpcap_own": dpcap_own,
+    "vip_own": vip_own,
 }
 
 

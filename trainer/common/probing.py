@@ -11,6 +11,7 @@ and the seed.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class ProbeData:
     test_labels: torch.Tensor  # [M] long
     train_images: Callable[[int], Iterator[torch.Tensor]]  # batch size -> [B, 3, H, W] batches
     test_images: Callable[[int], Iterator[torch.Tensor]]
+    test_pixels: Callable[[list[int]], torch.Tensor]  # the chosen test images, [k, 3, H, W]
+    test_names: list[str]  # what each test image is called in reports (its file, or its index)
 
 
 # --------------------------------------------------------------------------- data
@@ -57,36 +60,66 @@ def synthetic_data(heldout: HeldOut, task: str, count: int) -> ProbeData:
     names = {"colour": list(synthetic.COLOURS), **synthetic.ZERO_SHOT_TASKS}[task]
     return ProbeData(classes=names, train_labels=labels[:half], test_labels=labels[half:],
                      train_images=lambda b: iter(images[:half].split(b)),
-                     test_images=lambda b: iter(images[half:].split(b)))
+                     test_images=lambda b: iter(images[half:].split(b)),
+                     test_pixels=lambda picks: images[half:][picks],
+                     test_names=[f"held-out {i}" for i in range(half, count)])
 
 
-def folder_data(root: Path, cfg: JobConfig) -> ProbeData:
-    """An ImageNet-style folder, ``root/train/<class>/*`` and ``root/val/<class>/*``, decoded
-    with data.decode (never unpickled) and resized like the trainer's inputs."""
+def folder_data(root: Path, cfg: JobConfig, val_fraction: float = 0.5, max_per_class: int = 0,
+                setting: str | None = None) -> ProbeData:
+    """A folder of class folders, decoded with data.decode (never unpickled) and resized like
+    the trainer's inputs: ImageNet's layout, ``root/train/<class>/*`` and ``root/val/<class>/*``,
+    or ``root/<class>/*``, each class's images split into val (``val_fraction`` of them) and
+    train by a hash of their file names (deterministic, and a file added later moves no other).
+    ``max_per_class`` > 0 keeps that many images of each class in each split (for a quick look
+    at a large folder). ``setting`` names the folder in messages (default ``--data ROOT``)."""
+    root = Path(root)
+    option = setting or f"--data {root}"
+    if not root.is_dir():
+        raise ValueError(f"{option}: no such folder (class folders: FOLDER/train/<class>/ and "
+                         f"FOLDER/val/<class>/, or FOLDER/<class>/)")
     train_dir, val_dir = root / "train", root / "val"
-    classes = _class_folders(train_dir) if train_dir.is_dir() else []
-    if not classes:
-        raise ValueError(f"--data {root}: expected class folders in {train_dir} "
-                         f"(layout FOLDER/train/<class>/*.jpg and FOLDER/val/<class>/*.jpg)")
-    if not val_dir.is_dir():
-        raise ValueError(f"--data {root}: no {val_dir} (layout FOLDER/train/<class>/*, FOLDER/val/<class>/*)")
-    if unknown := sorted(set(_class_folders(val_dir)) - set(classes)):
-        raise ValueError(f"--data {root}: val classes {unknown[:5]} have no train folder")
-    train, test = _image_files(train_dir, classes), _image_files(val_dir, classes)
+    if train_dir.is_dir() or val_dir.is_dir():
+        classes = _class_folders(train_dir) if train_dir.is_dir() else []
+        if not classes:
+            raise ValueError(f"{option}: expected class folders in {train_dir} "
+                             f"(layout FOLDER/train/<class>/*.jpg and FOLDER/val/<class>/*.jpg)")
+        if not val_dir.is_dir():
+            raise ValueError(f"{option}: no {val_dir} (layout FOLDER/train/<class>/*, FOLDER/val/<class>/*)")
+        if unknown := sorted(set(_class_folders(val_dir)) - set(classes)):
+            raise ValueError(f"{option}: val classes {unknown[:5]} have no train folder")
+        train, test = _image_files(train_dir, classes), _image_files(val_dir, classes)
+        where = f"{train_dir if not train else val_dir}/<class>/"
+    else:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        classes = _class_folders(root)
+        if not classes:
+            raise ValueError(f"{option}: expected class folders (FOLDER/<class>/*.jpg, or "
+                             f"FOLDER/train/<class>/ and FOLDER/val/<class>/)")
+        train, test = _split(_image_files(root, classes), val_fraction)
+        where = f"{root}/<class>/ (each class needs 2 images: one to train the probe, one to test it)"
+    if max_per_class > 0:
+        train, test = _at_most(train, max_per_class), _at_most(test, max_per_class)
     if not train or not test:
-        raise ValueError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
-                         f"{train_dir if not train else val_dir}/<class>/")
+        raise ValueError(f"{option}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {where}")
     to_pixels = transform(cfg, None)
+
+    def pixels(files: list[Path]) -> torch.Tensor:
+        return torch.stack([image_file_pixels(f, to_pixels) for f in files])
 
     def batches(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
         for i in range(0, len(files), batch_size):
-            yield torch.stack([image_file_pixels(f, to_pixels) for f in files[i: i + batch_size]])
+            yield pixels(files[i: i + batch_size])
 
+    test_files = [f for f, _ in test]
     return ProbeData(classes=classes,
                      train_labels=torch.tensor([label for _, label in train]),
                      test_labels=torch.tensor([label for _, label in test]),
                      train_images=lambda b: batches([f for f, _ in train], b),
-                     test_images=lambda b: batches([f for f, _ in test], b))
+                     test_images=lambda b: batches(test_files, b),
+                     test_pixels=lambda picks: pixels([test_files[i] for i in picks]),
+                     test_names=[str(f.relative_to(root)) for f in test_files])
 
 
 def _class_folders(split: Path) -> list[str]:
@@ -97,6 +130,28 @@ def _image_files(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return [(f, label) for label, name in enumerate(classes) if (split / name).is_dir()
             for f in sorted((split / name).iterdir())
             if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+
+
+def _split(files: list[tuple[Path, int]], val_fraction: float) -> tuple[list, list]:
+    """Per class: images ordered by a hash of their names, the first share to val; a class
+    of two images or more keeps at least one on each side."""
+    train, test = [], []
+    for label in sorted({label for _, label in files}):
+        members = sorted((f for f, c in files if c == label),
+                         key=lambda f: hashlib.sha256(f.name.encode()).hexdigest())
+        cut = min(max(round(len(members) * val_fraction), 1), len(members) - 1) if len(members) > 1 else 0
+        test += [(f, label) for f in sorted(members[:cut])]
+        train += [(f, label) for f in sorted(members[cut:])]
+    return train, test
+
+
+def _at_most(files: list[tuple[Path, int]], count: int) -> list[tuple[Path, int]]:
+    kept, seen = [], {}
+    for f, label in files:
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= count:
+            kept.append((f, label))
+    return kept
 
 
 # --------------------------------------------------------------------------- features
@@ -145,12 +200,12 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     return (predicted == test_y.cpu()).sum().item() / len(test_y)
 
 
-def check_shots(labels: torch.Tensor, shots: int, classes: Sequence[str]) -> None:
-    """k-shot needs k training examples in every class."""
+def check_shots(labels: torch.Tensor, shots: int, classes: Sequence[str], setting: str = "--shots") -> None:
+    """k-shot needs k training examples in every class (``setting`` names k in the message)."""
     counts = torch.bincount(labels, minlength=len(classes))
     smallest = int(counts.argmin())
     if counts[smallest] < shots:
-        raise ValueError(f"--shots {shots}: class {classes[smallest]!r} has only {int(counts[smallest])} "
+        raise ValueError(f"{setting} {shots}: class {classes[smallest]!r} has only {int(counts[smallest])} "
                          f"training examples; use fewer shots or more data")
 
 

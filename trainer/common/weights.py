@@ -2,8 +2,9 @@
 and its weights.
 
 A checkpoint folder says both (its ``meta.json`` holds the run's config), whichever
-backend wrote it; a ``.pt``/``.pth`` state dict, ours or the original code's layout
-(DP-Cap's, or MAE's for ViP), needs the config named (a preset or a file).
+backend wrote it; a weights file (``.pt``/``.pth`` or ``.safetensors``), ours or the
+original code's layout (DP-Cap's, or MAE's for ViP), needs the config named (a preset
+or a file).
 Everything runs in one process.
 """
 
@@ -42,7 +43,7 @@ def config_from_meta(step: Path) -> JobConfig:
 
 def locate(checkpoint: str, config: str | None) -> tuple[JobConfig, Path]:
     """The job config that builds the model, and the weights: a checkpoint folder (config
-    from its meta.json unless `config` is given) or a .pt/.pth state dict (`config` required)."""
+    from its meta.json unless `config` is given) or a weights file (`config` required)."""
     path = Path(checkpoint)
     if not path.exists():
         raise ValueError(f"{checkpoint}: no such checkpoint folder or file")
@@ -67,9 +68,10 @@ def load_trained_model(cfg: JobConfig, weights: Path) -> nn.Module:
 def add_model_arguments(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
     """CHECKPOINT, --config (and --device): what every tool that loads a trained model takes."""
     parser.add_argument("checkpoint", help="a checkpoint folder (a step_* folder, or a run's checkpoint "
-                        "folder: its latest step) or a .pt/.pth state dict (ours or the original code's)")
+                        "folder: its latest step) or a weights file, .pt/.pth or .safetensors (ours or the "
+                        "original code's layout)")
     parser.add_argument("--config", default=None, help="preset or .json/.yaml that builds the model: "
-                        "required for a .pth file; for a folder it replaces the saved config")
+                        "required for a weights file; for a folder it replaces the saved config")
     if device:
         parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from trainer.common.checkpoints import META, complete_checkpoints, unloadable
+from trainer.common.checkpoints import META, CheckpointError, complete_checkpoints, unloadable
 from trainer.job.backend import Backend
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class Checkpointer:
         """Collective: the backend's tensors of a complete checkpoint, into the job."""
         try:
             backend.load(Path(path))
+        except CheckpointError:  # already says which file, and why
+            raise
         except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
             raise unloadable(path, e) from e
 

@@ -1,5 +1,6 @@
-"""The data a job reads: tar shards (written first for synthetic data) through
-data.loader.PoissonReader, or an in-memory sequence (small data, tests).
+"""The data a job reads: tar shards (written first for synthetic data; indexed first
+when another tool wrote them) through data.loader.PoissonReader, or an in-memory
+sequence (small data, tests).
 
 Both have data.loader.PoissonReader's interface: ``num_examples``,
 ``micro_batches(step)`` yielding this rank's non-empty micro-batches of that
@@ -11,9 +12,10 @@ resumed run reads exactly what the uninterrupted one would have.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,9 @@ import torch.distributed as dist
 from trainer.common.config import JobConfig
 from trainer.common.inputs import transform
 from trainer.job.distributed import Distributed
+
+if TYPE_CHECKING:
+    from data.shard_sets import ShardIndex
 
 logger = logging.getLogger(__name__)
 
@@ -54,35 +59,99 @@ class InMemoryReader:
         self.next_step = int(state["next_step"])
 
 
-def prepare_shards(cfg: JobConfig, d: Distributed) -> Path:
-    """The job's shard index; synthetic shards are written first, once, by rank 0."""
-    from data.shards import write_shards
-    from data.sources import synthetic_examples
+def prepare_shards(cfg: JobConfig, d: Distributed | None) -> ShardIndex:
+    """The job's indexed shards (data.shard_sets): synthetic shards are written first, once,
+    by rank 0; shards without an index are indexed once, every rank scanning its share on
+    ``data.num_workers`` processes (collective). ``d`` None: one process (the dry run)."""
+    from data.shard_sets import cached_index, merge_parts, resolve, scan_part
 
     if not cfg.data.shards and cfg.data.source != "synthetic":
-        raise ValueError("set data.shards=FOLDER (tar shards with index.json)")
-    index = Path(cfg.data.shards or cfg.run_dir / "shards") / INDEX_NAME
-    if cfg.data.source == "synthetic" and d.is_main and not index.is_file():
-        size = cfg.model.overrides.get("img_size", 224)
-        logger.info("writing %d synthetic examples (%dx%d) to %s", cfg.data.num_examples, size, size,
-                    index.parent)
-        write_shards(synthetic_examples(cfg.data.num_examples, cfg.data.seed, size), index.parent)
-    if dist.is_initialized():
-        dist.barrier()
-    if not index.is_file():
-        raise ValueError(f"data.shards={cfg.data.shards}: no {INDEX_NAME} there (write shards with "
-                         f"python -m data.write_shards)")
+        raise ValueError("set data.shards: a folder of .tar shards, a glob or a brace pattern "
+                         "(e.g. data.shards='/data/laion/{00000..23380}.tar')")
+    spec = cfg.data.shards or str(cfg.run_dir / "shards")
+    if cfg.data.source == "synthetic":
+        _write_synthetic(cfg, Path(spec), d)
+    fallback = cfg.run_dir / "shard_index"  # where the index goes if the shards' folder is read-only
+    main, rank, world = (True, 0, 1) if d is None else (d.is_main, d.rank, d.world_size)
+    shards = _agreed(lambda: resolve(spec), d)
+    # rank 0 decides whether to build and where: ranks must agree even if their views differ
+    if _agreed(lambda: cached_index(shards, fallback) is None, d, share=True):
+        start = time.perf_counter()
+        beside = _agreed(lambda: shards.index_dir(fallback) == shards.beside, d, share=True)
+        folder = shards.beside if beside else fallback
+        if main:
+            logger.info("indexing %d shards of data.shards=%s, once (the index is cached in %s), on %s",
+                        len(shards.paths), spec, folder, _workers(world, cfg))
+        job = f"{cfg.name}-{world}"  # two runs at once on the same shards keep their parts apart
+        _agreed(lambda: scan_part(shards, folder, rank, world, _processes(cfg), job), d)
+        _agreed(lambda: merge_parts(shards, folder, world, job) if main else None, d)
+        if main:
+            index = cached_index(shards, fallback)
+            logger.info("indexed %d shards (%s samples) in %.1f s on %s: %s and %s",
+                        len(index.paths), f"{sum(index.counts):,}", time.perf_counter() - start,
+                        _workers(world, cfg), index.index_path, index.offsets_path)
+    index = cached_index(shards, fallback)
+    if index is None:
+        raise ValueError(f"data.shards={spec}: rank {rank} does not see the index rank 0 found or wrote "
+                         f"(beside the shards or in {fallback}): every rank needs the same shared file system")
+    if main:
+        logger.info("data.shards=%s: %d shards, %s samples (index %s)", spec, len(index.paths),
+                    f"{sum(index.counts):,}", index.index_path)
     return index
 
 
-def build_reader(cfg: JobConfig, index: Path, sampler, tokenizer, *, pin_memory: bool = False):
+def _write_synthetic(cfg: JobConfig, folder: Path, d: Distributed | None) -> None:
+    from data.shards import write_shards
+    from data.sources import synthetic_examples
+
+    if (d is None or d.is_main) and not (folder / INDEX_NAME).is_file():
+        size = cfg.model.overrides.get("img_size", 224)
+        logger.info("writing %d synthetic examples (%dx%d) to %s", cfg.data.num_examples, size, size, folder)
+        write_shards(synthetic_examples(cfg.data.num_examples, cfg.data.seed, size), folder)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _processes(cfg: JobConfig) -> int:
+    return max(1, cfg.data.num_workers)
+
+
+def _workers(world: int, cfg: JobConfig) -> str:
+    ranks, processes = world, _processes(cfg)
+    return f"{ranks} rank{'s' * (ranks > 1)} x {processes} process{'es' * (processes > 1)}"
+
+
+def _agreed(work, d: Distributed | None, share: bool = False):
+    """``work()`` on every rank; if it fails on any rank, all raise (none waits forever at the
+    next collective). ``share``: rank 0's result (a bool) for everyone. ``d`` None: one process."""
+    if d is None:
+        return bool(work()) if share else work()
+    failure, result = None, None
+    try:
+        result = work()
+    except (OSError, ValueError) as e:
+        failure = e
+    failed = torch.tensor([failure is not None], dtype=torch.int64, device=d.device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        if failure is not None:
+            raise ValueError(str(failure)) from failure
+        raise ValueError("preparing data.shards failed on another rank (its log says why)")
+    if not share:
+        return result
+    decision = torch.tensor([bool(result)], dtype=torch.int64, device=d.device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
+def build_reader(cfg: JobConfig, index: ShardIndex, sampler, tokenizer, *, pin_memory: bool = False):
     from data.loader import PoissonReader
-
-    return PoissonReader(index, sampler, transform(cfg, tokenizer, training=True),
-                         num_workers=cfg.data.num_workers, pin_memory=pin_memory)
-
-
-def count_examples(index: Path) -> int:
     from data.tar_index import TarIndex
 
-    return len(TarIndex(index))
+    return PoissonReader(TarIndex.of(index.paths, index.counts, index.offsets_path), sampler,
+                         transform(cfg, tokenizer, training=True), num_workers=cfg.data.num_workers,
+                         pin_memory=pin_memory, captions=cfg.is_captioner)
+
+
+def count_examples(index: ShardIndex) -> int:
+    return sum(index.counts)

@@ -42,8 +42,12 @@ read without DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
+import os
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -52,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainer.common.checkpoints import DEEPSPEED_TAG, WEIGHTS
+from trainer.common.checkpoints import DEEPSPEED_TAG, WEIGHTS, check_deepspeed_files
 from trainer.common.config import JobConfig, learning_rate
 from trainer.job.collectives import reduce_scatter_rows
 from trainer.job.distributed import Distributed
@@ -65,6 +69,37 @@ OPTIMIZERS = ("AdamW", "Adam")  # DeepSpeed's "Adam" is AdamW unless adam_w_mode
 # settings of DeepSpeed's own gradient reduction, which a private step does not use
 UNUSED_WITH_DP = ("prescale_gradients", "gradient_predivide_factor", "communication_data_type")
 UNUSED_ZERO_WITH_DP = ("overlap_comm", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size")
+
+
+def _quiet_deepspeed() -> None:
+    """What DeepSpeed (and the torch code it calls) prints on every rank that tells a user
+    nothing, stopped before deepspeed is imported: on a machine without CUDA its accelerator
+    detection warns that it fell back to the CPU (the trainer runs on the CPU exactly when
+    torch sees no CUDA device, so it is told so), torch's extension loader warns that there
+    is no CUDA runtime, and DeepSpeed's ZeRO code calls two torch collectives that torch
+    deprecated (FutureWarning at every call). DeepSpeed's own logger is left as it is."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
+                                category=FutureWarning)
+
+
+_quiet_deepspeed()
+
+
+@contextmanager
+def _prints_to_debug_log():
+    """DeepSpeed ``print``s a line per rank when it builds its CPU shared-memory op ("DeepSpeed
+    deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"): logged at DEBUG level instead."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            logger.debug("deepspeed printed: %s", line)
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -277,12 +312,13 @@ class DeepSpeedBackend:
     def setup(self, model: nn.Module) -> nn.Module:
         import deepspeed
 
-        if "optimizer" in self.config:  # DeepSpeed builds it, over the job's parameter groups
-            self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, self.cfg),
-                                                   config=self.config)
-        else:
-            self.engine, *_ = deepspeed.initialize(model=model, config=self.config,
-                                                   optimizer=build_optimizer(model, self.cfg, self.device))
+        with _prints_to_debug_log():
+            if "optimizer" in self.config:  # DeepSpeed builds it, over the job's parameter groups
+                self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, self.cfg),
+                                                       config=self.config)
+            else:
+                self.engine, *_ = deepspeed.initialize(model=model, config=self.config,
+                                                       optimizer=build_optimizer(model, self.cfg, self.device))
         logger.info("DeepSpeed ZeRO stage %d, optimizer %s", self.stage, type(self.engine.optimizer).__name__)
         # private: the bare module (the engine's forward would scale output gradients by
         # 1 / accumulation steps, and the privacy engine runs its own backward)
@@ -350,6 +386,7 @@ class DeepSpeedBackend:
     def load(self, folder: Path) -> None:
         if not (folder / DEEPSPEED_TAG).is_dir():
             raise ValueError(f"no {DEEPSPEED_TAG}/ folder (not a checkpoint of backend=deepspeed)")
+        check_deepspeed_files(folder / DEEPSPEED_TAG)  # load_checkpoint unpickles them unrestricted
         path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

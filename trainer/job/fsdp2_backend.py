@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from trainer.common.checkpoints import ModelOptimizerState
+from trainer.common.checkpoints import ModelOptimizerState, load_dcp
 from trainer.common.config import JobConfig
 from trainer.job.collectives import reduce_scatter_rows
 from trainer.job.distributed import Distributed
@@ -161,4 +161,4 @@ class FSDP2Backend:
         dcp.save({"app": ModelOptimizerState(self.model, self.optimizer)}, checkpoint_id=str(folder))
 
     def load(self, folder: Path) -> None:
-        dcp.load({"app": ModelOptimizerState(self.model, self.optimizer)}, checkpoint_id=str(folder))
+        load_dcp({"app": ModelOptimizerState(self.model, self.optimizer)}, folder)

@@ -73,6 +73,25 @@ def budget_steps(history: list[accounting.Segment], plan: PrivacyPlan, limit: in
     return lo
 
 
+# delta = 1/N above this (N below 100,000) gets a note in the plan
+WEAK_DELTA = 1e-5
+
+
+def weak_delta_note(cfg: JobConfig, plan: PrivacyPlan) -> list[str]:
+    """Lines saying that the default delta = 1/N is weak for this small N, and what a
+    smaller delta costs at this sigma."""
+    n = cfg.data.num_examples
+    if cfg.privacy.delta is not None or plan.delta <= WEAK_DELTA:
+        return []
+    smaller = 10.0 ** math.floor(math.log10(0.1 / n))
+    seg = [plan.segment(cfg.steps)]
+    return [f"  note: delta = 1/N = {plan.delta:.3g} is weak for N = {n:,}: a mechanism that publishes one "
+            f"training example in full is (0, 1/N)-DP; prefer a delta well below 1/N, e.g. "
+            f"privacy.delta={smaller:g}: epsilon {accounting.epsilon_of_segments(seg, smaller, 'rdp'):.4g} "
+            f"(RDP) / {accounting.epsilon_of_segments(seg, smaller, 'pld'):.4g} (PLD) after "
+            f"{cfg.steps:,} steps at this sigma"]
+
+
 def format_plan(cfg: JobConfig, geo: Geometry, plan: PrivacyPlan) -> str:
     """The --dry-run report: batch geometry, noise, epsilon along the way, TAN options."""
     b, w, m = geo.batch_size, geo.world_size, geo.micro_batch
@@ -101,6 +120,7 @@ def format_plan(cfg: JobConfig, geo: Geometry, plan: PrivacyPlan) -> str:
         f"privacy: sigma = {plan.sigma:.6g}, C = {plan.max_grad_norm:g}, delta = {plan.delta:.3g}; "
         f"noise std per coordinate of the gradient sigma*C/B = {plan.sigma * plan.max_grad_norm / b:.3g}",
     ]
+    lines += weak_delta_note(cfg, plan)
     if cfg.privacy.noise_multiplier is None:
         lines.append(f"  sigma calibrated for target epsilon {cfg.privacy.target_epsilon} "
                      f"({plan.accountant.upper()})")

@@ -1,9 +1,11 @@
 """The training job: one :class:`Trainer`, built in a fixed order, that resumes by itself.
 
-Order: checks (before any work), distributed, model, ``--init`` weights, the
-privacy engine on the bare model, the backend (sharding and optimizer), data,
-checkpointer and resume, metrics. Everything here is the same for every
-backend; ``trainer.job.backend`` is the seam.
+Order: checks (before any work), distributed, the data's size (from the shards'
+index, built first if another tool wrote them) and the privacy plan, model and
+what the evaluation will read, ``--init`` weights, the privacy engine on the bare
+model, the backend (sharding and optimizer), the reader, checkpointer and resume,
+metrics. Everything here is the same for every backend; ``trainer.job.backend``
+is the seam.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +29,16 @@ from privacy import accounting
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.checkpoints import load_model_weights, read_meta
 from trainer.common.config import JobConfig, learning_rate
-from trainer.common.evaluation import caption_examples, evaluate
+from trainer.common.evaluation import (
+    caption_examples,
+    captions_markdown,
+    evaluate,
+    folder_captions,
+    folder_plan,
+    write_results,
+)
 from trainer.common.heldout import HeldOut
+from trainer.common.probing import folder_data
 from trainer.job import plan as privacy_plan
 from trainer.job.backend import create_backend
 from trainer.job.checkpoint import Checkpointer
@@ -35,7 +46,7 @@ from trainer.job.data import InMemoryReader, build_reader, count_examples, prepa
 from trainer.job.distributed import Distributed, init_distributed, launcher_env
 from trainer.job.metrics import Metrics, peak_flops
 from trainer.job.optim import lr_factor
-from trainer.job.validation import validate
+from trainer.job.validation import validate, validate_data_size
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +69,26 @@ class Trainer:
         # every check that needs neither data nor models, before any work
         _, _, world = launcher_env(local_rank)
         self.geo = validate(cfg, world, allow_non_private)
-        self.plan = privacy_plan.resolve(cfg, self.geo)
 
         # 1. distributed
         self.dist: Distributed = init_distributed(local_rank)
         device = self.dist.device
 
-        # 2. model (same init on every rank), its weights
+        # 2. the data's size N (q = B / N), then the privacy plan
+        index = prepare_shards(cfg, self.dist) if train_data is None else None
+        if index is not None:
+            self._check_data_size(count_examples(index), "the number of samples the index of data.shards lists")
+        else:
+            self._check_data_size(len(train_data), "the size of the in-memory data set")
+        self.plan = privacy_plan.resolve(cfg, self.geo)
+
+        # 3. model (same init on every rank), its weights
         torch.manual_seed(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)
         model = (model_factory or build_model)(cfg, self.tokenizer).to(device)
         self.flops_per_example = self._count_flops(model)
+        self.evaluate_at_end = evaluate_at_end
+        self._prepare_evaluation()
         if cfg.init:
             import models
 
@@ -77,7 +97,7 @@ class Trainer:
             except ValueError as e:
                 raise ValueError(f"--init {e}") from None
 
-        # 3. privacy engine on the bare model (it records full parameter shapes, which a
+        # 4. privacy engine on the bare model (it records full parameter shapes, which a
         # backend may partition), with the backend's reducer; one secret seed (never from
         # the config) shared by all ranks seeds the noise (each rank on its own stream)
         # and the Poisson sampling
@@ -95,22 +115,14 @@ class Trainer:
         else:
             sampling_seed = cfg.seed
 
-        # 4. sharding and optimizer; the lr schedule is a function of the step
+        # 5. sharding and optimizer; the lr schedule is a function of the step
         self.model = self.backend.setup(model)
         self.peak_lr = learning_rate(cfg)
 
-        # 5. data: the Poisson sampler (same seed on every rank) decides each step's examples
+        # 6. data: the Poisson sampler (same seed on every rank) decides each step's examples
         from privacy.sampling import PoissonSampler
 
-        if train_data is None:
-            index = prepare_shards(cfg, self.dist)
-            num_examples = count_examples(index)
-        else:
-            num_examples = len(train_data)
-        if num_examples != cfg.data.num_examples:
-            raise ValueError(f"data.num_examples={cfg.data.num_examples} but the data set has "
-                             f"{num_examples} examples; set data.num_examples={num_examples}")
-        self.sampler = PoissonSampler(num_examples, self.plan.q, sampling_seed,
+        self.sampler = PoissonSampler(cfg.data.num_examples, self.plan.q, sampling_seed,
                                       world_size=self.dist.world_size, rank=self.dist.rank,
                                       max_physical_batch=self.geo.micro_batch)
         if train_data is None:
@@ -120,9 +132,8 @@ class Trainer:
             self.reader = InMemoryReader(train_data, self.sampler)
         size = cfg.model.overrides.get("img_size", 224)
         self._empty = (torch.empty(0, 3, size, size), torch.zeros(0, cfg.data.text_length, dtype=torch.long))
-        self.evaluate_at_end = evaluate_at_end
 
-        # 6. checkpointer; resume
+        # 7. checkpointer; resume
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.dist.rank)
         self.step = 0
         self.segments: list[accounting.Segment] = [self.plan.segment(0)]
@@ -131,7 +142,7 @@ class Trainer:
             self._resume(latest)
         self.stop_at = self._privacy_stop()
 
-        # 7. metrics
+        # 8. metrics
         self.metrics = Metrics(cfg.log_dir, enabled=self.dist.is_main, total_steps=cfg.steps,
                                start_step=self.step, progress=cfg.metrics.progress)
         self.stop_requested = False
@@ -139,6 +150,39 @@ class Trainer:
         self._bad_samples = self.reader.skipped  # undecodable samples rank 0's reader skipped so far
 
     # ------------------------------------------------------------------ set-up helpers
+
+    def _check_data_size(self, num_examples: int, source: str) -> None:
+        """N as given (it must be the data's), or, left out (0), the data's, said once."""
+        cfg = self.cfg
+        if cfg.data.num_examples == 0:
+            cfg.data.num_examples = num_examples
+            if self.dist.is_main:
+                logger.info("data.num_examples not set: N = %s, %s (q = B / N = %.4g)", f"{num_examples:,}",
+                            source, self.geo.batch_size / num_examples)
+        elif num_examples != cfg.data.num_examples:
+            raise ValueError(f"data.num_examples={cfg.data.num_examples} but the data set has {num_examples} "
+                             f"examples; set data.num_examples={num_examples}, or leave it out "
+                             f"(data.num_examples=0) to take it from the data")
+        validate_data_size(cfg, self.geo)
+
+    def _prepare_evaluation(self) -> None:
+        """What the end-of-job evaluation (and the periodic captions) will judge, checked now,
+        before training: the held-out synthetic images when training on synthetic data, and
+        eval.data, a folder of your classes."""
+        cfg = self.cfg
+        self.heldout = HeldOut.of(cfg) if cfg.data.source == "synthetic" else None
+        self.eval_folder, self.eval_section = None, cfg.eval
+        if self.evaluate_at_end and cfg.eval.data:
+            self.eval_folder = folder_data(Path(cfg.eval.data), cfg, cfg.eval.val_fraction, cfg.eval.max_per_class,
+                                           setting=f"eval.data={cfg.eval.data}")
+            self.eval_section, notes = folder_plan(cfg.eval, self.eval_folder, self.tokenizer,
+                                                   cfg.data.text_length, cfg.is_captioner)
+            for note in notes if self.dist.is_main else ():
+                logger.warning("eval.data: %s", note)
+        elif self.evaluate_at_end and self.heldout is None and self.dist.is_main:
+            logger.warning("no eval.data: nothing will judge this model at the end (the synthetic tasks run "
+                           "only when training on synthetic data); set eval.data=FOLDER, a folder of class "
+                           "folders, to evaluate it on your classes")
 
     def _shared_secret_seed(self) -> int:
         if self.cfg.privacy.secret_seed is not None:
@@ -301,18 +345,35 @@ class Trainer:
                                    "q": self.plan.q, "log_dir": str(cfg.log_dir),
                                    "checkpoint_dir": str(cfg.checkpoint_dir)}
         if not self.stop_requested and self.evaluate_at_end:
-            with self.backend.gathered() as model:  # collective: every rank evaluates
-                results = evaluate(model, self.tokenizer, self.dist.device, cfg.eval, HeldOut.of(cfg),
-                                   captions=cfg.metrics.num_captions if cfg.is_captioner else 0,
-                                   dtype=self.backend.compute_dtype)
-            if "captions" in results:
-                self.metrics.text(self.step, "captions", results["captions"])
-            self.metrics.scalars(self.step, {f"eval/{kind}_{task}": r["accuracy"]
-                                             for kind in ("zero_shot", "probe")
-                                             for task, r in results.get(kind, {}).items()})
-            summary.update(results)
+            summary.update(self._evaluate())
         self.metrics.close()
         return summary
+
+    def _evaluate(self) -> dict[str, Any]:
+        """Collective (every rank evaluates); rank 0 writes TensorBoard and the results file."""
+        cfg = self.cfg
+        with self.backend.gathered() as model:
+            results = evaluate(model, self.tokenizer, self.dist.device, self.eval_section, heldout=self.heldout,
+                               folder=self.eval_folder,
+                               captions=cfg.metrics.num_captions if cfg.is_captioner else 0,
+                               dtype=self.backend.compute_dtype)
+        if results.get("captions"):
+            self.metrics.text(self.step, "captions", captions_markdown(results["captions"]))
+        scalars = {f"eval/{kind}_{task}": r["accuracy"] for kind in ("zero_shot", "probe")
+                   for task, r in results.get(kind, {}).items()}
+        own = results.get("eval_data", {})
+        scalars |= {f"eval/data_zero_shot_{m}": own["zero_shot"][m]["accuracy"]
+                    for m in self.eval_section.methods if m in own.get("zero_shot", {})}
+        if "linear_probe" in own:
+            scalars["eval/data_linear_probe"] = own["linear_probe"]["top1"]
+            scalars |= {f"eval/data_{k}_shot": r["mean"] for k, r in own["few_shot"].items()}
+        self.metrics.scalars(self.step, scalars)
+        if self.dist.is_main:  # beside the TensorBoard scalars
+            latest = self.checkpointer.latest()
+            results["results_file"] = str(write_results(
+                cfg.log_dir / f"eval_step_{self.step:08d}.json", results, step=self.step, model=cfg.model.name,
+                checkpoint=str(latest) if latest else None, train_data=cfg.data.shards or cfg.data.source))
+        return results
 
     def _on_signal(self, signum, frame) -> None:
         logger.warning("signal %d: saving at the end of this step, then exiting", signum)
@@ -394,7 +455,13 @@ class Trainer:
         self.metrics.flush()
 
     def _captions(self) -> None:
+        """Captions of eval.data's images (or the held-out synthetic ones) into TensorBoard."""
+        count, dtype = self.cfg.metrics.num_captions, self.backend.compute_dtype
+        if self.eval_folder is None and self.heldout is None:
+            return
         with self.backend.gathered() as model:  # collective
-            text = caption_examples(model, self.tokenizer, self.dist.device, HeldOut.of(self.cfg),
-                                    self.cfg.metrics.num_captions, self.backend.compute_dtype)
-        self.metrics.text(self.step, "captions", text)
+            if self.eval_folder is not None:
+                captions = folder_captions(model, self.tokenizer, self.dist.device, self.eval_folder, count, dtype)
+            else:
+                captions = caption_examples(model, self.tokenizer, self.dist.device, self.heldout, count, dtype)
+        self.metrics.text(self.step, "captions", captions_markdown(captions))

@@ -2,7 +2,8 @@
 
 Each failed check is a ValueError that names the key and what to change. The
 chosen backend checks its own share of the DeepSpeed config (and warns about
-the keys it ignores).
+the keys it ignores). With ``data.num_examples`` left out (0, shards only), the
+checks that need N wait for the shards' index: :func:`validate_data_size`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geomet
     p = cfg.privacy
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    if cfg.data.num_examples < 1:
-        raise ValueError("data.num_examples (N, the data set size) must be set: q = B / N")
-    if geo.batch_size > cfg.data.num_examples:
-        raise ValueError(f"ds train_batch_size {geo.batch_size} exceeds data.num_examples "
-                         f"{cfg.data.num_examples}")
+    if cfg.data.source not in ("synthetic", "shards"):
+        raise ValueError(f"data.source must be synthetic or shards, got {cfg.data.source!r}")
+    if cfg.data.num_examples < 0 or (cfg.data.num_examples == 0 and cfg.data.source == "synthetic"):
+        raise ValueError("data.num_examples (N, the data set size: how many synthetic examples to write) "
+                         "must be set: q = B / N")
     if not p.enabled:
         if not allow_non_private:
             raise ValueError("privacy.enabled=false trains WITHOUT differential privacy; pass "
@@ -42,19 +43,12 @@ def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geomet
             raise ValueError(f"privacy.max_grad_norm must be > 0, got {p.max_grad_norm}")
         if p.accountant not in ("rdp", "pld"):
             raise ValueError(f"privacy.accountant must be rdp or pld, got {p.accountant!r}")
-        delta = delta_of(cfg)
-        if not 0 < delta < 1:
-            raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
-        if delta > 1.0 / cfg.data.num_examples:
-            raise ValueError(f"privacy.delta {delta:g} exceeds 1/N = {1 / cfg.data.num_examples:g}; "
-                             f"a delta above 1/N does not protect individuals")
-        if p.tan_reference_batch is not None:
-            if p.tan_reference_batch < geo.batch_size:
-                raise ValueError(f"privacy.tan_reference_batch {p.tan_reference_batch} must be >= "
-                                 f"ds train_batch_size {geo.batch_size} (TAN simulates a larger "
-                                 f"batch with a smaller one)")
-            if p.tan_reference_batch > cfg.data.num_examples:
-                raise ValueError("privacy.tan_reference_batch exceeds data.num_examples")
+        if p.delta is not None and not 0 < p.delta < 1:
+            raise ValueError(f"privacy.delta must be in (0, 1), got {p.delta}")
+        if p.tan_reference_batch is not None and p.tan_reference_batch < geo.batch_size:
+            raise ValueError(f"privacy.tan_reference_batch {p.tan_reference_batch} must be >= "
+                             f"ds train_batch_size {geo.batch_size} (TAN simulates a larger "
+                             f"batch with a smaller one)")
     if cfg.privacy.tan_reference_batch is not None and not p.enabled:
         raise ValueError("privacy.tan_reference_batch needs privacy.enabled=true")
     o = cfg.optim
@@ -65,15 +59,32 @@ def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geomet
         raise ValueError("set optim.blr > 0 or optim.lr")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ValueError("optim.min_lr_ratio must be in [0, 1]")
-    if cfg.data.source not in ("synthetic", "shards"):
-        raise ValueError(f"data.source must be synthetic or shards, got {cfg.data.source!r}")
     if cfg.eval.zero_shot and not cfg.is_captioner:
         raise ValueError(f"eval.zero_shot needs a DP-Cap model, not {cfg.model.name}; set "
                          f"eval.zero_shot=false")
     if cfg.checkpoint.keep_last < 1:
         raise ValueError("checkpoint.keep_last must be >= 1")
     _check_ds_config(cfg, geo)
+    if cfg.data.num_examples:
+        validate_data_size(cfg, geo)
     return geo
+
+
+def validate_data_size(cfg: JobConfig, geo: Geometry) -> None:
+    """The checks that need N (``data.num_examples``, given or taken from the index)."""
+    n, p = cfg.data.num_examples, cfg.privacy
+    if geo.batch_size > n:
+        raise ValueError(f"ds train_batch_size {geo.batch_size} exceeds data.num_examples {n}")
+    if not p.enabled:
+        return
+    delta = delta_of(cfg)
+    if not 0 < delta < 1:
+        raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
+    if delta > 1.0 / n:
+        raise ValueError(f"privacy.delta {delta:g} exceeds 1/N = {1 / n:g}; a delta above 1/N does not "
+                         f"protect individuals")
+    if p.tan_reference_batch is not None and p.tan_reference_batch > n:
+        raise ValueError("privacy.tan_reference_batch exceeds data.num_examples")
 
 
 def _check_ds_config(cfg: JobConfig, geo: Geometry) -> None:
