@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from test_trainer_checkpoint import NOISY, _wait_for
-from test_trainer_worker import REPO, TinyCaptioner, run_jobs, run_worker, tiny_config, worker_command
+from test_trainer_worker import (REPO, TinyCaptioner, assert_noised_once_per_coordinate, flat, run_jobs, run_worker,
+                                 tiny_config, worker_command)
 from trainer.common.config import PRESETS, load_config
 from trainer.job.validation import validate
 
@@ -65,10 +66,6 @@ def runs(tmp_path_factory):
     return run_jobs(2, tmp, jobs, launcher="deepspeed")
 
 
-def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.flatten() for g in grads.values()])
-
-
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_zero_stages_on_two_ranks_reach_the_same_parameters_as_fsdp2_on_one_rank(runs, one_rank, stage):
     """Noise off, fp32: the same clipped gradients at every step, the same parameters after 6."""
@@ -80,7 +77,7 @@ def test_zero_stages_on_two_ranks_reach_the_same_parameters_as_fsdp2_on_one_rank
         torch.testing.assert_close(out["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)  # measured 1.4e-7
     assert len(out["grads"]) == len(one_rank["exact"]["grads"]) == 6
     for ours, ref in zip(out["grads"], one_rank["exact"]["grads"]):
-        torch.testing.assert_close(_flat(ours), _flat(ref), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(flat(ours), flat(ref), rtol=1e-5, atol=1e-7)
     # fp32 bytes per step: ZeRO-3 reduce-scatters each flat parameter (padded to 2 equal
     # partitions); the replicated stages reduce-scatter dim-0 chunks and all-gather them back
     shapes = [p.shape for p in init.values()]
@@ -106,26 +103,7 @@ def test_noise_is_sigma_c_over_b_once_per_coordinate_at_every_stage(runs, stage)
     ranks sqrt(2) too little), by independent streams on the two ranks; replicated
     parameters end identical on both ranks."""
     out = runs[f"noise{stage}"]
-    clip, batch = 0.5, 32
-    expected = SIGMA * clip / batch
-    grads = torch.cat([_flat(g) for g in out["grads"]])
-    assert grads.numel() > 4000
-    assert abs(grads.std().item() / expected - 1) < 0.06  # 4 standard errors of the estimate; off: +41% / -29%
-    assert abs(grads.mean().item()) < 4 * expected / grads.numel() ** 0.5
-    # what each rank noised: dim-0 chunks (stages 0-2) or flat partitions (ZeRO-3), aligned
-    # element by element, as two ranks drawing from one stream would draw them
-    mine, theirs = [], []
-    for step in out["grads"]:
-        for g in step.values():
-            if stage == 3:
-                g, n = g.flatten(), -(-g.numel() // 2)
-            else:
-                n = -(-g.shape[0] // 2)
-            second = g[n: 2 * n].flatten()
-            mine.append(g[:n].flatten()[: second.numel()])
-            theirs.append(second)
-    corr = torch.corrcoef(torch.stack([torch.cat(mine), torch.cat(theirs)]))[0, 1].item()
-    assert abs(corr) < 0.1, corr  # about 2000 pairs: standard error 0.02; one shared stream gives 1
+    assert_noised_once_per_coordinate(out["grads"], SIGMA, clip=0.5, batch=32, world=2, flat_partitions=stage == 3)
     copies = out["rank_copies"]
     if stage < 3:  # every rank steps its own copy (stage 0) or takes its partition's update (ZeRO-1/2)
         assert torch.equal(copies[0], copies[1])
@@ -137,7 +115,7 @@ def test_bf16_gradient_matches_fp32_within_bf16_rounding(runs, one_rank, stage):
     gradient equals the fp32 one within bf16 rounding; the model really ran in bf16."""
     out = runs[f"bf16_{stage}"]
     assert out["param_dtypes"] == ["torch.bfloat16"]
-    ours, ref = _flat(out["grads"][0]), _flat(one_rank["exact"]["grads"][0])
+    ours, ref = flat(out["grads"][0]), flat(one_rank["exact"]["grads"][0])
     error = ((ours - ref).norm() / ref.norm()).item()
     assert error < 1e-2, error  # measured 0.0037 (ZeRO-2/3) and 0.0044 (ZeRO-1, bf16 gradient partitions)
 

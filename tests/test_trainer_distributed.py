@@ -10,7 +10,10 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from test_trainer_worker import TinyCaptioner, free_port, run_worker, tiny_config
+from test_trainer_worker import (TinyCaptioner, assert_noised_once_per_coordinate, free_port, run_jobs,
+                                 run_worker, tiny_config)
+
+SIGMA = 20.0  # noise this large swamps the clipped sum
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +22,23 @@ def one_rank(tmp_path_factory):
     return run_worker(1, tmp, tiny_config(tmp), launcher="python")
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The trainer on 2 ranks (the deepspeed launcher, backend fsdp2) in one launch: noise
+    off, then noise on with the gradient of every step kept."""
+    tmp = tmp_path_factory.mktemp("two")
+    return run_jobs(2, tmp, [("exact", tiny_config(tmp / "exact"), []),
+                             ("noise", tiny_config(tmp / "noise"),
+                              ["capture=grads", f"privacy.noise_multiplier={SIGMA}"])], launcher="deepspeed")
+
+
 @pytest.mark.parametrize("world, launcher", [(2, "deepspeed"), (3, "torchrun")])
-def test_ranks_reach_the_same_parameters_as_one_rank(tmp_path, one_rank, world, launcher):
+def test_ranks_reach_the_same_parameters_as_one_rank(tmp_path, request, one_rank, world, launcher):
     """Noise off: 2 and 3 ranks (uneven shards: 7-row layers) == 1 rank on the same data."""
-    out = run_worker(world, tmp_path, tiny_config(tmp_path), launcher=launcher)
+    if world == 2:
+        out = request.getfixturevalue("two_ranks")["exact"]
+    else:
+        out = run_worker(world, tmp_path, tiny_config(tmp_path), launcher=launcher)
     torch.manual_seed(3)
     init = TinyCaptioner().state_dict()
     moved = max((one_rank["params"][k] - init[k]).abs().max().item() for k in init)
@@ -32,6 +48,13 @@ def test_ranks_reach_the_same_parameters_as_one_rank(tmp_path, one_rank, world, 
     # every step moves every clipped gradient once: the padded fp32 size of all parameters
     n_params = sum(-(-p.shape[0] // world) * world * p[0].numel() for p in init.values())
     assert out["bytes_per_step"] == 4 * n_params
+
+
+def test_the_trainer_noises_each_rank_shard_from_the_rank_own_stream(two_ranks):
+    """backend=fsdp2 as the trainer wires it (the reducer's noise_stream is the rank): every
+    coordinate of the gradient stepped from carries N(0, (sigma C / B)^2) once, and rank 1's
+    shard is not a copy of rank 0's draws."""
+    assert_noised_once_per_coordinate(two_ranks["noise"]["grads"], SIGMA, clip=0.5, batch=32, world=2)
 
 
 def test_two_simulated_nodes_reach_the_same_parameters_as_one_rank(tmp_path, one_rank):
@@ -76,15 +99,21 @@ def _noise_worker(rank: int, world: int, port: int, sigma: float, clip: float, b
     from trainer.job.fsdp2_backend import FSDPGradReducer, parallelize
 
     d = init_distributed()
-    model = nn.Sequential(nn.ModuleList([nn.Linear(101, 300)]), nn.Linear(300, 99))
+    # the last layer has one row: rank 1 holds an empty shard of it
+    model = nn.Sequential(nn.ModuleList([nn.Linear(101, 300)]), nn.Linear(300, 99), nn.Linear(99, 1))
     parallelize(model, d.mesh, bf16=False)
     reducer = FSDPGradReducer(d.mesh, noise_stream=rank)
     engine = PrivacyEngine(model, max_grad_norm=clip, noise_multiplier=sigma,
                            expected_batch_size=batch, seed=1234, reducer=reducer)
     engine.finish_step()  # an empty logical step: the gradient is pure noise
     full = _full_grads(model)
+    try:  # a replicated parameter would be noised once per rank
+        reducer.reduce(nn.Parameter(torch.zeros(3)), torch.zeros(3))
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
     if rank == 0:
-        q.put(torch.cat([v.flatten() for v in full.values()]).numpy())  # by value
+        q.put(({k: v.numpy() for k, v in full.items()}, refusal))  # by value
     _leave(q)
 
 
@@ -114,16 +143,14 @@ def test_noise_std_is_sigma_c_over_b_once_per_coordinate():
     q = ctx.Queue()
     ctx_proc = mp.start_processes(_noise_worker, args=(2, free_port(), sigma, clip, batch, q),
                                   nprocs=2, join=False, start_method="spawn")
-    noise = torch.from_numpy(q.get(timeout=120))
+    full, refusal = q.get(timeout=120)
     ctx_proc.join()
-    expected = sigma * clip / batch
-    assert noise.numel() > 50_000
-    assert abs(noise.std().item() / expected - 1) < 0.02  # twice-noised would be +41%
-    assert abs(noise.mean().item()) < 4 * expected / noise.numel() ** 0.5
-    # the two ranks' shards are independent, not the same draws
-    half = noise.numel() // 2
-    a, b = noise[: half // 2], noise[half: half + half // 2]
-    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.05
+    grads = {k: torch.from_numpy(v) for k, v in full.items()}
+    assert_noised_once_per_coordinate([grads], sigma, clip, batch, world=2)
+    # the one-row layer (on rank 0 alone) is noised too: 100 coordinates, standard error 7%
+    one_row = torch.cat([grads["2.weight"].flatten(), grads["2.bias"]])
+    assert one_row.numel() == 100 and abs(one_row.std().item() / (sigma * clip / batch) - 1) < 0.3
+    assert refusal is not None and "not FSDP-sharded" in refusal and "parallelize" in refusal
 
 
 def test_ranks_without_examples_pad_with_empty_micro_batches(tmp_path):
