@@ -168,13 +168,18 @@ def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def rank_draws(grads: dict[str, torch.Tensor], world: int, flat_partitions: bool = False) -> list[torch.Tensor]:
-    """Each rank's part of one step's whole gradients, in the order the engine draws that
-    rank's noise (parameter after parameter from one generator per rank and step): dim-0
-    chunks of ceil(rows / world) rows (FSDP2, ZeRO 0-2) or of the flattened parameter (ZeRO-3)."""
+    """Each rank's part of the leading parameters of one step's whole gradients, up to the
+    first that does not split evenly: dim-0 chunks of ceil(rows / world) rows (FSDP2, ZeRO 0-2)
+    or of the flattened parameter (ZeRO-3). The engine draws a rank's noise parameter after
+    parameter from one generator; two ranks sharing a stream would draw these parts alike,
+    but only while their parts have equal shapes: torch.randn of 40 and of 30 elements from
+    one seed differ everywhere (checked), so after the first uneven part nothing lines up."""
     parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
     for g in grads.values():
         g = g.flatten() if flat_partitions else g
-        n = -(-g.shape[0] // world)
+        if g.shape[0] % world:
+            break
+        n = g.shape[0] // world
         for rank, part in enumerate(parts):
             part.append(g[rank * n: (rank + 1) * n].flatten())
     return [torch.cat(part) for part in parts]
@@ -183,8 +188,7 @@ def rank_draws(grads: dict[str, torch.Tensor], world: int, flat_partitions: bool
 def assert_noised_once_per_coordinate(steps: list[dict[str, torch.Tensor]], sigma: float, clip: float, batch: int,
                                       world: int, flat_partitions: bool = False) -> None:
     """The captured gradients of ``steps`` (noise swamping the clipped sum) are N(0, (sigma C / B)^2)
-    per coordinate, and rank 0's draws are uncorrelated with rank 1's aligned element by element
-    as they would be if both ranks drew from one stream."""
+    per coordinate, and rank 0's draws are uncorrelated with rank 1's (rank_draws)."""
     expected = sigma * clip / batch
     grads = torch.cat([flat(g) for g in steps])
     assert grads.numel() > 1000, grads.numel()
@@ -192,16 +196,11 @@ def assert_noised_once_per_coordinate(steps: list[dict[str, torch.Tensor]], sigm
     # and averaged over 2 ranks -29%, not at all -100%
     assert abs(grads.std().item() / expected - 1) < 0.06, grads.std().item() / expected
     assert abs(grads.mean().item()) < 4 * expected / grads.numel() ** 0.5
-    mine, theirs = [], []
-    for step in steps:
-        first, second = rank_draws(step, world, flat_partitions)[:2]
-        n = min(first.numel(), second.numel())
-        mine.append(first[:n])
-        theirs.append(second[:n])
-    pairs = torch.stack([torch.cat(mine), torch.cat(theirs)])
+    draws = [rank_draws(step, world, flat_partitions) for step in steps]
+    pairs = torch.stack([torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])])
     corr = torch.corrcoef(pairs)[0, 1].item()
-    # 1000+ pairs: standard error 0.03 or less; ranks sharing one stream give about 1
-    assert pairs.shape[1] > 1000 and abs(corr) < 0.15, (pairs.shape, corr)
+    # 450 pairs or more: standard error 0.05 or less; ranks sharing one stream give about 1
+    assert pairs.shape[1] >= 450 and abs(corr) < 0.25, (pairs.shape, corr)
 
 
 def free_port() -> int:
