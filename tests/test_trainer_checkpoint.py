@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_trainer_worker import REPO, run_worker, tiny_config, worker_command
+from test_trainer_worker import REPO, SIGMA, flat, gate_files, run_jobs, run_worker, tiny_config, worker_command
 from trainer.common.checkpoints import read_meta
 from trainer.job.checkpoint import Checkpointer
 
 NOISY = {"privacy.noise_multiplier": 1.0, "privacy.secret_seed": 7, "steps": 8, "checkpoint.every_steps": 2}
+SECRET = {"privacy.secret_seed": None}  # the production path: a fresh secret seed, kept in the checkpoints
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -27,37 +28,78 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-def test_sigkill_midway_then_resume_is_bitwise_identical(tmp_path):
-    ref = run_worker(2, tmp_path, tiny_config(tmp_path / "ref", **NOISY), name="ref")
-    run = tmp_path / "run"
-    run.mkdir()
-    cfg = tiny_config(run, **NOISY)
-    (run / "c.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(worker_command(2, run / "c.json", run / "out.pt", ["delay=0.4"]),
+def paused_pids(out: Path, world: int, proc: subprocess.Popen) -> list[int]:
+    """Wait until every rank of the worker run writing ``out`` (started with pause_at=STEP)
+    waits at its gate, having finished STEP steps; their pids, by rank."""
+    pids = []
+    for rank in range(world):
+        paused, _ = gate_files(out, rank)
+        _wait_for(paused, proc)
+        pids.append(int(paused.read_text()))
+    return pids
+
+
+def _start(world: int, folder: Path, cfg: dict, overrides: list[str], launcher: str = "torchrun") -> subprocess.Popen:
+    (folder / "c.json").write_text(json.dumps(cfg))
+    return subprocess.Popen(worker_command(world, folder / "c.json", folder / "out.pt", overrides, launcher),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    _wait_for(run / "ckpt" / "step_00000004" / "meta.json", proc)
+
+
+def test_sigkill_midway_then_resume_restores_the_secret_seed_and_is_bitwise_identical(tmp_path):
+    """No privacy.secret_seed (the production path): killed after step 5, its last checkpoint
+    at step 4, the run resumes with the secret seed of the checkpoint and ends where an
+    uninterrupted run with that seed ends, bit for bit. (A fresh secret on resume would draw
+    other noise and other batches from step 5 on.)"""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(run, **{**NOISY, **SECRET})
+    proc = _start(2, run, cfg, ["pause_at=5"])
+    paused_pids(run / "out.pt", 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "out.pt").exists()
     done = Checkpointer(run / "ckpt", 2, 0).latest()
-    assert done is not None and int(done.name[5:]) < 8
-    resumed = run_worker(2, run, cfg, name="again")
+    assert done is not None and done.name == "step_00000004"
+    secret = read_meta(done)["engine"]["seed"]
+    out = run_jobs(2, tmp_path, [("again", cfg, []),
+                                 ("ref", tiny_config(tmp_path / "ref", **{**NOISY, "privacy.secret_seed": secret}), [])])
+    resumed, ref = out["again"], out["ref"]
+    assert resumed["resumed_from"] == str(done)
     for key, value in ref["params"].items():
         assert torch.equal(resumed["params"][key], value), key
     assert resumed["summary"]["epsilon_rdp"] == ref["summary"]["epsilon_rdp"]
     assert resumed["summary"]["step"] == 8
 
 
+def _correlation(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return torch.corrcoef(torch.stack([flat(a), flat(b)]))[0, 1].item()
+
+
 def test_resume_on_a_different_number_of_ranks(tmp_path):
-    """2 ranks for 3 steps, then 3 ranks to step 6 == 1 rank for 6 steps (noise off)."""
+    """2 ranks for 3 steps, then 3 ranks to step 6. Noise off: == 1 rank for 6 steps. Noise on,
+    with a fresh secret seed: the 3-rank steps draw the noise an uninterrupted 3-rank run with
+    the checkpoint's secret draws at those steps, and not that of any earlier step again."""
     one = run_worker(1, tmp_path, tiny_config(tmp_path / "one"), launcher="python", name="one")
     cfg = tiny_config(tmp_path / "two")
-    run_worker(2, tmp_path, cfg, ["steps=3"], name="two")
-    out = run_worker(3, tmp_path, cfg, name="three")
-    assert out["summary"]["step"] == 6
+    noisy = {"privacy.noise_multiplier": SIGMA}
+    resumed_cfg = tiny_config(tmp_path / "noisy", **noisy, **SECRET)
+    run_jobs(2, tmp_path, [("two", cfg, ["steps=3"]), ("noisy_two", resumed_cfg, ["steps=3"])])
+    secret = read_meta(tmp_path / "noisy" / "ckpt" / "step_00000003")["engine"]["seed"]
+    uninterrupted_cfg = tiny_config(tmp_path / "ref", **noisy, **{"privacy.secret_seed": secret})
+    out = run_jobs(3, tmp_path, [("three", cfg, []), ("noisy_three", resumed_cfg, ["capture=grads"]),
+                                 ("uninterrupted", uninterrupted_cfg, ["capture=grads"])])
+    assert out["three"]["summary"]["step"] == 6
     for key, ref in one["params"].items():
-        torch.testing.assert_close(out["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(out["three"]["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
+    # the gradients are noise within 6% (norm), and 715 coordinates: independent draws
+    # correlate within +-0.04 (one standard error), the same draws at 0.998 (measured)
+    resumed, uninterrupted = out["noisy_three"]["grads"], out["uninterrupted"]["grads"]
+    assert out["noisy_three"]["resumed_from"] is not None and len(resumed) == 3 and len(uninterrupted) == 6
+    for step, grads in enumerate(resumed, start=4):
+        for earlier, reference in enumerate(uninterrupted, start=1):
+            corr = _correlation(grads, reference)
+            assert (corr > 0.99) if earlier == step else (abs(corr) < 0.2), (step, earlier, corr)
 
 
 def test_incomplete_saves_are_ignored_and_only_the_last_k_kept(tmp_path):
@@ -97,20 +139,41 @@ def test_a_damaged_checkpoint_is_named_kept_and_the_previous_one_is_a_rename_awa
                                                                                    "step_00000005"]
 
 
-def test_sigterm_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path):
-    cfg = tiny_config(tmp_path, steps=50)
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(worker_command(1, tmp_path / "c.json", tmp_path / "out.pt", ["delay=0.2"],
-                                           launcher="python"),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / "tb", proc)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+def _signal_at_step_two(tmp_path: Path, world: int, signum: int, rank: int) -> dict:
+    """Send ``signum`` to one rank while every rank waits before its third step; the run
+    should finish that step, save, and exit 0. Returns what rank 0 saved."""
+    proc = _start(world, tmp_path, tiny_config(tmp_path, steps=50), ["pause_at=2"],
+                  launcher="python" if world == 1 else "torchrun")
+    pids = paused_pids(tmp_path / "out.pt", world, proc)
+    os.kill(pids[rank], signum)
+    # the handler runs as soon as the signal arrives (at the rank's next bytecode), long
+    # before the step the open gate lets run ends at the next stop check
+    gate_files(tmp_path / "out.pt", 0)[1].touch()
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    summary = torch.load(tmp_path / "out.pt", weights_only=True)["summary"]
-    assert 0 < summary["step"] < 50 and summary["stopped_early"]
-    assert Checkpointer(tmp_path / "ckpt", 2, 0).latest().name == f"step_{summary['step']:08d}"
+    return torch.load(tmp_path / "out.pt", weights_only=True)
+
+
+def test_sigterm_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path):
+    summary = _signal_at_step_two(tmp_path, 1, signal.SIGTERM, rank=0)["summary"]
+    assert summary["step"] == 3 and summary["stopped_early"]
+    assert Checkpointer(tmp_path / "ckpt", 2, 0).latest().name == "step_00000003"
+
+
+def test_sigusr1_to_one_rank_of_two_stops_both_at_the_same_step_with_a_whole_checkpoint(tmp_path):
+    """SIGUSR1 (what a cluster scheduler sends before preempting) to rank 1 only: rank 0 learns
+    of it at the next step's stop check, so both stop after the same step, save it together
+    (every rank's shard) and exit; nobody waits forever at a collective."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = _signal_at_step_two(tmp_path, 2, signal.SIGUSR1, rank=1)
+    assert out["summary"]["step"] == 3 and out["summary"]["stopped_early"]
+    latest = Checkpointer(tmp_path / "ckpt", 2, 0).latest()
+    assert latest.name == "step_00000003" and read_meta(latest)["world_size"] == 2
+    dcp_to_torch_save(latest, tmp_path / "whole.pt")  # reads both ranks' shards
+    saved = torch.load(tmp_path / "whole.pt", weights_only=True)["app"]["model"]
+    for key, value in out["params"].items():
+        assert torch.equal(saved[key], value), key
 
 
 def test_changed_privacy_on_resume_is_refused_unless_allowed(tmp_path):

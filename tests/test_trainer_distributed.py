@@ -10,10 +10,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from test_trainer_worker import (TinyCaptioner, assert_noised_once_per_coordinate, free_port, run_jobs,
+from test_trainer_worker import (SIGMA, TinyCaptioner, assert_noised_once_per_coordinate, free_port, run_jobs,
                                  run_worker, tiny_config)
-
-SIGMA = 20.0  # noise this large swamps the clipped sum
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ processes (a launch costs more than a tiny job).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 VOCAB, WIDTH, TEXT = 11, 10, 4
+SIGMA = 20.0  # a noise multiplier this large swamps the clipped sum: the gradient is noise within 6% (norm)
 
 
 class TinyBlock(nn.Module):
@@ -85,7 +87,26 @@ def tiny_config(tmp: Path, **overrides) -> dict:
     return cfg
 
 
+FLAGS = ("pause_at=", "capture=")  # the worker's own arguments; the others override the config
 THEN = "--then"  # separates the jobs of one launch: python startup, not training, is most of a test's time
+
+
+def gate_files(out: Path, rank: int) -> tuple[Path, Path]:
+    """The file a rank writes (its pid) when it reaches the gate, and the one that opens it."""
+    return out.with_name(f"{out.name}.paused{rank}"), out.with_name(f"{out.name}.go")
+
+
+def wait_at_gate(out: Path, rank: int, timeout: float = 600) -> None:
+    """Say this rank's pid, then wait until the test opens the gate (or kills this process)."""
+    paused, go = gate_files(out, rank)
+    partial = paused.with_name(paused.name + ".tmp")
+    partial.write_text(str(os.getpid()))
+    partial.rename(paused)  # whole, or not at all
+    deadline = time.monotonic() + timeout
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{go} never appeared")
+        time.sleep(0.05)
 
 
 def main(argv: list[str]) -> None:
@@ -102,26 +123,27 @@ def main(argv: list[str]) -> None:
 
 
 def run_job(argv: list[str]) -> None:
-    """One Trainer: CONFIG.json OUT.pt [delay=SECONDS] [capture=grads] [key=value ...]."""
+    """One Trainer: CONFIG.json OUT.pt [pause_at=STEP] [capture=grads] [key=value ...]."""
     from trainer.common.config import load_config
     from trainer.job.trainer import Trainer
 
     config_path, out = argv[0], Path(argv[1])
-    flags = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[2:] if a.startswith(("delay=", "capture="))}
-    overrides = [a for a in argv[2:] if not a.startswith(("delay=", "capture="))]
+    flags = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[2:] if a.startswith(FLAGS)}
+    overrides = [a for a in argv[2:] if not a.startswith(FLAGS)]
     cfg = load_config(config_path, overrides)
     standin = cfg.model.name == "dpcap_tiny_standin"
     trainer = Trainer(cfg, allow_non_private=True,
                       model_factory=(lambda c, t: TinyCaptioner()) if standin else None,
                       train_data=tiny_data(cfg.data.num_examples) if standin else None)
-    if "delay" in flags:  # slow steps so a test can kill the run mid-way
+    if "pause_at" in flags:  # so a test can kill or signal the run at a known step
         step = trainer.train_step
 
-        def slow(*args):
-            time.sleep(float(flags["delay"]))
+        def gated(*args):
+            if trainer.step == int(flags["pause_at"]):
+                wait_at_gate(out, trainer.dist.rank)
             return step(*args)
 
-        trainer.train_step = slow
+        trainer.train_step = gated
     captured = []
     if flags.get("capture") == "grads":  # the whole gradient the optimizer steps from, at every step
         apply = trainer.backend.step
