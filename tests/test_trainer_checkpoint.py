@@ -93,7 +93,7 @@ def test_resume_on_a_different_number_of_ranks(tmp_path):
     for key, ref in one["params"].items():
         torch.testing.assert_close(out["three"]["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
     # the gradients are noise within 6% (norm), and 715 coordinates: independent draws
-    # correlate within +-0.04 (one standard error), the same draws at 0.998 (measured)
+    # correlate within +-0.04 (one standard error; measured -0.04 to 0.10), the same draws above 0.999
     resumed, uninterrupted = out["noisy_three"]["grads"], out["uninterrupted"]["grads"]
     assert out["noisy_three"]["resumed_from"] is not None and len(resumed) == 3 and len(uninterrupted) == 6
     for step, grads in enumerate(resumed, start=4):
