@@ -104,10 +104,20 @@ def test_bf16_autocast_close_to_fp32_reference(kind):
     expected = clipped_mean(reference, max_norm, EXPECTED_BATCH)
     grads, engine_norms, _ = run_engine(model, inputs, (2, 4), max_norm, autocast=True)
     assert engine_norms.dtype == torch.float32
-    torch.testing.assert_close(engine_norms, norms, rtol=3e-2, atol=0)
+    assert all(value.dtype == torch.float32 for value in grads.values())
+    within_bf16_rounding(grads, engine_norms, expected, norms)
+
+
+def within_bf16_rounding(grads, engine_norms, expected, norms) -> None:
+    """Tolerances from the errors measured on these models (3 of 6 examples clipped):
+    norms within 0.13-0.30% (max relative), gradients within 1.09-1.37% per parameter and
+    0.71-0.90% whole. bf16 clip factors 5% too large (3.8% whole, 4.4-4.7% on the worst
+    parameter, measured) fail both gradient checks."""
+    torch.testing.assert_close(engine_norms, norms, rtol=1e-2, atol=0)
     for name, value in grads.items():
-        assert value.dtype == torch.float32
-        assert relative_error(value, expected[name]) < 6e-2, name
+        assert relative_error(value.float(), expected[name]) < 3e-2, name
+    whole = torch.cat([grads[name].float().flatten() for name in expected])
+    assert relative_error(whole, torch.cat([value.flatten() for value in expected.values()])) < 2e-2
 
 
 def test_non_finite_example_is_dropped_and_counted():
@@ -402,9 +412,7 @@ def test_bf16_parameters_as_fsdp_mixed_precision_computes_them(kind):
     low_inputs = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs]
     grads, norms, _ = run_engine(low, low_inputs, (2, 4), max_norm)
     assert norms.dtype == torch.float32
-    torch.testing.assert_close(norms, flat_norms(reference), rtol=5e-2, atol=0)
-    for name, value in grads.items():
-        assert relative_error(value.float(), expected[name]) < 8e-2, name
+    within_bf16_rounding(grads, norms, expected, flat_norms(reference))
 
 
 def test_a_backward_outside_the_engine_is_discarded(caplog):
