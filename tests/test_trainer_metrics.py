@@ -8,10 +8,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from test_trainer_worker import TinyCaptioner, run_worker, tiny_config, tiny_data
 from privacy.accounting import epsilon_of_segments
+from privacy.sampling import PoissonSampler
+from tests.privacy_helpers import flat_norms, per_example_grads
+from trainer.common.checkpoints import read_meta
+from trainer.job.checkpoint import Checkpointer
 
 
 def test_tensorboard_scalars(tmp_path):
-    cfg = tiny_config(tmp_path, **{"privacy.noise_multiplier": 1.0, "steps": 6})
+    # C = 3: about the median per-example norm at initialisation (2.2 to 3.5)
+    cfg = tiny_config(tmp_path, **{"privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 3.0, "steps": 6})
     run_worker(1, tmp_path, cfg, launcher="python")
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     events.Reload()
@@ -28,7 +33,17 @@ def test_tensorboard_scalars(tmp_path):
     assert sorted(e.step for e in events.Scalars("privacy/epsilon_pld")) == [3, 6]
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] == pytest.approx(0.025) and lrs[1] == pytest.approx(0.05) and lrs[-1] < lrs[1]
-    assert all(0 <= e.value <= 1 for e in events.Scalars("privacy/clip_fraction"))
+    # step 1's clip fraction and largest norm, from torch.func per-example gradients at the
+    # initial parameters of the examples the step drew (the run's secret sampling seed)
+    torch.manual_seed(cfg["seed"])
+    images, tokens = map(torch.stack, zip(*tiny_data(96)))
+    norms = flat_norms(per_example_grads(TinyCaptioner(), images, tokens))
+    seed = read_meta(Checkpointer(tmp_path / "ckpt", 2, 0).latest())["sampling_seed"]
+    drawn = [i for micro in PoissonSampler(96, 1 / 3, seed, max_physical_batch=8).step_batches(0) for i in micro]
+    clipped = (norms[drawn] > 3.0).float().mean().item()
+    assert 0 < clipped < 1, clipped  # both kinds of example, so a constant would fail
+    assert events.Scalars("privacy/clip_fraction")[0].value == pytest.approx(clipped, abs=1e-6)
+    assert events.Scalars("privacy/norm_max_rank0")[0].value == pytest.approx(norms[drawn].max().item(), rel=1e-4)
     assert all(20 <= e.value <= 45 for e in events.Scalars("train/realised_batch"))  # Poisson around 32
     assert all(e.value == 0 for e in events.Scalars("data/skipped_samples_rank0"))
 
