@@ -15,6 +15,7 @@ from torch import nn
 
 from test_trainer_job import _params, _train
 from test_trainer_worker import REPO, TINY_MODEL, save_like_trainer
+from data import synthetic
 from trainer import probe
 from trainer.common import probing
 from trainer.common.heldout import HeldOut
@@ -105,6 +106,34 @@ def dpcap_run(tmp_path_factory):
     return cwd / "runs/probe/checkpoints"
 
 
+def _expected_probe(step, tmp_path, examples: int, shots, trials: int) -> dict:
+    """The CLI's default probe (mean-pooled patch features of batches of 64, standardised by the
+    train half, l2 1e-3, shots drawn from seed 0), computed here from the checkpoint's tensors
+    read back by torch's DCP converter into a freshly built model and the held-out images; the
+    classifier and the shot draws are the ones tested above."""
+    from trainer.common.build import build_model, build_tokenizer
+
+    (tmp_path / "job.json").write_text(json.dumps(json.loads((step / "meta.json").read_text())["config"]))
+    cfg = load_config(str(tmp_path / "job.json"))
+    model = build_model(cfg, build_tokenizer(cfg))
+    model.load_state_dict(_params(step, tmp_path))
+    images, labels, _ = HeldOut.of(cfg).task("colour", examples)
+    with torch.no_grad():
+        features = torch.cat([model.eval().features(batch)[:, 1:].mean(1) for batch in images.split(64)])
+    half = examples // 2
+    train, test = features[:half], features[half:]
+    mean, std = train.mean(0), train.std(0, correction=0).clamp_min(1e-6)
+    train, test = (train - mean) / std, (test - mean) / std
+    classes = len(synthetic.COLOURS)
+    out = {"top1": probing.probe_accuracy(train, labels[:half], test, labels[half:], classes, 1e-3)}
+    for k in shots:
+        g = torch.Generator().manual_seed(0)
+        picks = [probing.sample_shots(labels[:half], k, list(synthetic.COLOURS), g) for _ in range(trials)]
+        out[str(k)] = [probing.probe_accuracy(train[p], labels[:half][p], test, labels[half:], classes, 1e-3)
+                       for p in picks]
+    return out
+
+
 def test_cli_on_a_dpcap_checkpoint_and_the_same_weights_in_the_original_layout(dpcap_run, tmp_path, capsys):
     out = tmp_path / "results.json"
     proc = _probe_cli(str(dpcap_run), "--data", "synthetic:colour", "--examples", "160",
@@ -113,11 +142,12 @@ def test_cli_on_a_dpcap_checkpoint_and_the_same_weights_in_the_original_layout(d
     r = json.loads(out.read_text())
     assert r["model"] == "dpcap_nano" and r["classes"] == 8 and r["chance"] == 0.125
     assert (r["train_examples"], r["test_examples"]) == (80, 80)
-    assert 0 <= r["linear_probe"]["top1"] <= 1
+    expected = _expected_probe(dpcap_run / "step_00000001", tmp_path, examples=160, shots=(1, 3), trials=3)
+    assert r["linear_probe"]["top1"] == expected["top1"]
     assert set(r["few_shot"]) == {"1", "3"}
-    for s in r["few_shot"].values():
-        assert len(s["trials"]) == 3 and all(0 <= a <= 1 for a in s["trials"])
-        assert s["mean"] == pytest.approx(np.mean(s["trials"])) and s["std"] >= 0
+    for k, s in r["few_shot"].items():
+        assert s["trials"] == expected[k]
+        assert s["mean"] == pytest.approx(np.mean(s["trials"])) and s["std"] == pytest.approx(np.std(s["trials"]))
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("linear probe: top-1 ") and "(8 classes, chance 0.125, 80 train / 80 test)" in lines[0]
     assert lines[1].startswith("1-shot: ") and lines[1].endswith(" over 3 trials")
