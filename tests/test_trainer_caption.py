@@ -11,9 +11,17 @@ from test_trainer_worker import TINY_MODEL, save_like_trainer
 from trainer import caption
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.config import load_config
-from trainer.common.inputs import image_file_pixels, transform
 
 LABELS = ["red square", "green circle", "blue triangle"]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as DP-Cap normalises
+
+
+def pixels_of(path, size: int) -> torch.Tensor:
+    """What the model should see of an image file, computed here (not with the CLI's code):
+    RGB, bicubic resize of the whole image to size x size, ImageNet normalisation."""
+    image = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    rgb = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    return (rgb - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +38,7 @@ def run(tmp_path_factory):
     for i in range(5):
         files.append(tmp / f"img{i}.png")
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(files[-1])
-    pixels = torch.stack([image_file_pixels(f, transform(cfg, None)) for f in files])
+    pixels = torch.stack([pixels_of(f, cfg.model.overrides["img_size"]) for f in files])
     return tmp / "checkpoints", model, cfg, files, pixels
 
 
