@@ -39,6 +39,28 @@ def paused_pids(out: Path, world: int, proc: subprocess.Popen) -> list[int]:
     return pids
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def kill_job(proc: subprocess.Popen, pids: list[int], timeout: float = 60) -> None:
+    """SIGKILL the whole job, as a scheduler does: the launcher's process group and every rank
+    (torchrun and the deepspeed launcher start ranks outside it; killed alone, the launcher
+    would leave them training on and writing checkpoints), and wait until all are gone."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while any(map(_running, pids)):
+        assert time.monotonic() < deadline, f"ranks {pids} outlived SIGKILL"
+        time.sleep(0.05)
+
+
 def _start(world: int, folder: Path, cfg: dict, overrides: list[str], launcher: str = "torchrun") -> subprocess.Popen:
     (folder / "c.json").write_text(json.dumps(cfg))
     return subprocess.Popen(worker_command(world, folder / "c.json", folder / "out.pt", overrides, launcher),
@@ -55,9 +77,7 @@ def test_sigkill_midway_then_resume_restores_the_secret_seed_and_is_bitwise_iden
     run.mkdir()
     cfg = tiny_config(run, **{**NOISY, **SECRET})
     proc = _start(2, run, cfg, ["pause_at=5"])
-    paused_pids(run / "out.pt", 2, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc, paused_pids(run / "out.pt", 2, proc))
     assert not (run / "out.pt").exists()
     done = Checkpointer(run / "ckpt", 2, 0).latest()
     assert done is not None and done.name == "step_00000004"
@@ -149,7 +169,11 @@ def _signal_at_step_two(tmp_path: Path, world: int, signum: int, rank: int) -> d
     # the handler runs as soon as the signal arrives (at the rank's next bytecode), long
     # before the step the open gate lets run ends at the next stop check
     gate_files(tmp_path / "out.pt", 0)[1].touch()
-    _, err = proc.communicate(timeout=300)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        kill_job(proc, pids)
+        pytest.fail(f"{world} ranks did not exit within 300 s of signal {signum} to rank {rank}")
     assert proc.returncode == 0, err[-3000:]
     return torch.load(tmp_path / "out.pt", weights_only=True)
 

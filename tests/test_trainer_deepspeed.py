@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from test_trainer_checkpoint import NOISY, paused_pids
+from test_trainer_checkpoint import NOISY, kill_job, paused_pids
 from test_trainer_worker import (REPO, SIGMA, TinyCaptioner, assert_noised_once_per_coordinate, flat, run_jobs,
                                  run_worker, tiny_config, worker_command)
 from trainer.common.config import PRESETS, load_config
@@ -128,9 +126,7 @@ def test_sigkill_midway_then_resume_under_deepspeed_is_bitwise_identical(tmp_pat
                                            ["pause_at=5", *_stage_config(2)], launcher="deepspeed"),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    paused_pids(tmp_path / "out.pt", 2, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc, paused_pids(tmp_path / "out.pt", 2, proc))
     assert not (tmp_path / "out.pt").exists()
     step = tmp_path / "ckpt" / "step_00000004"
     assert (step / "deepspeed").is_dir() and (step / "weights.pt").is_file()
