@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_trainer_worker import REPO, SIGMA, flat, gate_files, run_jobs, run_worker, tiny_config, worker_command
+from test_trainer_worker import (REPO, SIGMA, TINY_MODEL, flat, gate_files, run_jobs, run_worker, tiny_config,
+                                 worker_command)
 from trainer.common.checkpoints import read_meta
 from trainer.job.checkpoint import Checkpointer
 
@@ -247,3 +248,21 @@ def test_sampling_seed_is_secret_and_survives_resume(tmp_path):
     assert seed != tiny_config(first)["seed"]
     run_worker(1, tmp_path, tiny_config(first, **noisy), ["steps=3"], launcher="python", name="resumed")
     assert sampling_seed(first, 3) == seed
+
+
+def test_shards_read_by_loader_workers_resume_exactly(tmp_path):
+    """The real reader: webdataset shards (synthetic, written by the first job), two DataLoader
+    worker processes, crops and flips, the real DP-Cap, noise on, a fresh secret seed. 2 steps,
+    then resumed to 4 == 4 steps at once with the checkpoint's secret, bit for bit."""
+    real = [*TINY_MODEL, "model.name=dpcap_nano", f"data.shards={tmp_path / 'shards'}", "data.num_workers=2",
+            "data.augment=true", "data.text_length=16", "ds.train_micro_batch_size_per_gpu=16"]
+    resumed = tiny_config(tmp_path / "resumed", **{**NOISY, **SECRET})
+    run_worker(1, tmp_path, resumed, [*real, "steps=2"], launcher="python", name="half")
+    secret = read_meta(tmp_path / "resumed" / "ckpt" / "step_00000002")["engine"]["seed"]
+    whole = tiny_config(tmp_path / "whole", **{**NOISY, "privacy.secret_seed": secret})
+    out = run_jobs(1, tmp_path, [("again", resumed, [*real, "steps=4"]), ("whole", whole, [*real, "steps=4"])],
+                   launcher="python")
+    assert out["whole"]["resumed_from"] is None and out["again"]["resumed_from"].endswith("step_00000002")
+    assert out["again"]["summary"]["step"] == 4
+    for key, value in out["whole"]["params"].items():
+        assert torch.equal(out["again"]["params"][key], value), key
