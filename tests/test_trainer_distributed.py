@@ -157,8 +157,13 @@ def test_ranks_without_examples_pad_with_empty_micro_batches(tmp_path):
     settings = {"ds.train_batch_size": 2, "steps": 8, "optim.lr": 0.2}
     one = run_worker(1, tmp_path, tiny_config(tmp_path / "a", **settings), launcher="python", name="a")
     three = run_worker(3, tmp_path, tiny_config(tmp_path / "b", **settings), name="b")
+    # The 3-rank clipped sums add the same terms in another order (fp32 rounding), and AdamW at
+    # lr 0.2 magnifies that on coordinates whose gradient is near 0 (its first update is
+    # lr g / (|g| + eps)). Largest difference measured over 13 samplers (privacy.secret_seed
+    # 1-12, 17): 4e-7 to 4.9e-6, and 1.2e-5 at seed 11; one example dropped from rank 1's last
+    # step moves a parameter by 6.5e-3.
     for key, ref in one["params"].items():
-        torch.testing.assert_close(three["params"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(three["params"][key], ref, rtol=1e-5, atol=5e-5, msg=key)
 
 
 def _clipped_sum(model: nn.Module, batch, reducer=None) -> tuple[nn.Module, dict[str, float]]:
