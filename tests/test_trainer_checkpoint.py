@@ -170,11 +170,11 @@ def _signal_at_step_two(tmp_path: Path, world: int, signum: int, rank: int) -> d
     # the handler runs as soon as the signal arrives (at the rank's next bytecode), long
     # before the step the open gate lets run ends at the next stop check
     gate_files(tmp_path / "out.pt", 0)[1].touch()
-    try:
-        _, err = proc.communicate(timeout=300)
+    try:  # one step and a save: seconds
+        _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         kill_job(proc, pids)
-        pytest.fail(f"{world} ranks did not exit within 300 s of signal {signum} to rank {rank}")
+        pytest.fail(f"{world} ranks did not exit within 120 s of signal {signum} to rank {rank}")
     assert proc.returncode == 0, err[-3000:]
     return torch.load(tmp_path / "out.pt", weights_only=True)
 
