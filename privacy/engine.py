@@ -473,6 +473,12 @@ class PrivacyEngine:
         """Qualified names of the trainable parameters the engine clips (all of them)."""
         return [qualified for _, _, qualified in self._clipped]
 
+    @property
+    def bare_parameters(self) -> list[str]:
+        """Those of :attr:`covered_parameters` that no layer rule covers: used in
+        their module's own forward code and handled by privacy/bare.py."""
+        return [o.label(name) for o in self._owners for name in o.names]
+
     # -- one micro-batch ----------------------------------------------------
 
     def backward(self, per_example_loss: Tensor) -> None:

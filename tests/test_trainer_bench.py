@@ -61,19 +61,18 @@ def test_privacy_bench_hands_over_to_the_suite():
     assert "--suite" in done.stdout and "opacus_ghost" in done.stdout
 
 
-def test_timm_conversion_is_labelled_and_makes_the_model_acceptable():
-    import timm
-
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
-    with pytest.raises(ValueError, match="cls_token"):
-        PrivacyEngine(model, 1.0, 1.0, 4)
-    changed = bench.accept_timm_model(model)
-    assert "froze cls_token" in changed and "froze pos_embed" in changed
-    assert any("LayerNorm -> torch.nn.LayerNorm" in c for c in changed)
+def test_timm_models_by_name_are_taken_as_timm_builds_them():
+    """Every parameter trainable and clipped (cls_token, pos_embed too); BatchNorm
+    converted to GroupNorm for every method alike."""
+    model, _ = bench.build_model(bench.Case("vit_tiny", 2, img_size=32, overrides={"depth": 1}))
     engine = PrivacyEngine(model, 1.0, 1.0, 4)
-    assert not any("cls_token" in name for name in engine.covered_parameters)
-    images = torch.randn(2, 3, 32, 32)
-    engine.backward(torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1]), reduction="none"))
+    assert sorted(engine.covered_parameters) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert {"classifier.cls_token", "classifier.pos_embed"} <= set(engine.covered_parameters)
+    model, inputs = bench.build_model(bench.Case("resnet18", 2, img_size=64, overrides={"layers": (1, 1, 1, 1)}))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    engine = PrivacyEngine(model, 1.0, 1.0, 4)
+    engine.backward(model(*inputs(2, torch.Generator().manual_seed(0))))
+    assert engine.per_example_norms.shape == (2,)
 
 
 def test_bad_arguments_are_refused():
