@@ -114,7 +114,8 @@ def test_group_norm(make, k, seed):
     groups = pick(gen, 1, 2, 3)
     channels = groups * pick(gen, 1, 2, 4)
     spatial = pick(gen, (), (5,), (3, 4))
-    check_rule(make(num_groups=groups, num_channels=channels, eps=1e-5), torch.randn(k * B, channels, *spatial, generator=gen), k, seed)
+    x = torch.randn(k * B, channels, *spatial, generator=gen)
+    check_rule(make(num_groups=groups, num_channels=channels, eps=1e-5), x, k, seed)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -159,7 +160,8 @@ def test_layer_scale(k, seed):
     gen = torch.Generator().manual_seed(seed)
     dim = pick(gen, 3, 10)
     check_rule(timm_scale.LayerScale(dim), torch.randn(k * B, pick(gen, 1, 6), dim, generator=gen), k, seed)
-    check_rule(timm_scale.LayerScale2d(dim), torch.randn(k * B, dim, 3, pick(gen, 2, 4), generator=gen), k, seed)
+    x = torch.randn(k * B, dim, 3, pick(gen, 2, 4), generator=gen)
+    check_rule(timm_scale.LayerScale2d(dim), x, k, seed)
 
 
 @pytest.mark.parametrize("seed", SEEDS + [3, 4, 5])

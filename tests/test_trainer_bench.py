@@ -75,6 +75,20 @@ def test_timm_models_by_name_are_taken_as_timm_builds_them():
     assert engine.per_example_norms.shape == (2,)
 
 
+def test_a_timm_swin_by_name_and_a_library_that_refuses_it():
+    """Opacus refuses Swin's window attention (a trainable layer with buffers):
+    the suite reports that and goes on; this engine clips it as timm builds it."""
+    (result,) = bench.main(["--model", "swin_tiny_patch4_window7_224", "--img-size", "32", "--set", "patch_size=2",
+                            "--set", "window_size=4", "--set", "embed_dim=8", "--set", "depths=(2,)",
+                            "--set", "num_heads=(1,)", "--batch", "2", "--methods", "non_private,engine,opacus_ghost",
+                            "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    methods = result["methods"]
+    refused = methods["opacus_ghost"]["error"]
+    assert refused.startswith("refused: ") and "WindowAttention" in refused
+    assert methods["engine"]["flops"] > methods["non_private"]["flops"] > 0
+    assert abs(methods["engine"]["flops_over_bound"] - 1) < 0.03
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         bench.main(["--model", "vip_base", "--device", "cpu", "--set", "depth"])

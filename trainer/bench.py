@@ -297,6 +297,10 @@ def run_case(case: Case, methods: list[str], device: torch.device, steps: int, w
             result["methods"][name] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             torch.cuda.empty_cache()
             return None
+        except (NotImplementedError, ValueError) as error:  # a library that refuses the model (Opacus: Swin)
+            result["methods"][name] = {"error": f"refused: {' '.join(str(error).split())[:300]}"}
+            logger.warning("%s | %s: %s", case.label, name, result["methods"][name]["error"])
+            return None
 
     def report(name: str, method: Method, timed: dict) -> None:
         with count_step() as counts:
