@@ -113,6 +113,10 @@ class _Proof:
             if out[0] == self.batch:
                 return (0, 1)
             inner = self.layout(*node.next_functions[0])
+            if inner is CONSTANT:
+                raise Unproven(f"{_label(node)}'s input has no autograd history (it is made from the model's inputs "
+                               "alone), so the operators that grouped its rows cannot be read; let the input "
+                               "require grad (images.requires_grad_()) to have them recorded")
             if inner != (0, out[0] // self.batch):
                 raise Unproven(f"{_label(node)}'s input is not grouped by example in dim 0")
             return inner

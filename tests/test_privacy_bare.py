@@ -192,6 +192,38 @@ def test_rows_grouped_per_example_are_proved_and_exact():
         assert relative_error(p.grad, expected[name]) <= 1e-5, name
 
 
+class WindowsOfTheInput(nn.Module):
+    """A layer on rows made from the model's input alone: no graph to prove them by."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        return self.linear(x.reshape(b * t, d)).reshape(b, t, d).square().sum((1, 2))
+
+
+def test_rows_made_from_the_input_alone_are_refused_until_it_requires_grad():
+    torch.manual_seed(0)
+    model = WindowsOfTheInput()
+    x = torch.randn(4, 3, 4)
+    engine = PrivacyEngine(model, 1.0, 0.0, 4.0)
+    with pytest.raises(ValueError, match=r"linear's input has no autograd history .*requires_grad_\(\)"):
+        engine.backward(model(x))
+    engine.detach()
+    reference = per_example_grads(model, x)
+    max_norm = flat_norms(reference).median().item()
+    expected = clipped_mean(reference, max_norm, 4.0)
+    engine = PrivacyEngine(model, max_norm, 0.0, 4.0)
+    for part in x.split(2):  # each micro-batch's images a leaf of its own, as a loader's are
+        engine.backward(model(part.clone().requires_grad_()))
+    engine.finish_step()
+    engine.detach()
+    for name, p in model.named_parameters():
+        assert relative_error(p.grad, expected[name]) <= 1e-5, name
+
+
 def test_tied_bare_parameter_is_refused():
     with pytest.raises(ValueError, match=r"parameter linear\.weight is shared with \.scale"):
         PrivacyEngine(TiedBare(), 1.0, 0.0, 4.0)
