@@ -66,7 +66,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from privacy import graph
 from privacy.bare import BareOwner, BareTensor, Use
 from privacy.reducer import GradReducer, LocalReducer
-from privacy.rules import DEFAULT_RULES, Call, Rule, RuleKey, find_rule
+from privacy.rules import DEFAULT_RULES, Call, Rule, RuleKey, find_rule, qualified_name
 from privacy.rules.base import (
     ClipFactors,
     Context,
@@ -279,7 +279,7 @@ def _plan(model: nn.Module, rules: dict[RuleKey, Rule]) -> tuple[list[_Target], 
         if type(module).forward is not cls.forward:
             raise ValueError(
                 f"{label} subclasses {cls.__name__} but overrides forward, so the {cls.__name__} rule would not "
-                f"compute what it does; register a rule for {type(module).__name__}"
+                f"compute what it does; register a rule for {qualified_name(type(module))}"
             )
         uncovered = [n for n in trainable if n not in rule.slots]
         if uncovered:

@@ -260,3 +260,23 @@ def test_replace_batchnorm_says_what_it_changed(caplog):
     assert replace_batchnorm(model) == []
     with pytest.raises(ValueError, match="max_groups must be >= 1"):
         replace_batchnorm(model, max_groups=0)
+
+
+class NormTimesTwo(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_replace_batchnorm_keeps_timm_norm_act_and_refuses_unknown_subclasses():
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), norm_act.BatchNormAct2d(8, act_layer=nn.SiLU))
+    (change,) = replace_batchnorm(model)
+    assert change == "1: BatchNormAct2d(8) -> GroupNorm(8, 8) + its drop (Identity), act (SiLU)"
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        expected = F.silu(F.group_norm(model[0](x), 8, model[1].norm.weight, model[1].norm.bias, model[1].norm.eps))
+        torch.testing.assert_close(model(x), expected)
+    unknown = nn.Sequential(nn.BatchNorm2d(4), NormTimesTwo(4))
+    with pytest.raises(ValueError, match=r"1 \(.*NormTimesTwo\) subclasses BatchNorm but overrides forward"):
+        replace_batchnorm(unknown)
+    assert isinstance(unknown[0], nn.BatchNorm2d)  # a refusal changes nothing

@@ -6,7 +6,7 @@ kinds and its own forward code are timm's: ViT/DeiT's cls_token and pos_embed,
 BEiT's q/v biases, relative position bias table and gamma scales, EVA-02's
 rotary embedding and SwiGLU, Swin's windows (shifted in every second block)
 and bias tables, ConvNeXt's depthwise 7x7 convs, LayerNorm2d and gamma, and a
-ResNet after privacy.convert.replace_batchnorm.
+ResNet and a RegNet after privacy.convert.replace_batchnorm.
 """
 
 import copy
@@ -39,7 +39,10 @@ MODELS = {
     "convnext_atto": (dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), ls_init_value=0.5), 32),
     # 64 px: 2x2 at the last stage (GroupNorm needs more than one value per group)
     "resnet18": (dict(layers=(1, 1, 1, 1), channels=(8, 8, 16, 16), stem_width=8), 64),
+    # timm's BatchNormAct2d (norm, then activation) throughout, grouped convs: replace_batchnorm keeps the act
+    "regnetx_002": ({}, 64),
 }
+CONVERTED = ("resnet18", "regnetx_002")
 CLASSES, BATCH, SPLITS, EXPECTED_BATCH = 5, 6, (1, 2, 3), 7.5
 
 
@@ -59,7 +62,7 @@ def build(name: str):
     overrides, size = MODELS[name]
     torch.manual_seed(0)
     classifier = timm.create_model(name, pretrained=False, num_classes=CLASSES, **overrides)
-    if name == "resnet18":
+    if name in CONVERTED:
         assert replace_batchnorm(classifier)
     generator = torch.Generator().manual_seed(1)
     inputs = (torch.randn(BATCH, 3, size, size, generator=generator),

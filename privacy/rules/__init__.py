@@ -8,7 +8,7 @@ registered itself.
 
 A key is a class or a class's qualified name (``module.QualName``): timm's
 layers are registered by name, so that ``privacy/`` never imports timm. Each
-was read in timm 1.0's source (``timm/layers/norm.py``, ``layer_scale.py``):
+was read in timm 1.0's source (``timm/layers/norm.py``, ``layer_scale.py``, ``linear.py``):
 its forward computes what its rule's forward computes (the fast-norm paths
 too), and tests/test_privacy_rules.py checks every rule against torch.func on
 the installed timm's own modules.
@@ -39,6 +39,7 @@ DEFAULT_RULES: dict[RuleKey, Rule] = {
     AddedParameter: AddedParameterRule(),
     # timm 1.0: F.layer_norm, F.group_norm and rms_norm as their torch counterparts (or
     # over dim 1 of NCHW: "2d"); LayerScale: x * gamma over the last dim, LayerScale2d over dim 1
+    "timm.layers.linear.Linear": LinearRule(),  # F.linear (casts to the input's dtype only when scripted)
     "timm.layers.norm.LayerNorm": LayerNormRule(),
     "timm.layers.norm.LayerNorm2d": ChannelsFirst(LayerNormRule()),
     "timm.layers.norm.GroupNorm": GroupNormRule(),
