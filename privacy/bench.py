@@ -4,7 +4,8 @@ Wall-clock time on a shared CPU says little about a GPU; these counts do not
 depend on the device (:func:`count_step`):
 
 - ``flops``: matrix FLOPs (``torch.utils.flop_counter``: mm, bmm, conv,
-  attention);
+  attention; a grouped convolution's weight gradient counted with its groups,
+  see :func:`conv_backward_flops`);
 - ``aten_ops``: aten operators dispatched (each is at least one kernel launch
   on a GPU);
 - ``non_matmul_bytes``: bytes written by operators that are not matrix
@@ -39,7 +40,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 aten = torch.ops.aten
 
@@ -185,12 +186,27 @@ def _host_reads(counts: StepCounts) -> Iterator[None]:
         torch.autograd.backward = backward
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape, **kwargs) -> int:
+    """torch's count of ``aten.convolution_backward``, with the weight gradient
+    of a grouped (not transposed) convolution divided by ``groups``: torch's
+    formula ignores groups there, so a depthwise conv's weight gradient (ConvNeXt's
+    7x7) counted ``channels`` times its FLOPs, and a grouped conv's backward no
+    longer cost twice its forward. The input gradient's count is torch's."""
+    torch_count = conv_backward_flop.__wrapped__  # on shapes (the registered one is wrapped to take tensors)
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    flops = torch_count(*args, [output_mask[0], False, False], out_shape)
+    weight = torch_count(*args, [False, output_mask[1], False], out_shape)
+    return flops + (weight if transposed else weight // groups)
+
+
 @contextmanager
 def count_step() -> Iterator[StepCounts]:
     """Count what runs inside (one training step); :func:`phase` attributes
     host syncs to a part of the step."""
     counts = StepCounts()
-    with FlopCounterMode(display=False) as flop_counter, _Dispatch(counts), _host_reads(counts):
+    flop_counter = FlopCounterMode(display=False, custom_mapping={aten.convolution_backward: conv_backward_flops})
+    with flop_counter, _Dispatch(counts), _host_reads(counts):
         yield counts
     counts.flops = flop_counter.get_total_flops()
 

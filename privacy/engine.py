@@ -63,9 +63,21 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from privacy import graph
+from privacy.bare import BareOwner, BareTensor, Use
 from privacy.reducer import GradReducer, LocalReducer
-from privacy.rules import DEFAULT_RULES, Call, Rule, find_rule
-from privacy.rules.base import ClipFactors, Context, LayerPlan, Prepared, finite_or_zero, mm_fp32, unit_roundoff
+from privacy.rules import DEFAULT_RULES, Call, Rule, RuleKey, find_rule, qualified_name
+from privacy.rules.base import (
+    ClipFactors,
+    Context,
+    LayerPlan,
+    Prepared,
+    finite_or_zero,
+    mm_fp32,
+    sum_rows,
+    unit_roundoff,
+)
+from privacy.rules.linear import LinearRule, rows_plan
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +149,13 @@ class _MicroBatch:
     ghost_bounds: dict[float, list[Tensor]] = field(default_factory=dict)
     rows: list[tuple[nn.Module, str, Tensor]] = field(default_factory=list)  # small per-example gradients
     sums: list = field(default_factory=list)  # the layers' accumulate(factors) for the rest
+    # bare parameters' per-example gradients [b, numel], summed over their uses in the forward
+    bare: dict[tuple[BareOwner, str], Tensor] = field(default_factory=dict)
+
+    def add_bare(self, owner: BareOwner, name: str, per_example: Tensor) -> None:
+        flat = per_example.reshape(self.batch, -1).float()
+        key = (owner, name)
+        self.bare[key] = flat if key not in self.bare else self.bare[key] + flat
 
     def add(self, module: nn.Module, prepared: Prepared) -> None:
         self.rows += [(module, name, value) for name, value in prepared.rows.items()]
@@ -192,6 +211,8 @@ class _BookkeptCall(torch.autograd.Function):
     the output require grad when the input does not (images, token ids).
     """
 
+    row_kind = "rows"  # privacy.graph: each output row is made from the same input row
+
     @staticmethod
     def forward(ctx, engine: "PrivacyEngine", target: _Target, call: Call, x: Tensor, anchor: Tensor):
         ctx.engine, ctx.target, ctx.call = engine, target, call
@@ -209,8 +230,10 @@ class _BookkeptCall(torch.autograd.Function):
 def _refuse_batch_mixing(qualname: str, module: nn.Module) -> None:
     if isinstance(module, _BatchNorm):
         raise ValueError(
-            f"{qualname or 'model'} ({type(module).__name__}) mixes examples of a batch, which breaks "
-            "per-example privacy; replace it with LayerNorm or GroupNorm-free layers"
+            f"{qualname or 'model'} ({type(module).__name__}) normalises over the examples of a batch, which "
+            "breaks per-example privacy; use GroupNorm, which normalises each example alone and which the "
+            "engine supports: privacy.convert.replace_batchnorm(model) converts every BatchNorm and lists "
+            "what it changed"
         )
     if isinstance(module, _InstanceNorm) and module.track_running_stats:
         raise ValueError(
@@ -219,9 +242,15 @@ def _refuse_batch_mixing(qualname: str, module: nn.Module) -> None:
         )
 
 
-def _plan(model: nn.Module, rules: dict[type[nn.Module], Rule]) -> list[_Target]:
-    """One target per layer with trainable parameters; ValueError for anything not covered."""
-    targets, owner_of = [], {}
+def _is_torch_layer(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "torch"
+
+
+def _plan(model: nn.Module, rules: dict[RuleKey, Rule]) -> tuple[list[_Target], list[BareOwner]]:
+    """One target per layer with a rule; every other module with trainable
+    parameters of its own owns bare parameters (privacy/bare.py), unless it is
+    one of torch's layers (which has no rule); ValueError for anything not covered."""
+    targets, owners, owner_of = [], [], {}
     for qualname, module in model.named_modules():
         _refuse_batch_mixing(qualname, module)
         trainable = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
@@ -238,16 +267,19 @@ def _plan(model: nn.Module, rules: dict[type[nn.Module], Rule]) -> list[_Target]
             owner_of[id(param)] = f"{qualname}.{name}"
         found = find_rule(module, rules)
         if found is None:
-            raise ValueError(
-                f"{label} has trainable parameters {list(trainable)} but the privacy engine has no rule for "
-                f"{type(module).__name__}; freeze them, or build the layer from supported ones "
-                f"({', '.join(cls.__name__ for cls in rules)}; bare tensors via privacy.layers.AddedParameter)"
-            )
+            if _is_torch_layer(module):
+                raise ValueError(
+                    f"{label} has trainable parameters {list(trainable)} but the privacy engine has no rule for "
+                    f"{type(module).__name__}; freeze them, or build the layer from supported ones "
+                    f"({', '.join(k if isinstance(k, str) else k.__name__ for k in rules)})"
+                )
+            owners.append(BareOwner(qualname, module, trainable))
+            continue
         cls, rule = found
         if type(module).forward is not cls.forward:
             raise ValueError(
                 f"{label} subclasses {cls.__name__} but overrides forward, so the {cls.__name__} rule would not "
-                f"compute what it does; register a rule for {type(module).__name__}"
+                f"compute what it does; register a rule for {qualified_name(type(module))}"
             )
         uncovered = [n for n in trainable if n not in rule.slots]
         if uncovered:
@@ -259,7 +291,32 @@ def _plan(model: nn.Module, rules: dict[type[nn.Module], Rule]) -> list[_Target]
             raise ValueError(f"{label} already has an instance-level forward; the privacy engine cannot wrap it")
         rule.check(module, label)
         targets.append(_Target(qualname, module, rule, trainable))
-    return targets
+    return targets, owners
+
+
+class _BareHost:
+    """The engine as privacy.bare.Host: what bare parameters' copies need from it."""
+
+    def __init__(self, engine: "PrivacyEngine"):
+        self.engine = engine
+        self.anchor = engine._anchor
+
+    def linear_target(self, weight: Tensor) -> _Target | None:
+        return next((t for t in self.engine._targets if isinstance(t.rule, LinearRule)
+                     and t.module._parameters.get("weight") is weight), None)
+
+    def call_target(self, target: _Target, x: Tensor) -> Tensor:
+        return self.engine._call(target, x)
+
+    def record_use(self, use: Use) -> None:
+        self.engine._uses.append(use)
+
+    def on_use_grad(self, use: Use, grad: Tensor) -> None:
+        self.engine._on_use_grad(use, grad)
+
+
+def _qualified(qualname: str, name: str) -> str:
+    return f"{qualname}.{name}" if qualname else name
 
 
 def _random_seed() -> int:
@@ -327,12 +384,16 @@ class PrivacyEngine:
         self.reuse_memory = float(reuse_memory)
         self._seed = _random_seed() if seed is None else seed
         self._step = 0
-        self._targets = _plan(model, self.rules)
+        self._targets, self._owners = _plan(model, self.rules)
+        # every clipped parameter as (module, attribute name, qualified name)
+        self._clipped = [(t.module, name, _qualified(t.qualname, name)) for t in self._targets for name in t.names]
+        self._clipped += [(o.module, name, o.label(name)) for o in self._owners for name in o.names]
         # each parameter's full shape, read once here: a sharding backend may later swap a
         # parameter's storage for a part of it (a ZeRO-3 parameter released after use is empty)
-        self._shapes = {(t.module, name): tuple(getattr(t.module, name).shape)
-                        for t in self._targets for name in t.names}
+        self._shapes = {(module, name): tuple(getattr(module, name).shape) for module, name, _ in self._clipped}
         self._anchor = torch.zeros((), requires_grad=True)  # see _BookkeptCall
+        self._host = _BareHost(self)
+        self._uses: list[Use] = []  # bare parameters' per-example copies made in this forward
         self._sums: dict[tuple[nn.Module, str], Tensor] = {}
         self._micro: _MicroBatch | None = None
         self.plan: dict[str, LayerPlan] = {}
@@ -341,8 +402,10 @@ class PrivacyEngine:
         self._attached = True
         for target in self._targets:
             target.module.forward = self._wrapped_forward(target)
-        logger.info("privacy engine clips %d parameter tensors in %d layers",
-                    len(self.covered_parameters), len(self._targets))
+        for owner in self._owners:
+            self._watch(owner)
+        logger.info("privacy engine clips %d parameter tensors: %d layers, %d modules' bare parameters",
+                    len(self._clipped), len(self._targets), len(self._owners))
 
     # -- installation -------------------------------------------------------
 
@@ -350,27 +413,71 @@ class PrivacyEngine:
         original = type(target.module).forward
 
         def forward(x: Tensor) -> Tensor:
-            module = target.module
             if not torch.is_grad_enabled():
-                return original(module, x)
-            call = Call()
-            target.calls.append(call)
-            return _BookkeptCall.apply(self, target, call, x, self._anchor)
+                return original(target.module, x)
+            return self._call(target, x)
 
         return forward
+
+    def _call(self, target: _Target, x: Tensor) -> Tensor:
+        """One call of a layer, through its rule."""
+        call = Call()
+        target.calls.append(call)
+        out = _BookkeptCall.apply(self, target, call, x, self._anchor)
+        call.node = out.grad_fn
+        return out
+
+    def _watch(self, owner: BareOwner) -> None:
+        """Shadow the owner's bare parameters by BareTensors while it runs with grad
+        enabled (in its instance ``__dict__``; its ``_parameters`` stay as they are)."""
+        shadowing: list[bool] = []  # per nested call: whether it shadows
+
+        def before(module: nn.Module, args) -> None:
+            shadow = torch.is_grad_enabled() and self._attached
+            shadowing.append(shadow)
+            if shadow:
+                owner.depth += 1
+                if owner.depth == 1:
+                    owner._constants = None
+                    for name in owner.names:
+                        module.__dict__[name] = BareTensor.root(self._host, owner, name,
+                                                                self._shapes[(module, name)])
+
+        def after(module: nn.Module, args, output) -> None:
+            if shadowing and shadowing.pop():
+                owner.depth -= 1
+                if owner.depth == 0:
+                    for name in owner.names:
+                        module.__dict__.pop(name, None)
+
+        owner.handles = [owner.module.register_forward_pre_hook(before),
+                         owner.module.register_forward_hook(after, always_call=True)]
 
     def detach(self) -> None:
         """Restore every layer's own forward and drop all engine state."""
         for target in self._targets:
             target.module.__dict__.pop("forward", None)
             target.calls.clear()
+        for owner in self._owners:
+            for handle in owner.handles:
+                handle.remove()
+            for name in owner.names:
+                owner.module.__dict__.pop(name, None)
+            owner.depth = 0
+        self._uses.clear()
         self._sums.clear()
         self._attached = False
 
     @property
     def covered_parameters(self) -> list[str]:
         """Qualified names of the trainable parameters the engine clips (all of them)."""
-        return [f"{t.qualname}.{n}" if t.qualname else n for t in self._targets for n in t.names]
+        return [qualified for _, _, qualified in self._clipped]
+
+    @property
+    def bare_parameters(self) -> list[str]:
+        """Those of :attr:`covered_parameters` that no layer rule covers: used in
+        their module's own forward code and handled by privacy/bare.py."""
+        return [o.label(name) for o in self._owners for name in o.names]
 
     # -- one micro-batch ----------------------------------------------------
 
@@ -387,24 +494,49 @@ class PrivacyEngine:
         check_matmul_precision(device.type)
         self._drop_stale_calls()
         batch = per_example_loss.shape[0]
+        self._refuse_leaks(per_example_loss)
         try:
             # an empty micro-batch still runs backward, so that every rank runs the
             # same hooks and collectives, but it has no per-example gradient to clip
             if self.two_pass and batch > 0:
                 # the original algorithm's norm pass: ghost norms for every Linear (nothing kept for a sum)
-                scale = self._pass(per_example_loss, Context(device.type, keep_sum=False, reuse_memory=0.0),
+                scale = self._pass(per_example_loss, Context(device.type, batch, keep_sum=False, reuse_memory=0.0),
                                    retain=True)
                 keep = (scale > 0).to(FP32)
                 self._pass(per_example_loss * scale.to(per_example_loss.dtype),
-                           Context(device.type, norms=False), keep=keep)
+                           Context(device.type, batch, norms=False), keep=keep)
             else:
-                self._pass(per_example_loss, Context(device.type, reuse_memory=self.reuse_memory))
+                self._pass(per_example_loss, Context(device.type, batch, reuse_memory=self.reuse_memory))
             if batch == 0:
                 self.per_example_norms = per_example_loss.new_zeros(0, dtype=FP32)
         finally:
             self._micro = None
+            self._uses.clear()
             for target in self._targets:
                 target.calls.clear()
+
+    def _refuse_leaks(self, loss: Tensor) -> None:
+        """ValueError if the backward would give a parameter a gradient outside the
+        engine (privacy.graph.reached_leaves): it would be neither clipped nor in the norms."""
+        leaked = graph.reached_leaves(loss.grad_fn)
+        if not leaked:
+            return
+        names = {id(getattr(module, name)): qualified for module, name, qualified in self._clipped}
+        described = []
+        for leaf in leaked:
+            if hasattr(leaf, graph.BARE_LEAF):
+                described.append(f"{getattr(leaf, graph.BARE_LEAF)} (a bare parameter) reaches the loss without "
+                                 "meeting the batch")
+            elif id(leaf) in names:
+                described.append(f"{names[id(leaf)]} is used outside its layer's forward (as in "
+                                 "F.linear(x, layer.weight) instead of layer(x)), or outside its module's call")
+            else:
+                described.append(f"a parameter of shape {list(leaf.shape)} that the engine does not clip (not in "
+                                 "the model given to it?) gets a gradient")
+        raise ValueError(
+            "the privacy engine would miss part of a per-example gradient: " + "; ".join(described)
+            + ". Call the layers themselves (their forward is where the engine sees each use), or freeze what "
+            "is not to be trained")
 
     def _pass(self, loss: Tensor, ctx: Context, retain: bool = False, keep: Tensor | None = None) -> Tensor | None:
         """One backward: every layer prepared as its gradient arrives; then (unless
@@ -420,6 +552,11 @@ class PrivacyEngine:
             for target in self._targets:  # layers whose every call did not reach the loss
                 if not target.done and any(call.grad is not None for call in target.calls):
                     self._prepare(target)
+            for (owner, name), per_example in micro.bare.items():
+                prepared = Prepared({name: per_example}, plan=rows_plan({name: per_example}, ctx.device_type))
+                micro.add(owner.module, prepared)
+                if ctx.norms:
+                    self.plan[owner.label(name)] = prepared.plan
             self._micro = None
             flat = micro.flat_rows()
             scale = None
@@ -442,13 +579,43 @@ class PrivacyEngine:
         if micro.batch == 0:  # nothing to clip; the backward ran for the ranks' symmetry
             return
         if grad.shape[0] != micro.batch:
-            raise ValueError(
-                f"{target.qualname}: its output has {grad.shape[0]} rows in dim 0 but the loss has "
-                f"{micro.batch} examples; every layer must keep the example in dim 0"
-            )
+            self._rows_per_example(target.qualname or "model", grad.shape[0], call.node, micro.batch)
         if all(c.grad is not None for c in target.calls):
             with _arithmetic(micro.device):
                 self._prepare(target)
+
+    def _rows_per_example(self, label: str, rows: int, node, batch: int) -> int:
+        """k for a layer (or a bare parameter's copy) with ``rows`` = k x ``batch`` rows
+        in dim 0, where privacy.graph proves they are grouped k per example; ValueError
+        otherwise."""
+        if batch == 1:  # every row belongs to the one example
+            return rows
+        why = f"{rows} is not a multiple of it"
+        if rows % batch == 0 and node is not None:
+            try:
+                return graph.rows_per_example(node, 0, batch)
+            except graph.Unproven as unproven:
+                why = str(unproven)
+        raise ValueError(
+            f"{label}: its output has {rows} rows in dim 0 but the loss has {batch} examples, and {why}; the "
+            "privacy engine needs each layer to keep one example per row of dim 0, or consecutive rows per example "
+            "where it can prove that from the operators in between (reshapes and permutes of windows, as Swin's)"
+        )
+
+    def _on_use_grad(self, use: Use, grad: Tensor) -> None:
+        """A bare parameter's copy got its gradient [rows, ...]: the parameters'
+        per-example gradients, now (see privacy/bare.py)."""
+        micro = self._micro
+        if micro is None or micro.batch == 0:  # a backward outside engine.backward, or nothing to clip
+            return
+        rows = grad.shape[0]
+        if rows != micro.batch:
+            node, _ = use.output or (None, 0)
+            self._rows_per_example(use.label(), rows, node, micro.batch)
+        with _arithmetic(micro.device):
+            per_row = grad.reshape(rows, *use.value.shape)
+            for owner, name, per_example in use.per_example(sum_rows(per_row, micro.batch)):
+                micro.add_bare(owner, name, per_example)
 
     def _prepare(self, target: _Target) -> None:
         micro = self._micro
@@ -532,21 +699,20 @@ class PrivacyEngine:
             raise ValueError("this PrivacyEngine was detached; create a new one")
         generators: dict[torch.device, torch.Generator] = {}
         std = self.noise_multiplier * self.max_grad_norm
-        for target in self._targets:
-            for name in target.names:
-                param = getattr(target.module, name)
-                summed = self._sums.pop((target.module, name), None)
-                if summed is None:  # no example this step used the layer
-                    summed = torch.zeros(self._shapes[(target.module, name)], dtype=FP32, device=param.device)
-                local = self.reducer.reduce(param, summed)
-                if std > 0:
-                    generator = generators.get(local.device) or self._generator(local.device, len(generators))
-                    generators[local.device] = generator
-                    noise = torch.randn(local.shape, generator=generator, dtype=FP32, device=local.device)
-                    local = torch.add(local, noise, alpha=std).div_(self.expected_batch_size)
-                else:
-                    local = local / self.expected_batch_size
-                self.reducer.assign(param, local)
+        for module, name, _ in self._clipped:
+            param = getattr(module, name)
+            summed = self._sums.pop((module, name), None)
+            if summed is None:  # no example this step used the layer
+                summed = torch.zeros(self._shapes[(module, name)], dtype=FP32, device=param.device)
+            local = self.reducer.reduce(param, summed)
+            if std > 0:
+                generator = generators.get(local.device) or self._generator(local.device, len(generators))
+                generators[local.device] = generator
+                noise = torch.randn(local.shape, generator=generator, dtype=FP32, device=local.device)
+                local = torch.add(local, noise, alpha=std).div_(self.expected_batch_size)
+            else:
+                local = local / self.expected_batch_size
+            self.reducer.assign(param, local)
         self._step += 1
         stats = self._step_stats()
         self._reset_step_stats()
@@ -587,9 +753,8 @@ class PrivacyEngine:
 
     def zero_grad(self) -> None:
         """Set ``p.grad = None`` for every clipped parameter."""
-        for target in self._targets:
-            for name in target.names:
-                getattr(target.module, name).grad = None
+        for module, name, _ in self._clipped:
+            getattr(module, name).grad = None
 
     # -- checkpointing ------------------------------------------------------
 

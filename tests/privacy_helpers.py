@@ -156,6 +156,10 @@ def per_example_grads(model: nn.Module, *inputs) -> dict[str, torch.Tensor]:
     return vmap(grad(loss_of_one), in_dims=(None,) + (0,) * len(inputs))(trainable, *inputs)
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
 def flat_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-example norms over all parameters, in float64 (an fp32 norm of a long
     vector is off by up to 1e-4 relative on CPU)."""

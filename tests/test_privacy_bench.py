@@ -28,6 +28,20 @@ def test_host_syncs_are_counted_by_phase():
     assert counts.sync_ops == {"_local_scalar_dense": 2, "index": 1, "tolist": 1}
 
 
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_a_convolution_backward_counts_twice_its_forward(groups):
+    """torch's own formula counts a grouped conv's weight gradient groups times over."""
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1, groups=groups)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    with count_step() as forward:
+        out = conv(x)
+    forward_flops = 2 * 2 * 32 * (16 // groups) * 9 * 64  # 2 x examples x out x in per group x k^2 x positions
+    assert forward.flops == forward_flops
+    with count_step() as backward:
+        out.sum().backward()
+    assert backward.flops == 2 * forward_flops
+
+
 def test_bytes_flops_and_live_memory_are_counted():
     a, b = torch.randn(64, 32), torch.randn(32, 16)
     with count_step() as counts:

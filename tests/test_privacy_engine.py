@@ -20,6 +20,7 @@ from tests.privacy_helpers import (
     flat_norms,
     odd_batch,
     per_example_grads,
+    relative_error,
     vit_batch,
 )
 
@@ -65,10 +66,6 @@ def run_engine(model, inputs, splits, max_norm, sigma=0.0, expected=EXPECTED_BAT
     engine.zero_grad()
     engine.detach()
     return grads, torch.cat(norms), stats
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
 @pytest.mark.parametrize("splits", [(6,), (2, 4), (1, 3, 2)])
@@ -293,12 +290,12 @@ class CustomLinear(nn.Linear):
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "1 .BatchNorm2d"),
         (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4).requires_grad_(False)), "BatchNorm1d"),
         (nn.Sequential(nn.InstanceNorm2d(4, track_running_stats=True)), "running statistics"),
-        (BareParameter(), "model .BareParameter. has trainable parameters \\['offset'\\]"),
+        (nn.Sequential(nn.PReLU()), "0 .PReLU. has trainable parameters \\['weight'\\] but .* no rule for PReLU"),
         (Tied(), "shared"),
-        (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "groups=2"),
+        (nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")), "padding_mode='reflect'"),
         (nn.Sequential(CustomLinear(3, 3)), "overrides forward"),
         (nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "max_norm"),
-        (nn.Sequential(nn.GroupNorm(2, 4)), "no rule for GroupNorm"),
+        (nn.Sequential(nn.Conv3d(2, 2, 1)), "no rule for Conv3d"),
     ],
 )
 def test_refusals_name_the_module(model, match):

@@ -61,19 +61,32 @@ def test_privacy_bench_hands_over_to_the_suite():
     assert "--suite" in done.stdout and "opacus_ghost" in done.stdout
 
 
-def test_timm_conversion_is_labelled_and_makes_the_model_acceptable():
-    import timm
-
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
-    with pytest.raises(ValueError, match="cls_token"):
-        PrivacyEngine(model, 1.0, 1.0, 4)
-    changed = bench.accept_timm_model(model)
-    assert "froze cls_token" in changed and "froze pos_embed" in changed
-    assert any("LayerNorm -> torch.nn.LayerNorm" in c for c in changed)
+def test_timm_models_by_name_are_taken_as_timm_builds_them():
+    """Every parameter trainable and clipped (cls_token, pos_embed too); BatchNorm
+    converted to GroupNorm for every method alike."""
+    model, _ = bench.build_model(bench.Case("vit_tiny", 2, img_size=32, overrides={"depth": 1}))
     engine = PrivacyEngine(model, 1.0, 1.0, 4)
-    assert not any("cls_token" in name for name in engine.covered_parameters)
-    images = torch.randn(2, 3, 32, 32)
-    engine.backward(torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1]), reduction="none"))
+    assert sorted(engine.covered_parameters) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert {"classifier.cls_token", "classifier.pos_embed"} <= set(engine.covered_parameters)
+    model, inputs = bench.build_model(bench.Case("resnet18", 2, img_size=64, overrides={"layers": (1, 1, 1, 1)}))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    engine = PrivacyEngine(model, 1.0, 1.0, 4)
+    engine.backward(model(*inputs(2, torch.Generator().manual_seed(0))))
+    assert engine.per_example_norms.shape == (2,)
+
+
+def test_a_timm_swin_by_name_and_a_library_that_refuses_it():
+    """Opacus refuses Swin's window attention (a trainable layer with buffers):
+    the suite reports that and goes on; this engine clips it as timm builds it."""
+    (result,) = bench.main(["--model", "swin_tiny_patch4_window7_224", "--img-size", "32", "--set", "patch_size=2",
+                            "--set", "window_size=4", "--set", "embed_dim=8", "--set", "depths=(2,)",
+                            "--set", "num_heads=(1,)", "--batch", "2", "--methods", "non_private,engine,opacus_ghost",
+                            "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    methods = result["methods"]
+    refused = methods["opacus_ghost"]["error"]
+    assert refused.startswith("refused: ") and "WindowAttention" in refused
+    assert methods["engine"]["flops"] > methods["non_private"]["flops"] > 0
+    assert abs(methods["engine"]["flops_over_bound"] - 1) < 0.03
 
 
 def test_bad_arguments_are_refused():

@@ -15,7 +15,10 @@ the same precision, each method runs a full training step (AdamW):
 - ``two_pass``: the same engine with ``two_pass=True``, the original DP-Cap
   algorithm (a backward for the norms, a second one of ``sum_i c_i loss_i``);
 - ``opacus_ghost`` and ``opacus_hooks``: Opacus 1.6 ghost clipping and
-  per-sample gradient hooks (when Opacus is installed: the ``dev`` extra).
+  per-sample gradient hooks (when Opacus is installed: the ``dev`` extra);
+- ``engine_bare_frozen`` (only when named in ``--methods``): the engine with
+  the model's bare parameters (:attr:`PrivacyEngine.bare_parameters`: a ViT's
+  ``cls_token`` and ``pos_embed``) frozen, to measure what handling them costs.
 
 For each it reports examples/s and the ratio to non-private (timed steps,
 round-robin, median; also per second of this process's CPU time, the steadier
@@ -28,7 +31,11 @@ line and (with ``--out``) ``bench.json``, ``bench.md`` and ``bench.png``.
 
 Models by name: ``models.create_model`` names (``dpcap_base``, ``vip_base``...)
 and timm names (``vit_b16``, ``vit_tiny``, ``vit_small`` are short for timm's
-``vit_*_patch16_224``). timm models go through :func:`accept_timm_model`.
+``vit_*_patch16_224``), taken as timm builds them (random weights: nothing is
+downloaded), every parameter trainable: ``--model convnext_atto``,
+``--model swin_tiny_patch4_window7_224``. BatchNorm (ResNets, RegNets) is
+converted to GroupNorm by :func:`privacy.convert.replace_batchnorm` (logged)
+for every method, the non-private one too, so that all train the same model.
 """
 
 import argparse
@@ -49,12 +56,15 @@ import models
 from models.dpcap import DPCap
 from models.tokenizer import BOS_ID, EOS_ID
 from privacy.bench import count_step, phase, time_steps
+from privacy.convert import replace_batchnorm
 from privacy.engine import PrivacyEngine
 
 logger = logging.getLogger("trainer.bench")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("non_private", "engine", "two_pass", "opacus_ghost", "opacus_hooks")
+# on request only: the engine with the model's bare parameters frozen (what handling them costs)
+EXTRA_METHODS = ("engine_bare_frozen",)
 TIMM_ALIASES = {"vit_b16": "vit_base_patch16_224", "vit_small": "vit_small_patch16_224",
                 "vit_tiny": "vit_tiny_patch16_224"}
 MAX_GRAD_NORM, NOISE_MULTIPLIER = 1.0, 1.0
@@ -111,36 +121,6 @@ class PerExampleCrossEntropy(nn.Module):
         return F.cross_entropy(self.classifier(images).float(), labels, reduction="none")
 
 
-def accept_timm_model(model: nn.Module) -> list[str]:
-    """Make a timm model acceptable to every engine of the suite; returns what it changed.
-
-    Until issue 13 lands, this engine refuses unmodified timm ViTs: their
-    ``cls_token``/``pos_embed`` are bare parameters of the root module and
-    their norms are timm's ``LayerNorm`` subclass; Opacus would fall back to
-    re-running the whole model per example for the bare parameters. So, as in
-    the issue's own comparison: bare parameters are frozen (a few thousand of
-    millions: FLOPs and memory unchanged) and timm ``LayerNorm`` becomes
-    ``torch.nn.LayerNorm`` with the same weights (the same arithmetic). Drop
-    this function once the engine takes timm models as they are.
-    """
-    changed = []
-    for qualname, module in list(model.named_modules()):
-        for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad and type(module).__module__.startswith("timm.") and not isinstance(
-                    module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding)):
-                param.requires_grad_(False)
-                changed.append(f"froze {qualname + '.' if qualname else ''}{name}")
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.LayerNorm) and type(child) is not nn.LayerNorm:
-                plain = nn.LayerNorm(child.normalized_shape, child.eps, child.elementwise_affine,
-                                     bias=child.bias is not None)
-                plain.load_state_dict(child.state_dict())
-                setattr(module, child_name, plain)
-                changed.append(f"{qualname + '.' if qualname else ''}{child_name}: "
-                               f"{type(child).__name__} -> torch.nn.LayerNorm")
-    return changed
-
-
 def build_model(case: Case) -> tuple[nn.Module, Callable[[int, torch.Generator], tuple]]:
     """The model (returning per-example losses) and a maker of random input batches."""
     if case.model in models.REGISTRY:
@@ -163,10 +143,16 @@ def build_model(case: Case) -> tuple[nn.Module, Callable[[int, torch.Generator],
     if not timm.is_model(name):
         raise ValueError(f"unknown model {case.model!r}: neither a models.create_model name "
                          f"({', '.join(sorted(models.REGISTRY))}) nor a timm model")
-    classifier = timm.create_model(name, **dict(case.overrides, **({"img_size": case.img_size}
-                                                                  if case.img_size else {})))
-    changed = accept_timm_model(classifier)
-    logger.info("%s: %s", name, "; ".join(changed) or "unchanged")
+    try:
+        classifier = timm.create_model(name, pretrained=False, **dict(
+            case.overrides, **({"img_size": case.img_size} if case.img_size else {})))
+    except TypeError as error:  # a CNN (ResNet, ConvNeXt) has no img_size: it takes images of any size
+        if not case.img_size or "img_size" not in str(error):
+            raise
+        classifier = timm.create_model(name, pretrained=False, **case.overrides)
+    changed = replace_batchnorm(classifier)
+    if changed:
+        logger.info("%s: %d BatchNorm layers -> GroupNorm (privacy.convert.replace_batchnorm)", name, len(changed))
     size = classifier.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if not case.img_size else case.img_size
     classes = classifier.num_classes
 
@@ -216,7 +202,13 @@ def make_method(name: str, model: nn.Module, inputs: tuple, batch: int, device: 
 
         return Method(step)
 
-    if name in ("engine", "two_pass"):
+    if name in ("engine", "two_pass", "engine_bare_frozen"):
+        if name == "engine_bare_frozen":  # AdamW skips parameters that get no gradient
+            probe = PrivacyEngine(model, MAX_GRAD_NORM, NOISE_MULTIPLIER, batch)
+            bare = set(probe.bare_parameters)
+            probe.detach()
+            for qualified, param in model.named_parameters():
+                param.requires_grad_(qualified not in bare and param.requires_grad)
         engine = PrivacyEngine(model, MAX_GRAD_NORM, NOISE_MULTIPLIER, batch, seed=0, two_pass=name == "two_pass",
                                reuse_memory=reuse_memory)
 
@@ -234,7 +226,7 @@ def make_method(name: str, model: nn.Module, inputs: tuple, batch: int, device: 
             return {"plan": {q: p.as_dict() for q, p in plan.items()},
                     "predicted_extra_flops": sum(p.extra_flops for p in plan.values())}
 
-        return Method(step, engine.detach, info if name == "engine" else dict)
+        return Method(step, engine.detach, dict if name == "two_pass" else info)
 
     if name in ("opacus_ghost", "opacus_hooks"):
         from opacus import GradSampleModule
@@ -265,7 +257,7 @@ def make_method(name: str, model: nn.Module, inputs: tuple, batch: int, device: 
 
         return Method(step, wrapped.remove_hooks)
 
-    raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS + EXTRA_METHODS)}")
 
 
 def opacus_available() -> bool:
@@ -304,6 +296,10 @@ def run_case(case: Case, methods: list[str], device: torch.device, steps: int, w
         except torch.cuda.OutOfMemoryError as error:
             result["methods"][name] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             torch.cuda.empty_cache()
+            return None
+        except (NotImplementedError, ValueError) as error:  # a library that refuses the model (Opacus: Swin)
+            result["methods"][name] = {"error": f"refused: {' '.join(str(error).split())[:300]}"}
+            logger.warning("%s | %s: %s", case.label, name, result["methods"][name]["error"])
             return None
 
     def report(name: str, method: Method, timed: dict) -> None:
@@ -413,7 +409,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m for m in METHODS if any(m in r["methods"] for r in results)]
+    names = [m for m in METHODS + EXTRA_METHODS if any(m in r["methods"] for r in results)]
     on_cpu = all(r["device_type"] == "cpu" for r in results)
     key = "cpu_throughput_ratio" if on_cpu else "throughput_ratio"
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(results)), 4))
@@ -458,7 +454,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast dtype (fp32: none); default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated, from " + ", ".join(METHODS) + " (Opacus ones skipped if not installed)")
+                   help="comma-separated, from " + ", ".join(METHODS + EXTRA_METHODS)
+                   + " (Opacus ones skipped if not installed; engine_bare_frozen: the engine with the model's "
+                   "bare parameters, such as a ViT's cls_token and pos_embed, frozen)")
     p.add_argument("--steps", type=int, default=3,
                    help="timed steps per method, round-robin (the median is reported); 0: counts only")
     p.add_argument("--warmup", type=int, default=0,
@@ -477,8 +475,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if unknown := sorted(set(methods) - set(METHODS)):
-        raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
+    if unknown := sorted(set(methods) - set(METHODS + EXTRA_METHODS)):
+        raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     if not opacus_available():
         logger.warning("Opacus is not installed (pip install -e '.[dev]'): its methods are skipped")
         methods = [m for m in methods if not m.startswith("opacus")]

@@ -8,7 +8,7 @@ size 1, and any leading dimensions it lacks).
 from torch import Tensor
 
 from privacy.layers import AddedParameter
-from privacy.rules.base import FP32, Call, Prepared, Rule
+from privacy.rules.base import FP32, Call, Prepared, Rule, sum_rows
 from privacy.rules.linear import rows_plan, total
 
 
@@ -32,6 +32,6 @@ class AddedParameterRule(Rule):
             weight_dims = [lead + i for i in range(1, len(w_shape))]
             dims = [d for d in range(1, g.dim()) if d not in weight_dims or w_shape[d - lead] == 1]
             summed = g.sum(dims, dtype=FP32) if dims else g.to(FP32, copy=True)
-            parts.append(summed.reshape(g.shape[0], -1))
+            parts.append(sum_rows(summed.reshape(g.shape[0], -1), ctx.batch))
         rows = {"weight": total(parts)}
         return Prepared(rows, plan=rows_plan(rows, ctx.device_type))

@@ -13,6 +13,12 @@ Rules hold no state: per-call state lives in :class:`Call` objects and
 per-micro-batch state in the :class:`Prepared` a rule returns, both owned by
 the engine.
 
+Rows and examples: a call's tensors have ``k x ctx.batch`` rows in dim 0, k
+consecutive rows per example (k = 1 but for layers on windows, such as Swin's
+attention, whose grouping the engine has verified: see ``privacy/graph.py``).
+A rule forms per-example quantities over ``ctx.batch`` examples, through
+:func:`example_tokens` and :func:`sum_rows`.
+
 Dropped examples (non-finite norm) without a host sync: the engine gives them
 clip factor 0, and a rule must make their contribution exactly 0 even where
 their operands hold inf/nan (``0 * inf`` is nan). Per-example gradients kept
@@ -49,6 +55,7 @@ class Call:
 
     saved: Any = None
     grad: Tensor | None = None
+    node: Any = None  # the autograd node of its output: where privacy.graph starts a grouping proof
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class Context:
     """How the engine wants this micro-batch handled, and where to add sums."""
 
     device_type: str
+    batch: int | None = None  # examples in the micro-batch (None: one row of dim 0 per example)
     norms: bool = True  # False: the two-pass mode's second pass (gradients already scaled)
     keep_sum: bool = True  # False: the two-pass mode's first pass (norms only)
     reuse_memory: float = 1.0  # per-example gradient kept for the sum if <= this x the pair it replaces
@@ -168,6 +176,52 @@ class Rule:
         (``ctx.norms`` False) the output gradients already carry the clip
         factors and the factors are 1 or 0."""
         raise NotImplementedError
+
+
+def example_tokens(t: Tensor, batch: int | None) -> Tensor:
+    """[n, *, k] -> [b, T, k]: each example's rows of dim 0 and the dims between
+    as one sequence of T token rows (n = b for most layers; b = ``batch``)."""
+    return t.reshape(t.shape[0] if batch is None else batch, -1, t.shape[-1])
+
+
+def sum_rows(t: Tensor, batch: int | None) -> Tensor:
+    """[n, ...] per-row gradients -> [b, ...] per example: the fp32 sum of each
+    example's consecutive rows (``t`` itself when there is one row each)."""
+    if batch is None or batch == t.shape[0]:
+        return t
+    return t.reshape(batch, -1, *t.shape[1:]).sum(1, dtype=FP32)
+
+
+def sq_norms(per_example: Tensor) -> Tensor:
+    """fp32 [b] squared norms of [b, p, d] per-example gradients: norms along the
+    shorter of p, d, then a blocked sum of their squares. CPU's vector_norm
+    accumulates serially (over all of [p, d]: 1.6e-6 relative at 1e5 entries,
+    6e-5 at 2e6; over <= 4096: <= 4e-7, inside the engine's 2^-20 norm margin)."""
+    shorter = 1 if per_example.shape[1] <= per_example.shape[2] else 2
+    return torch.linalg.vector_norm(per_example, dim=shorter, dtype=FP32).square().sum(1)
+
+
+class ChannelsFirst(Rule):
+    """A rule for a layer over the last dim, applied to a layer over dim 1 (NCHW,
+    as timm's LayerNorm2d and RmsNorm2d): the input moved to channels-last and
+    back, the output gradients moved likewise for the inner rule's ``prepare``."""
+
+    def __init__(self, inner: "Rule"):
+        self.inner = inner
+        self.slots = inner.slots
+
+    def check(self, module: nn.Module, name: str) -> None:
+        self.inner.check(module, name)
+
+    def forward(self, module: nn.Module, call: Call, x: Tensor, *params: Tensor | None) -> Tensor:
+        return self.inner.forward(module, call, x.movedim(1, -1), *params).movedim(-1, 1)
+
+    def grad_input(self, module: nn.Module, call: Call, grad: Tensor) -> Tensor:
+        return self.inner.grad_input(module, call, grad.movedim(1, -1)).movedim(-1, 1)
+
+    def prepare(self, module, names, calls, ctx, sums) -> "Prepared":
+        moved = [Call(call.saved, call.grad.movedim(1, -1)) for call in calls]
+        return self.inner.prepare(module, names, moved, ctx, sums)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -42,8 +42,11 @@ class EmbeddingRule(Rule):
         return None  # token ids have no gradient
 
     def prepare(self, module, names, calls, ctx, sums) -> Prepared:
-        ids = total_tokens([c.saved.reshape(c.saved.shape[0], -1) for c in calls])  # [b, T]
-        g = total_tokens([c.grad.reshape(c.grad.shape[0], -1, c.grad.shape[-1]) for c in calls])  # [b, T, D]
+        def rows(t: Tensor) -> int:
+            return t.shape[0] if ctx.batch is None else ctx.batch
+
+        ids = total_tokens([c.saved.reshape(rows(c.saved), -1) for c in calls])  # [b, T]
+        g = total_tokens([c.grad.reshape(rows(c.grad), -1, c.grad.shape[-1]) for c in calls])  # [b, T, D]
         real = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
         b, tokens, dim = g.shape
         sq = bound = None

@@ -1,4 +1,6 @@
-"""nn.LayerNorm: per-example gradients materialised (they are only [b, n]).
+"""nn.LayerNorm (and timm's LayerNorm, the same arithmetic): per-example gradients
+materialised (they are only [b, n]). timm's LayerNorm2d, a layer norm over the
+channels of NCHW, is this rule through ``ChannelsFirst``.
 
 weight gradient of one example: ``sum_t g_t * xhat_t``; bias: ``sum_t g_t``.
 They are formed in the layer's backward, so its input and output gradient are
@@ -36,7 +38,7 @@ class LayerNormRule(Rule):
         parts: dict[str, list[Tensor]] = {name: [] for name in names}
         for call in calls:
             x, mean, rstd = call.saved[:3]
-            b = x.shape[0]
+            b = x.shape[0] if ctx.batch is None else ctx.batch
             g = call.grad.reshape(b, -1, n)
             if "weight" in names:
                 xhat = ((x.to(FP32) - mean) * rstd).reshape(b, -1, n)
