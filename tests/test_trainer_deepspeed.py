@@ -17,6 +17,7 @@ from test_trainer_checkpoint import NOISY, kill_job, paused_pids
 from test_trainer_worker import (REPO, SIGMA, TinyCaptioner, assert_noised_once_per_coordinate, flat, run_jobs,
                                  run_worker, tiny_config, worker_command)
 from trainer.common.config import PRESETS, load_config
+from trainer.job.deepspeed_backend import cpu_allreduce_buffer
 from trainer.job.validation import validate
 
 DEEPSPEED = ["backend=deepspeed"]
@@ -59,7 +60,19 @@ def runs(tmp_path_factory):
                      [*_stage_config(stage), "capture=grads", "ds.bf16.enabled=true", "steps=2"]))
     jobs.append(("kill_ref", tiny_config(tmp / "kill_ref", **NOISY), _stage_config(2)))
     jobs.append(("plain", tiny_config(tmp / "plain"), [*_stage_config(2), *NON_PRIVATE]))
-    return run_jobs(2, tmp, jobs, launcher="deepspeed")
+    before = _cpu_allreduce_buffers()
+    done = run_jobs(2, tmp, jobs, launcher="deepspeed")
+    return {**done, "shm_left_behind": _cpu_allreduce_buffers() - before}
+
+
+def _cpu_allreduce_buffers() -> set[str]:
+    return {p.name for p in cpu_allreduce_buffer(0).parent.glob("deepspeed_allreduce_buffer_*")}
+
+
+def test_deepspeed_cpu_communication_buffers_are_not_left_in_shared_memory(runs):
+    """DeepSpeed's CPU accelerator creates a 66 MB /dev/shm file per rank and never removes
+    it; before the fix each launch of the fixture above left two (RAM held until reboot)."""
+    assert runs["shm_left_behind"] == set()
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

@@ -181,6 +181,22 @@ def check_config(cfg: JobConfig, geo: Geometry) -> None:
     _deepspeed_accepts(engine_config(cfg, geo), name, geo.world_size)
 
 
+def cpu_allreduce_buffer(rank: int) -> Path:
+    """The POSIX shared-memory file that DeepSpeed's CPU accelerator creates for ``rank``
+    when its communication starts (deepspeed/ops/csrc/cpu/comm/shm.cpp, shm_initialize)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{rank}")
+
+
+def _unlink_cpu_allreduce_buffer(rank: int, group) -> None:
+    """DeepSpeed maps a 66 MB shared-memory buffer per rank on CPU and never unlinks it:
+    every CPU run left 66 MB per rank in /dev/shm, which is RAM, until reboot. Once every
+    rank has mapped its peers' buffers (they do so before deepspeed.initialize returns:
+    hence the barrier), the names can go; the mappings live on until the processes end."""
+    dist.barrier(group)
+    cpu_allreduce_buffer(rank).unlink(missing_ok=True)
+
+
 def _deepspeed_accepts(config: dict[str, Any], name: str, world_size: int) -> None:
     """DeepSpeed's own config class reads the config as deepspeed.initialize will.
 
@@ -302,7 +318,7 @@ class DeepSpeedBackend:
         self.stage = zero_stage(self.config)
         # DeepSpeed casts the model to bf16 but not its inputs
         self.compute_dtype = torch.bfloat16 if geo.bf16 else torch.float32
-        group = d.mesh.get_group()
+        self.group = group = d.mesh.get_group()
         if self.stage == 3:
             self.reducer = PartitionedGradReducer(group, d.world_size, noise_stream=d.rank)
         else:
@@ -320,6 +336,8 @@ class DeepSpeedBackend:
                 self.engine, *_ = deepspeed.initialize(model=model, config=self.config,
                                                        optimizer=build_optimizer(model, self.cfg, self.device))
         logger.info("DeepSpeed ZeRO stage %d, optimizer %s", self.stage, type(self.engine.optimizer).__name__)
+        if self.device.type == "cpu":
+            _unlink_cpu_allreduce_buffer(self.rank, self.group)
         # private: the bare module (the engine's forward would scale output gradients by
         # 1 / accumulation steps, and the privacy engine runs its own backward)
         return self.engine.module if self.private else self.engine
