@@ -88,14 +88,20 @@ def one_run_bound(canaries: int, guesses: int, correct: int, significance: float
     def excess(eps: float) -> float:  # > 0 where (eps, delta)-DP is rejected
         return significance - one_run_p_value(canaries, guesses, correct, eps, delta)
 
-    if guesses == 0 or excess(0.0) <= 0:
+    return 0.0 if guesses == 0 else _largest_epsilon_rejected(excess, xtol=1e-6)
+
+
+def _largest_epsilon_rejected(gap, xtol: float) -> float:
+    """The epsilon where ``gap`` (positive while epsilon is rejected, decreasing) crosses
+    zero: 0 if it never is positive, MAX_EPSILON if it still is there."""
+    if gap(0.0) <= 0:
         return 0.0
     high = 1.0
-    while excess(high) > 0:
+    while gap(high) > 0:
         if high >= MAX_EPSILON:
             return MAX_EPSILON
         high *= 2
-    return float(optimize.brentq(excess, high / 2 if high > 1 else 0.0, high, xtol=1e-6))
+    return float(optimize.brentq(gap, high / 2 if high > 1 else 0.0, high, xtol=xtol))
 
 
 @dataclass(frozen=True)
@@ -166,14 +172,7 @@ def gdp_epsilon(mu: float, delta: float) -> float:
         b = eps + stats.norm.logcdf(-eps / mu - mu / 2)
         return a + np.log1p(-np.exp(b - a)) - np.log(delta) if b < a else -np.inf
 
-    if log_delta_gap(0.0) <= 0:
-        return 0.0
-    high = 1.0
-    while log_delta_gap(high) > 0:
-        if high >= MAX_EPSILON:
-            return MAX_EPSILON
-        high *= 2
-    return float(optimize.brentq(log_delta_gap, high / 2 if high > 1 else 0.0, high, xtol=1e-8))
+    return _largest_epsilon_rejected(log_delta_gap, xtol=1e-8)
 
 
 @dataclass(frozen=True)
