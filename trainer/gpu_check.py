@@ -27,6 +27,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -193,9 +194,14 @@ def largest_micro_batch(device: torch.device, tiny: bool) -> dict:
 
 
 def train_default_gpu(device: torch.device, tiny: bool, out: Path, steps: int) -> dict:
-    """``python -m trainer.train --config default_gpu`` in a subprocess; its own run folder under ``out``."""
+    """``python -m trainer.train --config default_gpu`` in a subprocess; its own run folder under ``out``.
+
+    The folder is emptied first: a rerun with the same ``--out`` would otherwise resume the
+    finished run and report its old figures as new ones.
+    """
     workdir = out / "train"
-    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     overrides = [f"steps={steps}", "name=gpu_check", "checkpoint.every_steps=0"]
     if tiny:
         overrides += ["data.num_examples=300", "data.heldout_examples=12", "data.num_workers=0",

@@ -8,8 +8,9 @@ padded with zero rows so every rank sends and receives equal chunks.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from trainer.common.torch_compat import reduce_scatter_sum
 
 
 def chunk_rows(rows: int, world: int) -> int:
@@ -25,5 +26,5 @@ def reduce_scatter_rows(summed: Tensor, world: int, group) -> Tensor:
     padded = summed.new_zeros((chunk * world, *summed.shape[1:]))
     padded[:rows] = summed
     out = summed.new_empty((chunk, *summed.shape[1:]))
-    dist.reduce_scatter_single(out, padded, op=dist.ReduceOp.SUM, group=group)
+    reduce_scatter_sum(out, padded, group)
     return out

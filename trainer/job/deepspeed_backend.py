@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from trainer.common.checkpoints import DEEPSPEED_TAG, WEIGHTS, check_deepspeed_files
 from trainer.common.config import JobConfig, learning_rate
+from trainer.common.torch_compat import all_gather, reduce_scatter_sum
 from trainer.job.collectives import reduce_scatter_rows
 from trainer.job.distributed import Distributed
 from trainer.job.geometry import Geometry
@@ -265,7 +266,7 @@ class ReplicatedGradReducer:
         from deepspeed.utils import safe_set_full_grad
 
         gathered = grad.new_empty((grad.shape[0] * self.world_size, *grad.shape[1:]))
-        dist.all_gather_single(gathered, grad.contiguous(), group=self.group)
+        all_gather(gathered, grad.contiguous(), group=self.group)
         self.bytes_sent += gathered.numel() * 4
         full = gathered[: param.shape[0]]
         if self.stage == 0:  # the plain torch optimizer steps from param.grad
@@ -293,7 +294,7 @@ class PartitionedGradReducer:
         flat = summed.new_zeros(n * self.world_size)
         flat[: summed.numel()] = summed.flatten()
         out = summed.new_empty(n)
-        dist.reduce_scatter_single(out, flat, op=dist.ReduceOp.SUM, group=self.group)
+        reduce_scatter_sum(out, flat, group=self.group)
         self.bytes_sent += flat.numel() * 4
         return out
 
