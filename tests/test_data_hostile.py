@@ -120,7 +120,7 @@ def test_truncated_and_missing_tars_end_only_themselves(hostile, tmp_path):
     reader = read_samples([truncated, tmp_path / "absent.tar", not_a_tar, shard])
     captions = [caption for _, caption in reader]
     assert captions == ["good zero", "good zero", "good one", "good two \u00e9"]
-    assert reader.skipped_reasons["truncated or unreadable tar"] == 3
+    assert reader.skipped_reasons["unreadable shard"] == 3
     assert not marker.exists()
 
 
