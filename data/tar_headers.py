@@ -169,7 +169,7 @@ def _extend(kind: bytes, payload: bytes, pending: dict, global_pax: dict, positi
         return
     for key, value in _pax_records(payload, position):
         if key == "size":
-            if not value.isdigit():  # bytes.isdigit: ASCII digits only
+            if not value.isdigit() or len(value) > 19:  # bytes.isdigit: ASCII digits only; < 2**63
                 raise UnreadableTar("a pax size that is not a number", position)
             value = int(value)
         elif key == "path":
