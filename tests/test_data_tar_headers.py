@@ -263,6 +263,7 @@ BAD_PAX = {  # what tarfile raised ValueError on -> why the shard is unreadable 
     "non-numeric GNU.sparse.map": (pax_record(b"GNU.sparse.map", b"0,zero,1") + pax_record(b"GNU.sparse.major", b"0")
                                    + pax_record(b"GNU.sparse.minor", b"1"), "a sparse member"),
     "non-numeric size": (pax_record(b"size", b"12abc"), "a pax size that is not a number"),
+    "5000-digit size": (pax_record(b"size", b"1" * 5000), "a pax size that is not a number"),
 }
 
 
