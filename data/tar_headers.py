@@ -81,11 +81,9 @@ def walk(stream: BinaryIO, start: int = 0) -> Iterator[TarMember]:
         if kind in _EXTENDED and size > MAX_EXTENDED_HEADER:
             raise UnreadableTar(f"an extended header of {size} bytes (at most {MAX_EXTENDED_HEADER})", position)
         data_offset = position + BLOCK
-        data_end = data_offset if kind in _HEADER_ONLY else data_offset + size
-        if data_end > end_of_file:
-            raise UnreadableTar("data past the end of the file (truncated?)", position)
         first = position if first is None else first
         if kind in _EXTENDED:
+            data_end = _data_end(data_offset, size, end_of_file, position)
             if kind != _LONG_LINK:  # a link target is never used: not even read
                 stream.seek(data_offset)
                 _extend(kind, stream.read(size), pending, global_pax, position)
@@ -95,9 +93,7 @@ def walk(stream: BinaryIO, start: int = 0) -> Iterator[TarMember]:
                 raise UnreadableTar("a sparse member (shards hold plain files)", position)
             name = fields.get("path", _name(block, kind))
             size = fields.get("size", size)
-            data_end = data_offset if kind in _HEADER_ONLY else data_offset + size
-            if data_end > end_of_file:
-                raise UnreadableTar("data past the end of the file (truncated?)", position)
+            data_end = _data_end(data_offset, 0 if kind in _HEADER_ONLY else size, end_of_file, position)
             regular = kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))
             yield TarMember(name, first, data_offset, size, regular)
             first, pending = None, {}
@@ -105,6 +101,12 @@ def walk(stream: BinaryIO, start: int = 0) -> Iterator[TarMember]:
         if following <= position:
             raise UnreadableTar("a header that is not after the previous one", position)
         position = following
+
+
+def _data_end(data_offset: int, size: int, end_of_file: int, position: int) -> int:
+    if data_offset + size > end_of_file:
+        raise UnreadableTar("data past the end of the file (truncated?)", position)
+    return data_offset + size
 
 
 def reason_of(exn: Exception) -> str:

@@ -22,14 +22,13 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from data.decode import KNOWN_EXTENSIONS, MAX_MEMBER_BYTES, SkipCounter
-from data.tar_headers import TarMember, read_data, walk
+from data.tar_headers import BLOCK, TarMember, read_data, walk
 
 log = logging.getLogger(__name__)
 
 RawSample = tuple[str, dict[str, bytes]]
 COMPRESSED_SHARD = "compressed shard, not a plain tar"
 UNREADABLE_SHARD = "unreadable shard"
-_TAR_BLOCK = 512
 _COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 _BAD = "__bad__"  # member-dict key marking a sample already known to be bad
 
@@ -54,7 +53,7 @@ def compression_of(stream: BinaryIO) -> str | None:
     position is restored), or None for a plain tar or anything else. A tar
     header carrying the ustar magic is plain even if its first member's name
     happens to start like a compressed stream."""
-    head = stream.read(_TAR_BLOCK)
+    head = stream.read(BLOCK)
     stream.seek(0)
     if head[257:262] == b"ustar":
         return None
