@@ -16,6 +16,7 @@ alone; it prints a JSON report: how many cases of each family ran, and the failu
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -55,7 +56,7 @@ class CaseTimeout(BaseException):
 
 
 def _header_offsets(data: bytes) -> list[int]:
-    with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:  # our own, well-formed shard
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # our own, well-formed shard
         return [info.offset for info in tar]
 
 

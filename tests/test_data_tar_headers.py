@@ -24,7 +24,9 @@ from data.tar_headers import BLOCK, MAX_EXTENDED_HEADER
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-MEMORY_LIMIT = 2 << 30  # address space of a scenario process: a header loop that grows memory dies, not the VM
+# address space of a scenario process, and of a dry run (torch and all): a header loop that
+# grows memory dies, not the machine
+MEMORY_LIMIT, DRY_RUN_MEMORY_LIMIT = 2 << 30, 8 << 30
 
 
 # ---------------------------------------------------------------- crafting tars by hand
@@ -207,7 +209,7 @@ def _children(pid: int, count: int, timeout: float = 60) -> list[int]:
 
 
 def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (max(MEMORY_LIMIT, 8 << 30), resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_AS, (DRY_RUN_MEMORY_LIMIT, resource.RLIM_INFINITY))
 
 
 # ---------------------------------------------------------------- 2: time and memory linear in the header
