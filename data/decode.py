@@ -19,7 +19,7 @@ import warnings
 from collections import Counter
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageMode
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ KNOWN_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + (CAPTION_EXTENSION, METADATA_EXT
 
 MAX_IMAGE_BYTES = 32 * 2**20
 MAX_IMAGE_PIXELS = 8192 * 8192  # decompression-bomb guard, checked before any pixel is decoded
+# and the bytes those pixels take once decoded (an 8-bit RGB image at the pixel cap): a
+# 16-bit or four-channel image of as many pixels would cost more
+MAX_DECODED_BYTES = 3 * MAX_IMAGE_PIXELS
 MAX_CAPTION_BYTES = 16 * 2**10
 MAX_METADATA_BYTES = 2**20
 MAX_MEMBER_BYTES = {ext: MAX_IMAGE_BYTES for ext in IMAGE_EXTENSIONS} | {
@@ -40,11 +43,13 @@ _PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 class BadSample(Exception):
-    """A sample that cannot be used; `reason` is a short, countable label."""
+    """A sample that cannot be used; `reason` is a short, countable label, `detail` what
+    a log line may add (never where the sample lies: see data.tar_index)."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 class SkipCounter(Counter):
@@ -80,6 +85,9 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
                 raise BadSample("image too large")
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
+            width, height = image.size  # a JPEG's draft decodes fewer
+            if width * height * _bytes_per_pixel(image.mode) > MAX_DECODED_BYTES:
+                raise BadSample("image too large")
             return to_rgb(image)
     except BadSample:
         raise
@@ -87,6 +95,15 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
         raise BadSample("image too large") from exn
     except Exception as exn:  # PIL raises many types on corrupt input
         raise BadSample("undecodable image") from exn
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """What one pixel of a decoded image in ``mode`` takes: I;16 two bytes, RGBA four."""
+    try:
+        described = ImageMode.getmode(mode)
+    except KeyError as exn:
+        raise BadSample(f"unsupported image mode {mode}") from exn
+    return len(described.bands) * np.dtype(described.typestr).itemsize
 
 
 # Transparent pixels are shown as this colour: the page colour most web images
@@ -105,13 +122,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Pillow's own convert("RGB") gets two cases wrong: it drops transparency
     (composited here over :data:`TRANSPARENT_BACKGROUND`) and it clips 16-bit
     greyscale to 255 instead of scaling it (almost every pixel of a 16-bit PNG
-    would come out white; scaled here to its top 8 bits). 16-bit colour PNGs
-    are already reduced to 8 bits by Pillow. Other modes are refused.
+    would come out white; scaled here to its top 8 bits, in the image's own
+    integer type: no 8-byte copy per pixel). 16-bit colour PNGs are already
+    reduced to 8 bits by Pillow. Other modes are refused.
     """
     mode = image.mode
     if mode in _SIXTEEN_BIT_GREY_MODES:
-        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+        grey = np.asarray(image)
+        if grey.dtype.kind == "i":  # mode I: 32-bit signed, holding 16-bit values
+            grey = np.clip(grey, 0, 65535)
+        return Image.fromarray((grey >> 8).astype(np.uint8)).convert("RGB")
     if mode in _ALPHA_MODES or (mode in _CONVERTIBLE_MODES and "transparency" in image.info):
         rgba = image.convert("RGBA")
         rgb = Image.new("RGB", image.size, TRANSPARENT_BACKGROUND)

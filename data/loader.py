@@ -61,7 +61,8 @@ def _decode_all(raw: list[RawSample], transform: ImageTextTransform, skipped: Sk
                 words: list[tuple[int, ...]], captions: bool) -> Batch:
     """The good samples of `raw` as one batch, possibly of zero examples; `words[i]` names
     sample i for the transform's augmentation (the same whenever it is read again);
-    without `captions` a sample needs only its image."""
+    without `captions` a sample needs only its image. A sample's key is what a log line
+    about it says."""
     images, tokens = [], []
     for (key, members), sample_words in zip(raw, words, strict=True):
         try:
@@ -112,11 +113,13 @@ class _IndexedSamples(Dataset):
         for request in requests:
             if request.index is None:
                 continue
+            # a log line names the shard, never the index: which samples were drawn is secret
+            where = f"in {self.index.shard_path(request.index)}"
             try:
-                raw.append((str(request.index), self.index.members(request.index)))
+                raw.append((where, self.index.members(request.index)))
                 words.append((request.step, request.index))
             except BadSample as bad:
-                skipped.record(bad.reason, f"sample {request.index}")
+                skipped.record(bad.reason, f"{where}: {bad.detail}" if bad.detail else where)
         batch = _decode_all(raw, self.transform, skipped, words, self.captions)
         return _Tagged(batch, skipped, step=first.step, micro=first.micro, num_micro=first.num_micro)
 

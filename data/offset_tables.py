@@ -28,13 +28,15 @@ import argparse
 import logging
 import multiprocessing
 import os
-import tarfile
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
+from data.tar_headers import walk
 from data.tar_samples import member_key
 
 log = logging.getLogger(__name__)
@@ -45,20 +47,24 @@ _DTYPE = np.dtype("<i8")
 
 
 def scan_sample_offsets(shard: str | Path) -> np.ndarray:
-    """Header offset of each sample's first member, read from the shard's headers.
+    """Header offset of each sample's first member, read from the shard's headers
+    (`data.tar_headers`: a crafted shard costs bounded time and memory).
 
-    A truncated or unreadable shard yields the samples before the break."""
+    Whatever goes wrong reading a shard (truncated, damaged, crafted) is logged as
+    "unreadable shard PATH: reason" and yields the samples before the break."""
     starts: list[int] = []
     key = None
     try:
-        with tarfile.open(shard, mode="r:") as tar:
-            for info in tar:
-                sample_key, _ = member_key(info)
+        with open(shard, "rb") as stream:
+            for member in walk(stream):
+                sample_key, _ = member_key(member)
                 if sample_key is not None and sample_key != key:
-                    starts.append(info.offset)
+                    starts.append(member.offset)
                     key = sample_key
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        log.warning("shard %s is truncated or unreadable (%s); its later samples count as missing", shard, exn)
+    except MemoryError:
+        raise  # the process, not the shard: bounded reads cannot cause it
+    except Exception as exn:  # whatever a crafted shard provokes ends that shard, not the indexing
+        log.warning("unreadable shard %s: %s; its later samples count as missing", shard, exn)
         if starts:
             starts.pop()  # the sample being read when the tar broke may be incomplete
     return np.array(starts, dtype=np.int64)
@@ -66,15 +72,25 @@ def scan_sample_offsets(shard: str | Path) -> np.ndarray:
 
 def scan_shards(paths: Sequence[str | Path], processes: int = 1) -> list[np.ndarray]:
     """:func:`scan_sample_offsets` of every shard, in order, on up to ``processes`` processes
-    (reading headers is Python-bound: processes, not threads)."""
+    (reading headers is Python-bound: processes, not threads). A process that dies (killed
+    for memory, say) is a ValueError, not a wait: a multiprocessing.Pool would wait forever
+    for the work it lost."""
     paths = [str(p) for p in paths]
     processes = max(1, min(processes, len(paths)))
     if processes == 1:
         return [scan_sample_offsets(p) for p in paths]
     # fork: the children need nothing but this module, and start in milliseconds
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with context.Pool(processes) as pool:
-        return pool.map(scan_sample_offsets, paths, chunksize=max(1, len(paths) // (8 * processes)))
+    tables: list[np.ndarray] = []
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        try:
+            tables.extend(pool.map(scan_sample_offsets, paths, chunksize=max(1, len(paths) // (8 * processes))))
+        except BrokenProcessPool as exn:
+            raise ValueError(
+                f"a header-reading process died (killed for lack of memory?) while reading one of the shards "
+                f"from {paths[len(tables)]} on ({len(paths) - len(tables)} of {len(paths)}); index them with one "
+                "process (data.num_workers=1, or python -m data.offset_tables --processes 1) to name it") from exn
+    return tables
 
 
 def table_path(index_path: str | Path) -> Path:

@@ -10,6 +10,11 @@
   the pattern's order; pieces may be globs. Names that do not exist are left out with a
   warning: a download that failed leaves a gap.
 
+Each shard must be named once, whichever form names it: two names of one file
+(``a.tar`` and ``./a.tar``, a symbolic or hard link to another shard, a pattern
+matching a name twice) are refused, naming both, since N (and epsilon with it)
+would count their examples twice.
+
 Shards from any webdataset writer work (``webdataset.ShardWriter``, img2dataset, tarp):
 a sample is a run of members sharing a key, in any member order.
 
@@ -39,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from data.offset_tables import NO_TABLE, OFFSETS_SUFFIX, read_blocks, scan_shards, table_path, write_table
-from data.wids_index import read_shard_list
+from data.wids_index import read_shard_list, refuse_duplicates
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +124,12 @@ def resolve(spec: str | Path) -> ShardSet:
         paths = sorted(str(p) for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
         if not paths:
             raise ValueError(f"data.shards={spec}: no .tar files (and no {INDEX_NAME}) in this folder; give {FORMS}")
+        refuse_duplicates(paths, f"data.shards={spec}")
         return ShardSet(spec=spec, paths=paths, root=path.absolute(), whole_folder=True)
     paths = _expand(spec)
     if not paths:
         raise ValueError(f"data.shards={spec}: no .tar files match; give {FORMS}")
+    refuse_duplicates(paths, f"data.shards={spec}")
     root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]))
     return ShardSet(spec=spec, paths=paths, root=root)
 
@@ -144,7 +151,7 @@ def _expand(spec: str) -> list[str]:
     if missing and found:
         log.warning("data.shards=%s: %d of the %d names it expands to do not exist (first: %s); "
                     "using the %d that do", spec, len(missing), len(pieces), missing[0], len(found))
-    return list(dict.fromkeys(found))  # a shard named twice is read once
+    return found
 
 
 # --------------------------------------------------------------------------- cached indices

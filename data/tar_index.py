@@ -7,8 +7,13 @@ of regular members sharing a key, the same grouping wids uses. Where each
 sample starts comes from the set's offset table (`data.offset_tables`: one
 file, memory-mapped, so all processes on a node share one copy), or, for a
 shard without one, from scanning its headers (kept in this process).
-Reading a sample parses its headers again from there and reads only members
-with a known extension under the size caps; nothing else is ever read.
+Reading a sample parses its headers again from there (`data.tar_headers`, not
+the interpreter's tarfile) and reads only members with a known extension under
+the size caps; nothing else is ever read. Whatever goes wrong there makes the
+sample a BadSample("unreadable shard"), never an exception that stops training
+(it would stop it again at the same step after every resume). Reasons and log
+lines name the shard, never the sample's index or offset: which samples the
+sampler drew is as secret as its seed.
 At most `max_open_files` shard files are open at once (least recently used
 closed first): a data set has more shards than a process may open files.
 """
@@ -18,7 +23,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import tarfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +31,8 @@ import numpy as np
 
 from data.decode import KNOWN_EXTENSIONS, MAX_MEMBER_BYTES, BadSample
 from data.offset_tables import OffsetTable, scan_sample_offsets, table_path
-from data.tar_samples import COMPRESSED_SHARD, compression_of, member_key
+from data.tar_headers import read_data, reason_of, walk
+from data.tar_samples import COMPRESSED_SHARD, UNREADABLE_SHARD, compression_of, member_key
 from data.wids_index import read_shard_list
 
 log = logging.getLogger(__name__)
@@ -85,16 +90,22 @@ class TarIndex:
         inner = index - self.starts[shard]
         return shard, (int(table[inner]) if inner < len(table) else None)
 
+    def shard_path(self, index: int) -> str:
+        """The shard sample ``index`` lies in: what a log line about it may say."""
+        return self.paths[bisect.bisect_right(self.starts, index) - 1]
+
     def members(self, index: int) -> dict[str, bytes]:
         shard, offset = self.sample_offset(index)
         if offset is None:
             raise BadSample(self._gaps[shard])
         try:
-            stream = self._file(shard)
-        except OSError as exn:  # the shard vanished since it was scanned
-            raise BadSample("unreadable shard") from exn
-        stream.seek(offset)
-        return _read_sample(stream)
+            return _read_sample(self._file(shard), offset)
+        except BadSample:
+            raise
+        except MemoryError:
+            raise  # the process, not the shard: bounded reads cannot cause it
+        except Exception as exn:  # a vanished, truncated, damaged or crafted shard
+            raise BadSample(UNREADABLE_SHARD, reason_of(exn)) from exn
 
     def _offset_table(self) -> OffsetTable | None:
         """The shared table, mapped on first use in this process (None: scan every shard)."""
@@ -143,29 +154,25 @@ class TarIndex:
         return self._files[shard]
 
 
-def _read_sample(stream: BinaryIO) -> dict[str, bytes]:
-    """{extension: bytes} of the sample whose first header is at the stream's position."""
+def _read_sample(stream: BinaryIO, offset: int) -> dict[str, bytes]:
+    """{extension: bytes} of the sample whose first header is at ``offset``."""
     members: dict[str, bytes] = {}
     key = None
-    try:
-        with tarfile.open(fileobj=stream, mode="r:") as tar:  # reads from the current position
-            for info in tar:
-                sample_key, ext = member_key(info)
-                if sample_key is None:
-                    continue
-                if key is None:
-                    key = sample_key
-                elif sample_key != key:
-                    break
-                if ext not in KNOWN_EXTENSIONS:
-                    continue  # never read
-                if ext in members:
-                    raise BadSample("duplicate member")
-                if info.size > MAX_MEMBER_BYTES[ext]:
-                    raise BadSample("member too large")
-                members[ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        raise BadSample("truncated or unreadable tar") from exn
+    for member in walk(stream, offset):
+        sample_key, ext = member_key(member)
+        if sample_key is None:
+            continue
+        if key is None:
+            key = sample_key
+        elif sample_key != key:
+            break
+        if ext not in KNOWN_EXTENSIONS:
+            continue  # never read
+        if ext in members:
+            raise BadSample("duplicate member")
+        if member.size > MAX_MEMBER_BYTES[ext]:
+            raise BadSample("member too large")
+        members[ext] = read_data(stream, member)
     if not members:
         raise BadSample("no readable member")
     return members

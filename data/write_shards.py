@@ -8,12 +8,16 @@ Folder: every image (.jpg/.jpeg/.png/.webp, recursive) with a same-named .txt
 caption. Table: .csv/.tsv with a header row, or .jsonl objects; columns
 `path` (relative to the table's folder, or absolute) and `caption` by default.
 Images are re-encoded as JPEG; bad inputs are skipped and counted.
+OUT_DIR must be empty or new: shards left there by an earlier run would lie
+beside the new ones, and a set read without the new index.json (a glob, say)
+would count them too. `--force` writes into it anyway.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from data.decode import SkipCounter
 from data.shards import ShardLimits, write_shards
@@ -23,6 +27,10 @@ from data.synthetic import SPLITS
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    out_dir = Path(args.out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.force:
+        raise SystemExit(f"error: {out_dir} is not empty: write into a new folder, or pass --force "
+                         "(shards of the same names are replaced, other files stay)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     skips = SkipCounter()
     if args.folder:
@@ -54,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=int, default=ShardLimits.max_size, help="bytes per shard file")
     parser.add_argument("--jpeg-quality", type=int, default=ShardLimits.jpeg_quality, help="JPEG quality 1-100")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     return parser
 
 

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from data import read_samples
-from data.decode import MAX_METADATA_BYTES, BadSample, decode_image, decode_metadata, to_rgb
+from data.decode import (MAX_DECODED_BYTES, MAX_IMAGE_PIXELS, MAX_METADATA_BYTES, BadSample, decode_image,
+                         decode_metadata, to_rgb)
 from data.loader import PoissonReader, StreamingReader
 from data.shard_sets import index_shard_set
 from data.tar_index import TarIndex, indexed_sample_count
@@ -120,7 +121,7 @@ def test_truncated_and_missing_tars_end_only_themselves(hostile, tmp_path):
     reader = read_samples([truncated, tmp_path / "absent.tar", not_a_tar, shard])
     captions = [caption for _, caption in reader]
     assert captions == ["good zero", "good zero", "good one", "good two \u00e9"]
-    assert reader.skipped_reasons["truncated or unreadable tar"] == 3
+    assert reader.skipped_reasons["unreadable shard"] == 3
     assert not marker.exists()
 
 
@@ -429,3 +430,62 @@ def test_index_sample_counts_must_be_non_negative_integers(tmp_path, count):
     (tmp_path / "index.json").write_text(json.dumps({"shardlist": [{"url": "a.tar", "nsamples": count}]}))
     with pytest.raises(ValueError, match="nsamples of 'a.tar' must be a non-negative integer"):
         TarIndex(tmp_path / "index.json")
+
+
+# ---- what a decode may cost, and what a skipped sample's log line may say
+
+def test_decoded_bytes_are_capped_as_well_as_pixels():
+    """Under the pixel cap, four bytes a pixel (RGBA, or 16-bit colour) would take 256 MB
+    decoded: refused from the header. Three bytes a pixel (RGB) at as many pixels pass that
+    check (and fail decoding here, the data being a stub)."""
+    assert 8000 * 8000 <= MAX_IMAGE_PIXELS and 8000 * 8000 * 4 > MAX_DECODED_BYTES
+    for bit_depth in (8, 16):
+        with pytest.raises(BadSample, match="image too large"):
+            decode_image(_png(8000, 8000, bit_depth, 6, b"\0" * 64))  # colour type 6: RGBA
+    with pytest.raises(BadSample, match="undecodable image"):
+        decode_image(_png(8000, 8000, 8, 2, b"\0" * 64))  # RGB
+
+
+def test_sixteen_bit_grey_is_scaled_without_an_eight_byte_copy_per_pixel():
+    """to_rgb worked on int64 copies: 8 bytes a pixel each, over 1 GiB at the pixel cap."""
+    import tracemalloc
+
+    image = Image.fromarray(np.full((1024, 1024), 40000, dtype=np.uint16))
+    assert image.mode == "I;16"
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rgb.getpixel((5, 5)) == (156, 156, 156)
+    assert peak < 8 * 1024 * 1024, peak
+
+
+def test_poisson_log_lines_name_the_shard_never_the_drawn_index(hostile, monkeypatch, caplog):
+    """Which samples the sampler drew is as secret as its seed: a skipped sample's log line
+    says the shard and the reason, not the index, nor the offset it was read at."""
+    from collections import Counter
+
+    import data.decode
+    from data.offset_tables import scan_sample_offsets, table_path, write_table
+
+    shard, truncated, _, num_keys = hostile
+    index = shard.parent / "index.json"
+    # the table shipped with the full shard, for the truncated copy too: its last sample is cut
+    offsets, cut = scan_sample_offsets(shard), truncated.stat().st_size
+    kept = offsets[offsets < cut]
+    write_table(table_path(index), [(offsets, shard.stat().st_size), (kept, cut)])
+    index.write_text(json.dumps({"shardlist": [{"url": "hostile.tar", "nsamples": num_keys},
+                                               {"url": "truncated.tar", "nsamples": len(kept)}]}))
+    monkeypatch.setattr(data.decode, "_SEEN_IN_PROCESS", Counter())  # every reason's first skip is logged
+    reader = PoissonReader(index, _Fixed([list(range(num_keys + len(kept)))]), ImageTextTransform(8, _tokenize, 16))
+    with caplog.at_level("WARNING", logger="data.decode"):
+        list(reader.micro_batches(0))
+    lines = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
+    assert {line.split("(")[1].split(")")[0] for line in lines} == set(reader.skipped_reasons)
+    assert "unreadable shard" in reader.skipped_reasons
+    for line in lines:
+        assert f"in {shard}" in line or f"in {truncated}" in line, line
+        where = line.split(") ", 1)[1].split(";")[0]  # between the reason and the count
+        assert not any(word.isdigit() for word in where.replace(":", " ").split()) and "byte" not in where, line

@@ -4,6 +4,7 @@ named by a folder, a glob or a brace pattern: indexed once, in parts, cached, re
 import io
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -188,3 +189,54 @@ def test_a_changed_or_broken_index_is_rebuilt(tmp_path):
     assert index_shard_set(spec).counts == [10, 12]
     np.testing.assert_array_equal(scan_sample_offsets(second.paths[1]),
                                   _tar_index(second)._table(1))
+
+
+# ---- each example counts once in N: one file named twice is refused, whatever the form
+
+def _duplicate_spellings(folder):
+    """a.tar, and the other names of that one file: a symbolic link, a hard link."""
+    _shard_writer(folder, 4, per_shard=4)
+    os.rename(folder / "00000.tar", folder / "a.tar")
+    os.symlink("a.tar", folder / "linked.tar")
+    os.link(folder / "a.tar", folder / "hard.tar")
+
+
+@pytest.mark.parametrize("second", ["a.tar", "./a.tar", "linked.tar", "hard.tar"])
+def test_an_index_listing_one_shard_twice_is_refused_naming_both(tmp_path, second):
+    _duplicate_spellings(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({"shardlist": [
+        {"url": "a.tar", "nsamples": 4}, {"url": second, "nsamples": 4}, {"url": "a.tar", "nsamples": 4}]}))
+    both = re.escape(f"{tmp_path / 'a.tar'} and {tmp_path / second} are the same shard")
+    for open_index in (TarIndex, resolve, index_shard_set):
+        with pytest.raises(ValueError, match=both):
+            open_index(tmp_path / "index.json")
+
+
+def test_an_index_listing_a_missing_shard_twice_is_refused(tmp_path):
+    """Its listed counts are taken as given: N would count them twice."""
+    (tmp_path / "index.json").write_text(json.dumps({"shardlist": [
+        {"url": "gone.tar", "nsamples": 10}, {"url": "./gone.tar", "nsamples": 10}]}))
+    with pytest.raises(ValueError, match="gone.tar are the same shard"):
+        TarIndex(tmp_path / "index.json")
+
+
+@pytest.mark.parametrize("link", ["linked.tar", "hard.tar"])
+@pytest.mark.parametrize("form", ["folder", "glob", "brace"])
+def test_folders_globs_and_brace_patterns_over_a_linked_copy_are_refused(tmp_path, link, form):
+    _duplicate_spellings(tmp_path / "d")
+    (tmp_path / "d" / {"linked.tar": "hard.tar", "hard.tar": "linked.tar"}[link]).unlink()
+    spec = {"folder": tmp_path / "d", "glob": tmp_path / "d" / "*.tar", "brace": tmp_path / "d" / f"{{a,{link[:-4]}}}.tar"}
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'd' / 'a.tar'} and {tmp_path / 'd' / link} are")):
+        resolve(str(spec[form]))
+
+
+def test_a_brace_pattern_naming_a_shard_twice_is_refused(tmp_path):
+    _shard_writer(tmp_path, 4, per_shard=4)
+    with pytest.raises(ValueError, match="00000.tar and .*00000.tar are the same shard"):
+        resolve(f"{tmp_path}/{{00000,00000}}.tar")
+
+
+def test_a_copy_with_its_own_bytes_is_another_shard(tmp_path):
+    _shard_writer(tmp_path, 4, per_shard=4)
+    (tmp_path / "00001.tar").write_bytes((tmp_path / "00000.tar").read_bytes())
+    assert index_shard_set(tmp_path).counts == [4, 4]

@@ -118,3 +118,13 @@ def test_bad_limits_and_empty_sources_are_refused(tmp_path):
         ShardLimits(max_count=0)
     with pytest.raises(ValueError, match="no examples"):
         write_shards(iter(()), tmp_path)
+
+
+def test_cli_refuses_a_non_empty_folder_without_force(tmp_path, capsys):
+    (tmp_path / "old-000099.tar").write_bytes(b"left by an earlier run")
+    with pytest.raises(SystemExit, match="is not empty"):
+        main([str(tmp_path), "--synthetic", "3"])
+    assert not (tmp_path / "index.json").exists()
+    main([str(tmp_path), "--synthetic", "3", "--force"])
+    paths, _ = _shard_paths(tmp_path / "index.json")
+    assert len(list(read_samples(paths))) == 3
