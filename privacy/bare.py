@@ -36,7 +36,12 @@ F.linear's bias (with the weight of a Linear the engine clips, as BEiT and
 EVA call ``F.linear(x, self.qkv.weight, qkv_bias)``: that call goes through
 the Linear's rule, the bias through a copy). Refused, naming the parameter:
 any other operator between a bare parameter and the batch, in-place operators
-on a bare parameter, a D not broadcast along dim 0. The copy's rows are
+on a bare parameter, a D not broadcast along dim 0. A derived D may meet the batch
+after its module's forward returned it (a module computing a bias from its table
+for its parent). The output of a layer the engine clips, called on a one-row
+buffer of the model (HF CLIP's and SigLIP's ``position_embedding(position_ids)``),
+is such a D too: the engine runs the layer's rule on leaf copies of its
+parameters and gives back a derived BareTensor. The copy's rows are
 examples as every layer's are; rows grouped several per example (Swin's
 windows) only where :func:`privacy.graph.rows_per_example` proves it.
 """
@@ -47,6 +52,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from privacy.graph import BARE_LEAF
@@ -180,6 +186,27 @@ class BareTensor(torch.Tensor):
         return _Operator(func, flat, spec).run()
 
 
+class LinearByWeight(TorchFunctionMode):
+    """While a bare owner runs (privacy/engine.py pushes it only for owners with a
+    Linear child the engine clips): ``F.linear(x, child.weight, child.bias)`` is
+    that child's call, run through its rule, as torchvision's Swin calls its qkv
+    and proj layers from a function. Any other ``F.linear`` on a clipped weight
+    (another bias) is left to the engine's refusal before the backward, by name."""
+
+    def __init__(self, host: Host):
+        super().__init__()
+        self.host = host
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            named = dict(zip(("input", "weight", "bias"), args)) | kwargs
+            target = self.host.linear_target(named["weight"])
+            if target is not None and named.get("bias") is target.module._parameters.get("bias"):
+                return self.host.call_target(target, named["input"])
+        return func(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- operators
 
 ELEMENTWISE = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "__rsub__", "rsub", "sub_",
@@ -219,7 +246,10 @@ class _Operator:
 
     def run(self) -> Any:
         bares = [self.flat[i] for i in self.positions]
-        if any(b._bare_owner.depth == 0 for b in bares):  # kept past its module's forward: the parameter itself
+        # a root kept past its module's forward is the parameter itself; a derived value keeps its
+        # recipe while grad is on (returned by its module, as HF Swin's relative position bias is)
+        if any(b._bare_owner.depth == 0 and (b._bare_name is not None or not torch.is_grad_enabled())
+               for b in bares):
             return self.call([a.parameter() if isinstance(a, BareTensor) else a for a in self.flat])
         self.label = ", ".join(sorted({b.label() for b in bares}))
         if 0 in self.positions and _in_place(self.op):
@@ -275,10 +305,11 @@ class _Operator:
         return result
 
     def expand(self) -> Tensor | None:
-        """``cls_token.expand(B, -1, -1)``: a copy when dim 0 grows (None otherwise)."""
+        """``cls_token.expand(B, -1, -1)``: a copy where dim 0 is the batch's, also of one row
+        (SigLIP's ``probe.repeat(B, 1, 1)`` in a micro-batch of one); None otherwise."""
         out = self.call(self.values)
         aligned = _aligned(self.values[0].shape, out.shape)
-        if not (out.dim() and aligned[0] == 1 and out.shape[0] > 1):
+        if not (out.dim() and aligned[0] == 1):
             return None
         if self.op == "repeat" and any(a not in (s, 1) for a, s in zip(aligned, out.shape)):
             raise refusal(self.label, self.op, "which tiles it (not an expand)")
