@@ -114,7 +114,7 @@ def test_two_pass_mode_on_attention():
 
 
 @pytest.mark.parametrize("options, match", [
-    (dict(add_zero_attn=True), r"0: MultiheadAttention\(add_bias_kv=True or add_zero_attn=True\)"),
+    (dict(add_zero_attn=True), r"0 \(MultiheadAttention\): MultiheadAttention\(add_bias_kv=True or add_zero_attn=True\)"),
     (dict(add_bias_kv=True), r"0 \(MultiheadAttention\) has trainable parameters \['bias_k', 'bias_v'\]"),
 ])
 def test_attention_with_extra_key_tokens_is_refused_by_name(options, match):
