@@ -146,6 +146,7 @@ class BareTensor(torch.Tensor):
         t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device)
         t._bare_host, t._bare_owner, t._bare_name = host, owner, name
         t._bare_value, t._bare_leaves = value, leaves
+        t._bare_pending = None  # (func, flat args, spec) of a deferred elementwise operator
         return t
 
     @classmethod
@@ -156,6 +157,13 @@ class BareTensor(torch.Tensor):
     @classmethod
     def derived(cls, host: Host, owner: BareOwner, value: Tensor, leaves: tuple) -> "BareTensor":
         return cls(host, owner, value.shape, value.dtype, value.device, value=value, leaves=leaves)
+
+    def materialise(self) -> tuple[Tensor, list["Use"]]:
+        """A deferred value (see :meth:`_Operator.defer`) as a plain tensor: its
+        operator run again with the per-example copies, and those copies' uses."""
+        func, flat, spec = self._bare_pending
+        op = _Operator(func, flat, spec, deferrable=False)
+        return op.run(), op.uses
 
     def resolve(self) -> tuple[Tensor, tuple]:
         """(D, its leaves): a root's leaf copy is made at its first use in this forward."""
@@ -237,10 +245,12 @@ def _aligned(shape, out_shape) -> tuple[int, ...]:
 class _Operator:
     """One operator call with BareTensors among its arguments (flattened)."""
 
-    def __init__(self, func, flat: list, spec):
+    def __init__(self, func, flat: list, spec, deferrable: bool = True):
+        self.deferrable = deferrable
         self.func, self.flat, self.spec = func, flat, spec
         self.op = getattr(func, "__name__", str(func))
         self.positions = [i for i, a in enumerate(flat) if isinstance(a, BareTensor)]
+        self.uses: list[Use] = []  # the per-example copies this operator made
         first = flat[self.positions[0]]
         self.host, self.owner = first._bare_host, first._bare_owner
 
@@ -263,6 +273,12 @@ class _Operator:
         has_data = any(isinstance(a, Tensor) and i not in self.resolved
                        and (a.requires_grad or (a.dim() > 0 and a.untyped_storage().data_ptr() not in constants))
                        for i, a in enumerate(self.flat))
+        pending = [i for i in self.positions if self.flat[i]._bare_pending is not None]
+        if pending and has_data:
+            return self.meet_deferred(pending)
+        if self.deferrable and has_data and self.op in ELEMENTWISE and not _in_place(self.op) and not any(
+                isinstance(a, Tensor) and a.requires_grad for i, a in enumerate(self.flat) if i not in self.resolved):
+            return self.defer()
         if self.op in EXPANDS and self.positions[0] == 0:
             expanded = self.expand()
             if expanded is not None:
@@ -297,12 +313,30 @@ class _Operator:
         self.host.record_use(use)
         return PerExampleCopy.apply(self.host, use, aligned_value, rows, self.host.anchor), use
 
-    @staticmethod
-    def finish(result: Tensor, uses: list[Use]) -> Tensor:
+    def finish(self, result: Tensor, uses: list[Use]) -> Tensor:
         """The operator's result is where the copies' rows meet the batch's."""
         for use in uses:
             use.output = (result.grad_fn, result.output_nr)
+        self.uses = uses
         return result
+
+    def defer(self) -> "BareTensor":
+        """D broadcast against tensors that need no gradient (a mask made in the
+        forward, as HF Swin adds its shifted windows' mask to its relative position
+        bias): the copy is deferred to where the result meets data that does, so
+        that the rows' grouping is proved there (its operand has example rows)."""
+        with torch.enable_grad():
+            out = BareTensor.derived(self.host, self.owner, self.call(self.values), self.leaves)
+        out._bare_pending = (self.func, self.flat, self.spec)
+        return out
+
+    def meet_deferred(self, pending: list[int]) -> Tensor:
+        """This operator on deferred values made plain (:meth:`BareTensor.materialise`)."""
+        flat, uses = list(self.flat), []
+        for i in pending:
+            flat[i], made = self.flat[i].materialise()
+            uses += made
+        return self.finish(self.call(flat), uses)
 
     def expand(self) -> Tensor | None:
         """``cls_token.expand(B, -1, -1)``: a copy where dim 0 is the batch's, also of one row

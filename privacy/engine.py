@@ -441,6 +441,9 @@ class PrivacyEngine:
         def forward(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return original(target.module, *args, **kwargs)
+            # a deferred bare value meets the batch here, not inside the rule's no-grad forward
+            args = [a.materialise()[0] if isinstance(a, BareTensor) and a._bare_pending is not None else a
+                    for a in args]
             return target.rule.run(layer, *args, **kwargs)
 
         return forward

@@ -3,7 +3,8 @@ configs (nothing downloaded), every parameter trainable, with a Linear head on
 the pooled (or first) token, against float64 torch.func per-example gradients:
 ViT, CLIP's and SigLIP's vision towers (a position embedding called on a one-row
 buffer and broadcast over the batch; SigLIP's probe and nn.MultiheadAttention
-head), DINOv2 (layer scales, mask token) and ConvNeXt (its channels-first norms).
+head), DINOv2 (layer scales, mask token), Swin (its relative position bias made by
+a child module, plus its shifted windows' mask) and ConvNeXt (its channels-first norms).
 """
 
 import pytest
@@ -43,6 +44,10 @@ MODELS = {
     "clip_vision": (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TOWER)), WIDTH, 16),
     "siglip_vision": (lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TOWER)), WIDTH, 16),
     "dinov2": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(**TOWER)), WIDTH, 16),
+    # 16x16 then 8x8 tokens in windows of 4x4, every second block shifted (its mask added to the bias table's)
+    "swin": (lambda: transformers.SwinModel(transformers.SwinConfig(
+        image_size=32, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=4,
+        drop_path_rate=0.0)), 16, 32),
     "convnext": (lambda: transformers.ConvNextModel(transformers.ConvNextConfig(
         hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, layer_scale_init_value=0.5)), 16, 32),
 }
