@@ -76,3 +76,24 @@ def test_position_embedding_of_a_buffer_is_clipped_per_example():
     assert "encoder.embeddings.position_embedding.weight" in engine.covered_parameters
     assert engine.bare_parameters == ["encoder.embeddings.class_embedding"]
     engine.detach()
+
+
+class PositionsAndTokens(nn.Module):
+    """One Embedding called on a buffer of positions and on the batch's tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.register_buffer("positions", torch.arange(3).view(1, 3))
+
+    def forward(self, tokens):
+        return (self.embed(tokens) + self.embed(self.positions)).square().sum((1, 2))
+
+
+def test_a_layer_on_a_buffer_and_on_the_batch_in_one_forward_is_refused():
+    """Its two per-example gradients would be clipped as two parameters' (their
+    norms added as if orthogonal): refused, naming it."""
+    model = PositionsAndTokens()
+    engine = PrivacyEngine(model, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"embed\.weight: its layer is called both on the batch and on a constant"):
+        engine.backward(model(torch.randint(0, 6, (4, 3))))
