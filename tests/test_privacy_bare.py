@@ -194,6 +194,30 @@ def test_a_value_derived_from_bare_parameters_meets_the_batch_after_its_module_r
         assert relative_error(p.grad, expected[name]) <= 1e-5, name
 
 
+class InputShift(nn.Module):
+    """A bare parameter added to the model's input, which needs no gradient: the
+    copy is deferred, and made when the sum enters the next layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x + self.shift).square().sum((1, 2))
+
+
+def test_a_deferred_bare_value_entering_a_layer_is_exact():
+    model = InputShift()
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
+    reference = per_example_grads(model, x)
+    norms = flat_norms(reference)
+    expected = clipped_mean(reference, norms.median().item(), 5.0)
+    torch.testing.assert_close(run(model, (x,), (2, 3), norms.median().item(), 5.0), norms, rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        assert relative_error(p.grad, expected[name]) <= 1e-5, name
+
+
 def test_rows_grouped_per_example_are_proved_and_exact():
     torch.manual_seed(0)
     model = RowsThroughFlip(flip=False)
