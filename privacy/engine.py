@@ -460,7 +460,7 @@ class PrivacyEngine:
     def _is_constant(self, x: Tensor) -> bool:
         """``x`` is (a view of) one row of a buffer of the model: an input that the
         layer's output is broadcast from over the batch, made of parameters alone."""
-        if x.requires_grad or x.dim() == 0 or x.shape[0] != 1:
+        if isinstance(x, BareTensor) or x.requires_grad or x.dim() == 0 or x.shape[0] != 1:
             return False
         storage = x.untyped_storage().data_ptr()
         return any(b.untyped_storage().data_ptr() == storage for b in self._model_buffers())
