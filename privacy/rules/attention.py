@@ -187,7 +187,7 @@ def _combined(parts: Sequence[Prepared], rows: dict[str, Tensor], device_type: s
         for add in accumulates:
             add(factors)
 
-    kinds = {plan.kind for plan in plans}
+    kinds = {p.plan.kind for p in parts if p.plan is not None} or {plan.kind for plan in plans}  # the weights'
     plan = LayerPlan(kinds.pop() if len(kinds) == 1 else "mixed", sum(p.extra_flops for p in plans),
                      sum(p.extra_bytes for p in plans), sum(p.held_bytes for p in plans),
                      sum(p.seconds for p in plans)) if plans else None
