@@ -36,7 +36,12 @@ F.linear's bias (with the weight of a Linear the engine clips, as BEiT and
 EVA call ``F.linear(x, self.qkv.weight, qkv_bias)``: that call goes through
 the Linear's rule, the bias through a copy). Refused, naming the parameter:
 any other operator between a bare parameter and the batch, in-place operators
-on a bare parameter, a D not broadcast along dim 0. The copy's rows are
+on a bare parameter, a D not broadcast along dim 0. A derived D may meet the batch
+after its module's forward returned it (a module computing a bias from its table
+for its parent). The output of a layer the engine clips, called on a one-row
+buffer of the model (HF CLIP's and SigLIP's ``position_embedding(position_ids)``),
+is such a D too: the engine runs the layer's rule on leaf copies of its
+parameters and gives back a derived BareTensor. The copy's rows are
 examples as every layer's are; rows grouped several per example (Swin's
 windows) only where :func:`privacy.graph.rows_per_example` proves it.
 """
@@ -47,6 +52,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from privacy.graph import BARE_LEAF
@@ -140,6 +146,7 @@ class BareTensor(torch.Tensor):
         t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device)
         t._bare_host, t._bare_owner, t._bare_name = host, owner, name
         t._bare_value, t._bare_leaves = value, leaves
+        t._bare_pending = None  # (func, flat args, spec) of a deferred elementwise operator
         return t
 
     @classmethod
@@ -150,6 +157,13 @@ class BareTensor(torch.Tensor):
     @classmethod
     def derived(cls, host: Host, owner: BareOwner, value: Tensor, leaves: tuple) -> "BareTensor":
         return cls(host, owner, value.shape, value.dtype, value.device, value=value, leaves=leaves)
+
+    def materialise(self) -> tuple[Tensor, list["Use"]]:
+        """A deferred value (see :meth:`_Operator.defer`) as a plain tensor: its
+        operator run again with the per-example copies, and those copies' uses."""
+        func, flat, spec = self._bare_pending
+        op = _Operator(func, flat, spec, deferrable=False)
+        return op.run(), op.uses
 
     def resolve(self) -> tuple[Tensor, tuple]:
         """(D, its leaves): a root's leaf copy is made at its first use in this forward."""
@@ -178,6 +192,27 @@ class BareTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         flat, spec = tree_flatten((args, kwargs or {}))
         return _Operator(func, flat, spec).run()
+
+
+class LinearByWeight(TorchFunctionMode):
+    """While a bare owner runs (privacy/engine.py pushes it only for owners with a
+    Linear child the engine clips): ``F.linear(x, child.weight, child.bias)`` is
+    that child's call, run through its rule, as torchvision's Swin calls its qkv
+    and proj layers from a function. Any other ``F.linear`` on a clipped weight
+    (another bias) is left to the engine's refusal before the backward, by name."""
+
+    def __init__(self, host: Host):
+        super().__init__()
+        self.host = host
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            named = dict(zip(("input", "weight", "bias"), args)) | kwargs
+            target = self.host.linear_target(named["weight"])
+            if target is not None and named.get("bias") is target.module._parameters.get("bias"):
+                return self.host.call_target(target, named["input"])
+        return func(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- operators
@@ -210,16 +245,21 @@ def _aligned(shape, out_shape) -> tuple[int, ...]:
 class _Operator:
     """One operator call with BareTensors among its arguments (flattened)."""
 
-    def __init__(self, func, flat: list, spec):
+    def __init__(self, func, flat: list, spec, deferrable: bool = True):
+        self.deferrable = deferrable
         self.func, self.flat, self.spec = func, flat, spec
         self.op = getattr(func, "__name__", str(func))
         self.positions = [i for i, a in enumerate(flat) if isinstance(a, BareTensor)]
+        self.uses: list[Use] = []  # the per-example copies this operator made
         first = flat[self.positions[0]]
         self.host, self.owner = first._bare_host, first._bare_owner
 
     def run(self) -> Any:
         bares = [self.flat[i] for i in self.positions]
-        if any(b._bare_owner.depth == 0 for b in bares):  # kept past its module's forward: the parameter itself
+        # a root kept past its module's forward is the parameter itself; a derived value keeps its
+        # recipe while grad is on (returned by its module, as HF Swin's relative position bias is)
+        if any(b._bare_owner.depth == 0 and (b._bare_name is not None or not torch.is_grad_enabled())
+               for b in bares):
             return self.call([a.parameter() if isinstance(a, BareTensor) else a for a in self.flat])
         self.label = ", ".join(sorted({b.label() for b in bares}))
         if 0 in self.positions and _in_place(self.op):
@@ -233,6 +273,12 @@ class _Operator:
         has_data = any(isinstance(a, Tensor) and i not in self.resolved
                        and (a.requires_grad or (a.dim() > 0 and a.untyped_storage().data_ptr() not in constants))
                        for i, a in enumerate(self.flat))
+        pending = [i for i in self.positions if self.flat[i]._bare_pending is not None]
+        if pending and has_data:
+            return self.meet_deferred(pending)
+        if self.deferrable and has_data and self.op in ELEMENTWISE and not _in_place(self.op) and not any(
+                isinstance(a, Tensor) and a.requires_grad for i, a in enumerate(self.flat) if i not in self.resolved):
+            return self.defer()
         if self.op in EXPANDS and self.positions[0] == 0:
             expanded = self.expand()
             if expanded is not None:
@@ -267,18 +313,37 @@ class _Operator:
         self.host.record_use(use)
         return PerExampleCopy.apply(self.host, use, aligned_value, rows, self.host.anchor), use
 
-    @staticmethod
-    def finish(result: Tensor, uses: list[Use]) -> Tensor:
+    def finish(self, result: Tensor, uses: list[Use]) -> Tensor:
         """The operator's result is where the copies' rows meet the batch's."""
         for use in uses:
             use.output = (result.grad_fn, result.output_nr)
+        self.uses = uses
         return result
 
+    def defer(self) -> "BareTensor":
+        """D broadcast against tensors that need no gradient (a mask made in the
+        forward, as HF Swin adds its shifted windows' mask to its relative position
+        bias): the copy is deferred to where the result meets data that does, so
+        that the rows' grouping is proved there (its operand has example rows)."""
+        with torch.enable_grad():
+            out = BareTensor.derived(self.host, self.owner, self.call(self.values), self.leaves)
+        out._bare_pending = (self.func, self.flat, self.spec)
+        return out
+
+    def meet_deferred(self, pending: list[int]) -> Tensor:
+        """This operator on deferred values made plain (:meth:`BareTensor.materialise`)."""
+        flat, uses = list(self.flat), []
+        for i in pending:
+            flat[i], made = self.flat[i].materialise()
+            uses += made
+        return self.finish(self.call(flat), uses)
+
     def expand(self) -> Tensor | None:
-        """``cls_token.expand(B, -1, -1)``: a copy when dim 0 grows (None otherwise)."""
+        """``cls_token.expand(B, -1, -1)``: a copy where dim 0 is the batch's, also of one row
+        (SigLIP's ``probe.repeat(B, 1, 1)`` in a micro-batch of one); None otherwise."""
         out = self.call(self.values)
         aligned = _aligned(self.values[0].shape, out.shape)
-        if not (out.dim() and aligned[0] == 1 and out.shape[0] > 1):
+        if not (out.dim() and aligned[0] == 1):
             return None
         if self.op == "repeat" and any(a not in (s, 1) for a, s in zip(aligned, out.shape)):
             raise refusal(self.label, self.op, "which tiles it (not an expand)")

@@ -64,7 +64,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from privacy import graph
-from privacy.bare import BareOwner, BareTensor, Use
+from privacy.bare import BareOwner, BareTensor, LinearByWeight, Use
 from privacy.reducer import GradReducer, LocalReducer
 from privacy.rules import DEFAULT_RULES, Call, Rule, RuleKey, find_rule, qualified_name
 from privacy.rules.base import (
@@ -315,6 +315,29 @@ class _BareHost:
         self.engine._on_use_grad(use, grad)
 
 
+def _new_call(target: _Target) -> Call:
+    call = Call()
+    target.calls.append(call)
+    return call
+
+
+class _Layer:
+    """The engine as privacy.rules.base.Layer, for one target's rule."""
+
+    def __init__(self, engine: "PrivacyEngine", target: _Target):
+        self.engine, self.target, self.module = engine, target, target.module
+        self.anchor = engine._anchor
+
+    def call(self, x: Tensor) -> Tensor:
+        return self.engine._call(self.target, x)
+
+    def new_call(self) -> Call:
+        return _new_call(self.target)
+
+    def on_grad(self, call: Call, grad) -> None:
+        self.engine._on_grad(self.target, call, grad)
+
+
 def _qualified(qualname: str, name: str) -> str:
     return f"{qualname}.{name}" if qualname else name
 
@@ -385,6 +408,8 @@ class PrivacyEngine:
         self._seed = _random_seed() if seed is None else seed
         self._step = 0
         self._targets, self._owners = _plan(model, self.rules)
+        self._model_buffers = model.buffers
+        self._constant_owners: dict[_Target, BareOwner] = {}  # layers called on a constant input (_is_constant)
         # every clipped parameter as (module, attribute name, qualified name)
         self._clipped = [(t.module, name, _qualified(t.qualname, name)) for t in self._targets for name in t.names]
         self._clipped += [(o.module, name, o.label(name)) for o in self._owners for name in o.names]
@@ -411,26 +436,59 @@ class PrivacyEngine:
 
     def _wrapped_forward(self, target: _Target):
         original = type(target.module).forward
+        layer = _Layer(self, target)
 
-        def forward(x: Tensor) -> Tensor:
+        def forward(*args, **kwargs):
             if not torch.is_grad_enabled():
-                return original(target.module, x)
-            return self._call(target, x)
+                return original(target.module, *args, **kwargs)
+            # a deferred bare value meets the batch here, not inside the rule's no-grad forward
+            args = [a.materialise()[0] if isinstance(a, BareTensor) and a._bare_pending is not None else a
+                    for a in args]
+            return target.rule.run(layer, *args, **kwargs)
 
         return forward
 
     def _call(self, target: _Target, x: Tensor) -> Tensor:
         """One call of a layer, through its rule."""
-        call = Call()
-        target.calls.append(call)
+        if self._is_constant(x):
+            return self._constant_output(target, x)
+        call = _new_call(target)
         out = _BookkeptCall.apply(self, target, call, x, self._anchor)
         call.node = out.grad_fn
         return out
+
+    def _is_constant(self, x: Tensor) -> bool:
+        """``x`` is (a view of) one row of a buffer of the model: an input that the
+        layer's output is broadcast from over the batch, made of parameters alone."""
+        if isinstance(x, BareTensor) or x.requires_grad or x.dim() == 0 or x.shape[0] != 1:
+            return False
+        storage = x.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == storage for b in self._model_buffers())
+
+    def _constant_output(self, target: _Target, x: Tensor) -> BareTensor:
+        """The layer on a constant input, as a derived bare value (privacy/bare.py):
+        its rule's forward on leaf copies of the parameters, with the graph kept,
+        so that where it meets the batch each example's gradient is its copy's row."""
+        owner = self._constant_owners.setdefault(target, BareOwner(target.qualname, target.module, target.names))
+        params, leaves = [], []
+        for slot in target.rule.slots:
+            param = getattr(target.module, slot, None)
+            if slot in target.names:
+                param = param.detach().requires_grad_(True)
+                setattr(param, graph.BARE_LEAF, owner.label(slot))
+                leaves.append((owner, slot, param))
+            params.append(param)
+        with torch.enable_grad():
+            value = target.rule.forward(target.module, Call(), x, *params)
+        return BareTensor.derived(self._host, owner, value, tuple(leaves))
 
     def _watch(self, owner: BareOwner) -> None:
         """Shadow the owner's bare parameters by BareTensors while it runs with grad
         enabled (in its instance ``__dict__``; its ``_parameters`` stay as they are)."""
         shadowing: list[bool] = []  # per nested call: whether it shadows
+        clipped_linears = {id(t.module) for t in self._targets if isinstance(t.rule, LinearRule)}
+        by_weight = LinearByWeight(self._host) if any(id(child) in clipped_linears
+                                                       for child in owner.module.children()) else None
 
         def before(module: nn.Module, args) -> None:
             shadow = torch.is_grad_enabled() and self._attached
@@ -442,6 +500,8 @@ class PrivacyEngine:
                     for name in owner.names:
                         module.__dict__[name] = BareTensor.root(self._host, owner, name,
                                                                 self._shapes[(module, name)])
+                    if by_weight is not None:
+                        by_weight.__enter__()
 
         def after(module: nn.Module, args, output) -> None:
             if shadowing and shadowing.pop():
@@ -449,6 +509,8 @@ class PrivacyEngine:
                 if owner.depth == 0:
                     for name in owner.names:
                         module.__dict__.pop(name, None)
+                    if by_weight is not None:
+                        by_weight.__exit__(None, None, None)
 
         owner.handles = [owner.module.register_forward_pre_hook(before),
                          owner.module.register_forward_hook(after, always_call=True)]
@@ -552,7 +614,12 @@ class PrivacyEngine:
             for target in self._targets:  # layers whose every call did not reach the loss
                 if not target.done and any(call.grad is not None for call in target.calls):
                     self._prepare(target)
+            constant_targets = {id(owner): target for target, owner in self._constant_owners.items()}
             for (owner, name), per_example in micro.bare.items():
+                if id(owner) in constant_targets and constant_targets[id(owner)].done:
+                    raise ValueError(f"{owner.label(name)}: its layer is called both on the batch and on a constant "
+                                     "input (a buffer of one row) in one forward; the privacy engine handles one or "
+                                     "the other")
                 prepared = Prepared({name: per_example}, plan=rows_plan({name: per_example}, ctx.device_type))
                 micro.add(owner.module, prepared)
                 if ctx.norms:
@@ -578,8 +645,9 @@ class PrivacyEngine:
             return
         if micro.batch == 0:  # nothing to clip; the backward ran for the ranks' symmetry
             return
-        if grad.shape[0] != micro.batch:
-            self._rows_per_example(target.qualname or "model", grad.shape[0], call.node, micro.batch)
+        rows = (grad if isinstance(grad, Tensor) else grad[0]).shape[0]
+        if rows != micro.batch:
+            self._rows_per_example(target.qualname or "model", rows, call.node, micro.batch)
         if all(c.grad is not None for c in target.calls):
             with _arithmetic(micro.device):
                 self._prepare(target)

@@ -308,6 +308,7 @@ _RULES: dict[str, Callable] = {
     "ConstantPadNdBackward0": _off_dims(_padded),
     "SliceBackward0": _off_dims(_full_slice),
     "SoftmaxBackward0": _off_dims(lambda node, rank: _dims(node._saved_dim, rank)),
+    "SafeSoftmaxBackward0": _off_dims(lambda node, rank: _dims(node._saved_dim, rank)),  # softmax, 0 for all -inf
     "LogSoftmaxBackward0": _off_dims(lambda node, rank: _dims(node._saved_dim, rank)),
     "SelectBackward0": _removes_dim,
     "UnbindBackward0": _removes_dim,

@@ -175,3 +175,35 @@ def clipped_mean(grads: dict[str, torch.Tensor], max_norm: float, expected_batch
         g = torch.where(scale.view(-1, *[1] * (g.dim() - 1)) > 0, g, 0.0)
         out[name] = torch.einsum("b,b...->...", scale.double(), g.double()).float() / expected_batch
     return out
+
+
+def assert_engine_matches_reference(model: nn.Module, inputs: tuple, splits=(1, 2, 3), expected_batch=7.5,
+                                    **engine_args) -> None:
+    """The engine's per-example norms and clipped gradients over micro-batches
+    ``splits`` of ``inputs`` against float64 torch.func, the bound binding for
+    some examples only: norms within 1e-5 relative, each gradient within 1e-5
+    of its own norm (plus 1e-7 of the whole gradient's, for parameters whose
+    gradient is zero in exact arithmetic, such as attention's key bias)."""
+    from privacy import PrivacyEngine
+
+    reference = per_example_grads(copy.deepcopy(model).double(), *(
+        t.double() if t.is_floating_point() else t for t in inputs))
+    norms = flat_norms(reference)
+    max_norm = norms.median().item()
+    assert (norms > max_norm).any() and (norms < max_norm).any()
+    expected = clipped_mean(reference, max_norm, expected_batch)
+    engine = PrivacyEngine(model, max_grad_norm=max_norm, noise_multiplier=0.0, expected_batch_size=expected_batch,
+                           **engine_args)
+    assert sorted(engine.covered_parameters) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    engine_norms, start = [], 0
+    for size in splits:
+        engine.backward(model(*(t[start:start + size] for t in inputs)))
+        engine_norms.append(engine.per_example_norms)
+        start += size
+    engine.finish_step()
+    engine.detach()
+    torch.testing.assert_close(torch.cat(engine_norms), norms, rtol=1e-5, atol=0)
+    whole = torch.cat([g.flatten() for g in expected.values()]).norm()
+    for name, param in model.named_parameters():
+        error = (param.grad - expected[name]).norm()
+        assert error <= 1e-5 * expected[name].norm() + 1e-7 * whole, (name, error.item())

@@ -93,21 +93,24 @@ class UsedOutsideItsLayer(nn.Module):
 
 class Escapes(nn.Module):
     """``offset * 2`` is computed from the parameter alone and used after the
-    module's forward has returned: it reaches the loss without meeting the batch."""
+    module's forward has returned (as HF Swin's relative position bias is): it
+    meets the batch in the parent, exactly. ``offset`` itself escaping is the
+    parameter again there: refused."""
 
-    def __init__(self):
+    def __init__(self, derived: bool):
         super().__init__()
+        self.derived = derived
         self.linear = nn.Linear(4, 4)
-        self.offset = nn.Parameter(torch.ones(4))
+        self.offset = nn.Parameter(torch.linspace(0.5, 2.0, 4))
 
     def forward(self, x):
-        return self.linear(x), self.offset * 2
+        return self.linear(x), self.offset * 2 if self.derived else self.offset
 
 
 class EscapesParent(nn.Module):
-    def __init__(self):
+    def __init__(self, derived: bool = False):
         super().__init__()
-        self.inner = Escapes()
+        self.inner = Escapes(derived)
 
     def forward(self, x):
         y, extra = self.inner(x)
@@ -169,7 +172,7 @@ class RowsThroughFlip(nn.Module):
 
 @pytest.mark.parametrize("model, match", [
     (UsedOutsideItsLayer(), r"layer\.weight is used outside its layer's forward .*F\.linear"),
-    (EscapesParent(), r"inner\.offset \(a bare parameter\) reaches the loss without meeting the batch"),
+    (EscapesParent(), r"inner\.offset is used outside its layer's forward .*or outside its module's call"),
     (MatmulBare(), r"weight \(a bare parameter.* meets the batch in matmul .*nn\.Linear.*or freeze it"),
     (RowsByPosition(), r"linear: its output has 12 rows in dim 0 but the loss has 4 examples"),
     (RowsThroughFlip(), r"linear: .* FlipBackward0 \(the proof does not know this operator\)"),
@@ -178,6 +181,41 @@ def test_what_cannot_be_exact_is_refused_by_name(model, match):
     engine = PrivacyEngine(model, 1.0, 0.0, 4.0)
     with pytest.raises(ValueError, match=match):
         engine.backward(model(torch.randn(4, 3, 4)))
+
+
+def test_a_value_derived_from_bare_parameters_meets_the_batch_after_its_module_returned():
+    model = EscapesParent(derived=True)
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
+    reference = per_example_grads(model, x)
+    norms = flat_norms(reference)
+    expected = clipped_mean(reference, norms.median().item(), 5.0)
+    torch.testing.assert_close(run(model, (x,), (2, 3), norms.median().item(), 5.0), norms, rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        assert relative_error(p.grad, expected[name]) <= 1e-5, name
+
+
+class InputShift(nn.Module):
+    """A bare parameter added to the model's input, which needs no gradient: the
+    copy is deferred, and made when the sum enters the next layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x + self.shift).square().sum((1, 2))
+
+
+def test_a_deferred_bare_value_entering_a_layer_is_exact():
+    model = InputShift()
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
+    reference = per_example_grads(model, x)
+    norms = flat_norms(reference)
+    expected = clipped_mean(reference, norms.median().item(), 5.0)
+    torch.testing.assert_close(run(model, (x,), (2, 3), norms.median().item(), 5.0), norms, rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        assert relative_error(p.grad, expected[name]) <= 1e-5, name
 
 
 def test_rows_grouped_per_example_are_proved_and_exact():

@@ -89,6 +89,20 @@ def test_a_timm_swin_by_name_and_a_library_that_refuses_it():
     assert abs(methods["engine"]["flops_over_bound"] - 1) < 0.03
 
 
+@pytest.mark.parametrize("model, options", [
+    ("torchvision:mobilenet_v3_small", ["--set", "width_mult=0.25", "--img-size", "64"]),
+    ("hf:CLIPVisionConfig", ["--set", "hidden_size=8", "--set", "num_hidden_layers=1", "--set",
+                             "num_attention_heads=2", "--set", "intermediate_size=16", "--set", "patch_size=8",
+                             "--img-size", "16"]),
+])
+def test_torchvision_and_transformers_models_by_name(model, options):
+    (result,) = bench.main(["--model", model, *options, "--batch", "2", "--methods", "non_private,engine",
+                            "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    methods = result["methods"]
+    assert methods["engine"]["flops"] > methods["non_private"]["flops"] > 0
+    assert methods["engine"]["added_syncs_per_micro_batch"] == 0
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         bench.main(["--model", "vip_base", "--device", "cpu", "--set", "depth"])
@@ -96,3 +110,9 @@ def test_bad_arguments_are_refused():
         bench.main([*TINY_VIT, "--methods", "engine,fast"])
     with pytest.raises(ValueError, match="unknown model"):
         bench.main(["--model", "no_such_net", "--device", "cpu"])
+    with pytest.raises(ValueError, match="unknown model library 'keras'"):
+        bench.main(["--model", "keras:resnet", "--device", "cpu"])
+    with pytest.raises(ValueError, match="not a transformers config class"):
+        bench.main(["--model", "hf:CLIPVisionModel", "--device", "cpu"])
+    with pytest.raises(ValueError, match="not in torchvision.models.list_models"):
+        bench.main(["--model", "torchvision:no_such_net", "--device", "cpu"])

@@ -29,8 +29,11 @@ allocator's peak. For the engine it also reports the per-layer plan of its cost
 model and the FLOP bound that plan predicts. Output: a markdown table, a JSON
 line and (with ``--out``) ``bench.json``, ``bench.md`` and ``bench.png``.
 
-Models by name: ``models.create_model`` names (``dpcap_base``, ``vip_base``...)
-and timm names (``vit_b16``, ``vit_tiny``, ``vit_small`` are short for timm's
+Models by name: ``models.create_model`` names (``dpcap_base``, ``vip_base``...),
+``torchvision:NAME`` (``torchvision:vit_b_16``: ``torchvision.models.get_model``),
+``hf:CONFIG_CLASS`` (``hf:CLIPVisionConfig``: the encoder transformers'
+AutoModel builds from that config, ``--set`` its fields, with a Linear head on
+its pooled output) and timm names (``vit_b16``, ``vit_tiny``, ``vit_small`` are short for timm's
 ``vit_*_patch16_224``), taken as timm builds them (random weights: nothing is
 downloaded), every parameter trainable: ``--model convnext_atto``,
 ``--model swin_tiny_patch4_window7_224``. BatchNorm (ResNets, RegNets) is
@@ -137,9 +140,31 @@ def build_model(case: Case) -> tuple[nn.Module, Callable[[int, torch.Generator],
             return images, tokens
 
         return model, inputs
+    library, _, name = case.model.rpartition(":")
+    if library == "torchvision":
+        classifier, size, classes = _torchvision_classifier(name, case)
+    elif library == "hf":
+        classifier, size, classes = _transformers_classifier(name, case)
+    elif not library:
+        classifier, size, classes = _timm_classifier(name, case)
+    else:
+        raise ValueError(f"unknown model library {library!r} in {case.model!r}: torchvision:NAME, hf:CONFIG_CLASS, "
+                         "or a timm or models.create_model name")
+    changed = replace_batchnorm(classifier)
+    if changed:
+        logger.info("%s: %d BatchNorm layers -> GroupNorm (privacy.convert.replace_batchnorm)", name, len(changed))
+
+    def inputs(batch: int, gen: torch.Generator) -> tuple:
+        return (torch.randn(batch, 3, size, size, generator=gen),
+                torch.randint(0, classes, (batch,), generator=gen))
+
+    return PerExampleCrossEntropy(classifier), inputs
+
+
+def _timm_classifier(name: str, case: Case) -> tuple[nn.Module, int, int]:
     import timm
 
-    name = TIMM_ALIASES.get(case.model, case.model)
+    name = TIMM_ALIASES.get(name, name)
     if not timm.is_model(name):
         raise ValueError(f"unknown model {case.model!r}: neither a models.create_model name "
                          f"({', '.join(sorted(models.REGISTRY))}) nor a timm model")
@@ -150,17 +175,58 @@ def build_model(case: Case) -> tuple[nn.Module, Callable[[int, torch.Generator],
         if not case.img_size or "img_size" not in str(error):
             raise
         classifier = timm.create_model(name, pretrained=False, **case.overrides)
-    changed = replace_batchnorm(classifier)
-    if changed:
-        logger.info("%s: %d BatchNorm layers -> GroupNorm (privacy.convert.replace_batchnorm)", name, len(changed))
     size = classifier.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if not case.img_size else case.img_size
-    classes = classifier.num_classes
+    return classifier, size, classifier.num_classes
 
-    def inputs(batch: int, gen: torch.Generator) -> tuple:
-        return (torch.randn(batch, 3, size, size, generator=gen),
-                torch.randint(0, classes, (batch,), generator=gen))
 
-    return PerExampleCrossEntropy(classifier), inputs
+def _torchvision_classifier(name: str, case: Case) -> tuple[nn.Module, int, int]:
+    """``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None)``
+    (nothing downloaded), ``--img-size`` as ViT's ``image_size`` where it takes one."""
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"unknown model {case.model!r}: not in torchvision.models.list_models()")
+    overrides = dict(case.overrides)
+    try:
+        classifier = torchvision.models.get_model(name, weights=None, **dict(
+            overrides, **({"image_size": case.img_size} if case.img_size else {})))
+    except TypeError as error:  # CNNs take images of any size
+        if not case.img_size or "image_size" not in str(error):
+            raise
+        classifier = torchvision.models.get_model(name, weights=None, **overrides)
+    return classifier, case.img_size or 224, overrides.get("num_classes", 1000)
+
+
+class VisionEncoderClassifier(nn.Module):
+    """A transformers vision encoder (images -> its pooled output, or its first
+    token where it has no pooler) and a Linear head: images -> logits."""
+
+    def __init__(self, encoder: nn.Module, width: int, classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(pixel_values=images)
+        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+        return self.head(pooled)
+
+
+def _transformers_classifier(name: str, case: Case) -> tuple[nn.Module, int, int]:
+    """``hf:CONFIG_CLASS`` (``hf:CLIPVisionConfig``): the encoder transformers'
+    AutoModel builds from that config (random weights, nothing downloaded), with
+    ``--set`` overrides as config fields and ``--img-size`` as ``image_size``."""
+    import transformers
+
+    config_class = getattr(transformers, name, None)
+    if not (isinstance(config_class, type) and issubclass(config_class, transformers.PretrainedConfig)):
+        raise ValueError(f"unknown model {case.model!r}: {name} is not a transformers config class")
+    overrides = dict(case.overrides)
+    classes = overrides.pop("num_classes", 1000)
+    config = config_class(**dict(overrides, **({"image_size": case.img_size} if case.img_size else {})))
+    encoder = transformers.AutoModel.from_config(config)
+    width = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
+    return VisionEncoderClassifier(encoder, width, classes), getattr(config, "image_size", 224), classes
 
 
 # ----------------------------------------------------------------------------- methods

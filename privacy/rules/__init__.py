@@ -18,10 +18,11 @@ from torch import nn
 
 from privacy.layers import AddedParameter
 from privacy.rules.added import AddedParameterRule
+from privacy.rules.attention import MultiheadAttentionRule
 from privacy.rules.base import Call, ChannelsFirst, LayerPlan, Rule
 from privacy.rules.conv import ConvRule
 from privacy.rules.embedding import EmbeddingRule
-from privacy.rules.layernorm import LayerNormRule
+from privacy.rules.layernorm import DataFormatLayerNormRule, LayerNormRule
 from privacy.rules.linear import LinearRule
 from privacy.rules.norms import GroupNormRule, RMSNormRule
 from privacy.rules.scale import ScaleRule
@@ -36,6 +37,7 @@ DEFAULT_RULES: dict[RuleKey, Rule] = {
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
     nn.RMSNorm: RMSNormRule(),
+    nn.MultiheadAttention: MultiheadAttentionRule(),
     AddedParameter: AddedParameterRule(),
     # timm 1.0: F.layer_norm, F.group_norm and rms_norm as their torch counterparts (or
     # over dim 1 of NCHW: "2d"); LayerScale: x * gamma over the last dim, LayerScale2d over dim 1
@@ -48,6 +50,13 @@ DEFAULT_RULES: dict[RuleKey, Rule] = {
     "timm.layers.norm.RmsNorm2d": ChannelsFirst(RMSNormRule()),
     "timm.layers.layer_scale.LayerScale": ScaleRule(channel_dim=-1),
     "timm.layers.layer_scale.LayerScale2d": ScaleRule(channel_dim=1),
+    # torchvision 0.2x: F.layer_norm over the channels of NCHW (permuted to the last dim and back)
+    "torchvision.models.convnext.LayerNorm2d": ChannelsFirst(LayerNormRule()),
+    # transformers 5: nn.LayerNorm's forward, permuted as above where data_format is "channels_first"
+    "transformers.models.convnext.modeling_convnext.ConvNextLayerNorm": DataFormatLayerNormRule(),
+    "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2LayerNorm": DataFormatLayerNormRule(),
+    "transformers.models.dinov3_convnext.modeling_dinov3_convnext.DINOv3ConvNextLayerNorm":
+        DataFormatLayerNormRule(),
 }
 
 

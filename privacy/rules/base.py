@@ -142,6 +142,22 @@ class Prepared:
     plan: LayerPlan | None = None
 
 
+class Layer(Protocol):
+    """What the engine gives a rule's :meth:`Rule.run`: one layer it clips."""
+
+    module: nn.Module
+    anchor: Tensor  # a scalar that requires grad: makes a Function's output part of the graph
+
+    def call(self, x: Tensor) -> Tensor:
+        """The layer on ``x`` through the rule's forward and backward (one input, one output)."""
+
+    def new_call(self) -> Call:
+        """A call recorded for this forward, for a rule that runs its own autograd Function."""
+
+    def on_grad(self, call: Call, grad: Any) -> None:
+        """In that Function's backward: the call's output gradient(s), dim 0 the rows."""
+
+
 class Rule:
     """Per-example gradient arithmetic for one layer kind.
 
@@ -151,6 +167,12 @@ class Rule:
     """
 
     slots: tuple[str, ...] = ("weight", "bias")
+
+    def run(self, layer: Layer, x: Tensor) -> Tensor:
+        """The layer's forward while the engine clips it (grad enabled): by default
+        one input through :meth:`forward` and :meth:`grad_input`. A layer with several
+        inputs or outputs (attention) overrides this with its own autograd Function."""
+        return layer.call(x)
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise ``ValueError`` if this layer's configuration is unsupported."""

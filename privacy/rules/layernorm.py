@@ -1,6 +1,7 @@
 """nn.LayerNorm (and timm's LayerNorm, the same arithmetic): per-example gradients
-materialised (they are only [b, n]). timm's LayerNorm2d, a layer norm over the
-channels of NCHW, is this rule through ``ChannelsFirst``.
+materialised (they are only [b, n]). timm's and torchvision's LayerNorm2d, a layer
+norm over the channels of NCHW, are this rule through ``ChannelsFirst``; Hugging
+Face's ConvNeXt norms choose by their ``data_format`` (:class:`DataFormatLayerNormRule`).
 
 weight gradient of one example: ``sum_t g_t * xhat_t``; bias: ``sum_t g_t``.
 They are formed in the layer's backward, so its input and output gradient are
@@ -13,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from privacy.rules.base import FP32, Call, Prepared, Rule, cast
+from privacy.rules.base import FP32, Call, ChannelsFirst, Prepared, Rule, cast
 from privacy.rules.linear import rows_plan, total
 
 
@@ -47,3 +48,30 @@ class LayerNormRule(Rule):
                 parts["bias"].append(g.sum(1, dtype=FP32))
         rows = {name: total(values) for name, values in parts.items()}
         return Prepared(rows, plan=rows_plan(rows, ctx.device_type))
+
+
+class DataFormatLayerNormRule(Rule):
+    """A LayerNorm with ``data_format`` "channels_last" (nn.LayerNorm's arithmetic)
+    or "channels_first" (permuted to channels last and back), as transformers'
+    ConvNeXt, ConvNeXt V2 and DINOv3 ConvNeXt norms."""
+
+    def __init__(self):
+        self.channels_last = LayerNormRule()
+        self.channels_first = ChannelsFirst(self.channels_last)
+
+    def _rule(self, module: nn.Module) -> Rule:
+        return self.channels_first if module.data_format == "channels_first" else self.channels_last
+
+    def check(self, module: nn.Module, name: str) -> None:
+        if getattr(module, "data_format", None) not in ("channels_last", "channels_first"):
+            raise ValueError(f"{name}: data_format {getattr(module, 'data_format', None)!r} is neither "
+                             "'channels_last' nor 'channels_first'")
+
+    def forward(self, module, call, x, *params):
+        return self._rule(module).forward(module, call, x, *params)
+
+    def grad_input(self, module, call, grad):
+        return self._rule(module).grad_input(module, call, grad)
+
+    def prepare(self, module, names, calls, ctx, sums) -> Prepared:
+        return self._rule(module).prepare(module, names, calls, ctx, sums)
