@@ -183,15 +183,20 @@ def test_what_cannot_be_exact_is_refused_by_name(model, match):
         engine.backward(model(torch.randn(4, 3, 4)))
 
 
-def test_a_value_derived_from_bare_parameters_meets_the_batch_after_its_module_returned():
-    model = EscapesParent(derived=True)
-    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
+def _assert_exact_at_the_median_norm(model, x):
+    """Micro-batches 2 + 3 of ``x``, clipped at the median per-example norm, against torch.func."""
     reference = per_example_grads(model, x)
     norms = flat_norms(reference)
     expected = clipped_mean(reference, norms.median().item(), 5.0)
     torch.testing.assert_close(run(model, (x,), (2, 3), norms.median().item(), 5.0), norms, rtol=1e-5, atol=0)
     for name, p in model.named_parameters():
         assert relative_error(p.grad, expected[name]) <= 1e-5, name
+
+
+def test_a_value_derived_from_bare_parameters_meets_the_batch_after_its_module_returned():
+    model = EscapesParent(derived=True)
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
+    _assert_exact_at_the_median_norm(model, x)
 
 
 class InputShift(nn.Module):
@@ -210,24 +215,14 @@ class InputShift(nn.Module):
 def test_a_deferred_bare_value_entering_a_layer_is_exact():
     model = InputShift()
     x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
-    reference = per_example_grads(model, x)
-    norms = flat_norms(reference)
-    expected = clipped_mean(reference, norms.median().item(), 5.0)
-    torch.testing.assert_close(run(model, (x,), (2, 3), norms.median().item(), 5.0), norms, rtol=1e-5, atol=0)
-    for name, p in model.named_parameters():
-        assert relative_error(p.grad, expected[name]) <= 1e-5, name
+    _assert_exact_at_the_median_norm(model, x)
 
 
 def test_rows_grouped_per_example_are_proved_and_exact():
     torch.manual_seed(0)
     model = RowsThroughFlip(flip=False)
     x = torch.randn(5, 3, 4)
-    reference = per_example_grads(model, x)
-    norms = flat_norms(reference)
-    expected = clipped_mean(reference, norms.median().item(), 5.0)
-    torch.testing.assert_close(run(model, (x,), (2, 3), norms.median().item(), 5.0), norms, rtol=1e-5, atol=0)
-    for name, p in model.named_parameters():
-        assert relative_error(p.grad, expected[name]) <= 1e-5, name
+    _assert_exact_at_the_median_norm(model, x)
 
 
 class WindowsOfTheInput(nn.Module):
