@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privacy.audit.training import EngineFactory, Mechanism, train_private
+from privacy.audit.training import EngineFactory, Mechanism, SamplerFactory, train_private
+from privacy.sampling import PoissonSampler
 
 POPULATION_DIMS = 16
 NORM_RATIO = 100.0  # canary gradient norm / C: clipped to C, or 100x the signal if clipping is broken
@@ -38,16 +39,21 @@ MIN_SPREAD = 0.01  # in units of C: the noise a coordinate is credited with when
 CLASSES = 10
 
 
-class LinearLoss(nn.Module):
-    """Per-example loss ``w . x``: its per-example gradient is the input itself."""
+class DiracLoss(nn.Module):
+    """Per-example loss ``w . x`` of one linear layer over ``POPULATION_DIMS + slots`` inputs:
+    its per-example gradient is the input itself. An example is stored sparsely, as its
+    population features, a canary slot and the value in that slot (0 for the population),
+    and made dense one micro-batch at a time: 10^5 canaries fit in memory."""
 
-    def __init__(self, dims: int):
+    def __init__(self, slots: int):
         super().__init__()
-        self.probe = nn.Linear(dims, 1, bias=False)
+        self.slots = slots
+        self.probe = nn.Linear(POPULATION_DIMS + slots, 1, bias=False)
         nn.init.zeros_(self.probe.weight)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [b, dims] -> [b]
-        return self.probe(x).squeeze(1)
+    def forward(self, features: Tensor, slot: Tensor, value: Tensor) -> Tensor:  # [b, P], [b], [b] -> [b]
+        canary = features.new_zeros(len(features), self.slots).scatter_(1, slot[:, None], value[:, None])
+        return self.probe(torch.cat([features, canary], dim=1)).squeeze(1)
 
 
 class SoftmaxRegression(nn.Module):
@@ -78,6 +84,7 @@ class Setting:
     slots: int       # canary slots in the model (the number of canaries of a one-run audit)
     seed: int = 0
     device: torch.device = torch.device("cpu")
+    sampler: SamplerFactory = PoissonSampler  # the batch sampler under test
 
 
 def _shuffled(dataset: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:
@@ -113,30 +120,29 @@ class DiracCanaries:
 
     def __init__(self, setting: Setting):
         self.setting = setting
-        self.dims = POPULATION_DIMS + setting.slots
         self.population = self._population(np.random.default_rng([setting.seed, 1]))
 
     def _population(self, rng: np.random.Generator) -> Tensor:
-        """Random gradients in the population coordinates, norms spread around C
-        (about half of them clipped)."""
+        """Random gradients [n, POPULATION_DIMS], norms spread around C (about half of them clipped)."""
         n, c = self.setting.population, self.setting.mechanism.max_grad_norm
         direction = rng.standard_normal((n, POPULATION_DIMS))
         direction /= np.linalg.norm(direction, axis=1, keepdims=True)
         norms = c * np.exp(rng.normal(0.0, 0.5, size=(n, 1)))
-        x = np.zeros((n, self.dims))
-        x[:, :POPULATION_DIMS] = direction * norms
-        return torch.tensor(x, dtype=torch.float32)
+        return torch.tensor(direction * norms, dtype=torch.float32)
 
-    def _train(self, slots_in: np.ndarray, observed: np.ndarray, seed: int) -> np.ndarray:
-        """Train with canaries in ``slots_in``; scores [scores, len(observed)] of the ``observed`` slots."""
+    def updates(self, slots_in: np.ndarray, observed: np.ndarray, seed: int) -> np.ndarray:
+        """Train with canaries in ``slots_in``; the updates [steps, len(observed)] of the
+        ``observed`` slots' coordinates, in units of C (a sampled canary adds exactly 1)."""
         s, m = self.setting, self.setting.mechanism
-        canaries = torch.zeros((len(slots_in), self.dims))
-        canaries[torch.arange(len(slots_in)), torch.as_tensor(POPULATION_DIMS + slots_in, dtype=torch.long)] = (
-            NORM_RATIO * m.max_grad_norm)
-        inputs = _shuffled((torch.cat([self.population, canaries]),), seed)[0].to(s.device)
-        expected_batch = m.sample_rate * len(inputs)
+        count = len(slots_in)
+        features = torch.cat([self.population, torch.zeros(count, POPULATION_DIMS)])
+        slot = torch.cat([torch.zeros(len(self.population), dtype=torch.long),
+                          torch.as_tensor(slots_in, dtype=torch.long)])
+        value = torch.cat([torch.zeros(len(self.population)), torch.full((count,), NORM_RATIO * m.max_grad_norm)])
+        dataset = tuple(t.to(s.device) for t in _shuffled((features, slot, value), seed))
+        expected_batch = m.sample_rate * len(features)
         coordinates = torch.as_tensor(POPULATION_DIMS + observed, dtype=torch.long, device=s.device)
-        updates, previous = [], torch.zeros(len(observed), dtype=torch.float64)  # LinearLoss starts at 0
+        updates, previous = [], torch.zeros(len(observed), dtype=torch.float64)  # DiracLoss starts at 0
 
         def observe(step: int, model: nn.Module) -> None:
             nonlocal previous
@@ -145,8 +151,13 @@ class DiracCanaries:
             updates.append((previous - current).numpy() * expected_batch / (m.learning_rate * m.max_grad_norm))
             previous = current
 
-        train_private(s.engine, LinearLoss(self.dims).to(s.device), (inputs,), m, seed, observe)
-        x = np.stack(updates)  # [steps, observed]
+        train_private(s.engine, DiracLoss(s.slots).to(s.device), dataset, m, seed, observe, s.sampler)
+        return np.stack(updates)
+
+    def _train(self, slots_in: np.ndarray, observed: np.ndarray, seed: int) -> np.ndarray:
+        """Scores [scores, len(observed)] of the ``observed`` slots, canaries in ``slots_in``."""
+        m = self.setting.mechanism
+        x = self.updates(slots_in, observed, seed)
         sigma = max(m.noise_multiplier, MIN_SPREAD)
         return np.stack([_llr(x, m.sample_rate, sigma), _llr_own_scale(x, m.sample_rate)])
 
@@ -196,7 +207,8 @@ class InputCanaries:
         dataset = _shuffled(tuple(torch.cat([p, c[torch.as_tensor(included)]])
                                   for p, c in zip(self.population, (canary_x, canary_y))), seed)
         dataset = tuple(t.to(s.device) for t in dataset)
-        model = train_private(s.engine, SoftmaxRegression(self.dims, CLASSES).to(s.device), dataset, m, seed)
+        model = train_private(s.engine, SoftmaxRegression(self.dims, CLASSES).to(s.device), dataset, m, seed,
+                              sampler_factory=s.sampler)
         with torch.no_grad():
             loss = model(canary_x.to(s.device), canary_y.to(s.device))
         return -loss.double().cpu().numpy()[None, :]

@@ -1,0 +1,103 @@
+"""The tight white-box line: a fixed decision rule's mistakes tested against the claimed family.
+
+The assumption-free one-run bound (:func:`~privacy.audit.estimators.one_run_epsilon`)
+must hold for every (epsilon, delta)-DP mechanism, so it certifies little of a
+subsampled Gaussian. This line assumes more and certifies nearly all of it:
+
+- every canary reaches the output through its own channel, independent of the
+  others' (a correct engine gives each Dirac canary a coordinate that nothing
+  else touches, with its own noise and its own Poisson draw), and
+- that channel is some member of the claimed family: the Poisson-subsampled
+  Gaussian at the claimed q and steps, with an unknown noise multiplier sigma'.
+
+The rule is fixed before any score is seen: guess "in" when the canary's
+log-likelihood ratio under the claimed member is > 0. Canaries are in with
+probability 1/2 each, so under member sigma' every guess is wrong
+independently with probability at least its Bayes error (1 - TV) / 2, which
+grows with sigma'. A Clopper-Pearson upper bound on the mistake rate rejects
+every sigma' whose Bayes error is above it; the bound is the epsilon (same
+accountant as the claim) of the most private member left: the mechanism that
+ran is at least as leaky as that member. No threshold is searched, so nothing
+is paid for one.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from dp_accounting.pld import privacy_loss_distribution
+from scipy import optimize
+
+from privacy import accounting
+from privacy.audit.estimators import clopper_pearson_upper
+
+ASSUMPTION = ("independent per-canary channels, each a Poisson-subsampled Gaussian at the claimed q and steps "
+              "with some noise multiplier")
+# Members below sigma_claimed / SIGMA_RANGE are not searched: "at least the epsilon of that member" is reported.
+SIGMA_RANGE = 8.0
+
+
+def bayes_error(noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    """Least possible error rate of any in/out guess (prior 1/2) about one canary of the
+    ``steps``-fold Poisson-subsampled Gaussian: (1 - TV) / 2. TV is the hockey-stick
+    divergence at epsilon 0, from dp-accounting's pessimistic PLD: an upper bound, so
+    this error is a lower bound and the test below only rejects less."""
+    if noise_multiplier <= 0:
+        return 0.0
+    pld = privacy_loss_distribution.from_gaussian_mechanism(
+        noise_multiplier, sampling_prob=sample_rate, pessimistic_estimate=True,
+        value_discretization_interval=accounting._pld_interval(noise_multiplier))
+    total_variation = pld.self_compose(steps).get_delta_for_epsilon(0.0)
+    return float(max(0.0, (1.0 - total_variation) / 2))
+
+
+def guesses_in(llr: np.ndarray) -> np.ndarray:
+    """The fixed rule: "in" where the likelihood ratio under the claimed member exceeds 1."""
+    return np.asarray(llr) > 0
+
+
+@dataclass(frozen=True)
+class FamilyResult:
+    epsilon: float              # lower bound: epsilon of the most private member not rejected
+    sigma: float                # that member's noise multiplier (inf when nothing is rejected)
+    mistakes: int
+    canaries: int
+    mistake_rate_upper: float   # Clopper-Pearson upper bound on the mistake rate
+    ceiling: float              # the bound of an audit without mistakes: the most it can show
+
+
+def _most_private_member(rate_upper: float, sigma_claimed: float, sample_rate: float, steps: int) -> float:
+    """The largest sigma' whose Bayes error is <= ``rate_upper`` (every larger one is rejected)."""
+    floor = max(sigma_claimed / SIGMA_RANGE, accounting.MIN_NOISE_MULTIPLIER)
+    if rate_upper >= 0.5:
+        return math.inf  # no member errs more than chance
+    if bayes_error(floor, sample_rate, steps) >= rate_upper:
+        return floor  # all searched members are rejected: report the least leaky of them
+    high = max(sigma_claimed, floor) * 2
+    while bayes_error(high, sample_rate, steps) < rate_upper:
+        high *= 2
+
+    def gap(log_sigma: float) -> float:
+        return bayes_error(math.exp(log_sigma), sample_rate, steps) - rate_upper
+
+    return math.exp(optimize.brentq(gap, math.log(floor), math.log(high), xtol=1e-3))
+
+
+def family_epsilon(guesses: np.ndarray, included: np.ndarray, significance: float, sigma_claimed: float,
+                   sample_rate: float, steps: int, delta: float, accountant: str) -> FamilyResult:
+    """The tight lower bound from the fixed rule's guesses and the canaries' memberships."""
+    guesses, included = np.asarray(guesses, dtype=bool), np.asarray(included, dtype=bool)
+    if guesses.shape != included.shape or guesses.ndim != 1:
+        raise ValueError(f"guesses {guesses.shape} and memberships {included.shape} must be equal 1-d shapes")
+    canaries = included.size
+    mistakes = int((guesses != included).sum())
+
+    def epsilon_of(sigma: float) -> float:
+        return 0.0 if math.isinf(sigma) else accounting.epsilon(sigma, sample_rate, steps, delta, accountant)
+
+    rate_upper = float(clopper_pearson_upper(mistakes, canaries, significance))
+    sigma = _most_private_member(rate_upper, sigma_claimed, sample_rate, steps)
+    perfect = _most_private_member(float(clopper_pearson_upper(0, canaries, significance)), sigma_claimed,
+                                   sample_rate, steps)
+    return FamilyResult(epsilon=epsilon_of(sigma), sigma=sigma, mistakes=mistakes, canaries=canaries,
+                        mistake_rate_upper=rate_upper, ceiling=epsilon_of(perfect))
