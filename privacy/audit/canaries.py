@@ -15,7 +15,9 @@ audits, so a canary is not always owned by the same simulated rank).
   updates under the claimed mechanism, "sampled into this step" (a shift of
   C) against "not" (noise only). A second score takes each coordinate's own
   median and spread for the claimed zero and noise, so that noise repeated
-  every step, or smaller than claimed on some coordinates, shows too.
+  every step shows too; a third is the likelihood ratio maximised over two
+  noise scales, the claimed one and none (MIN_SPREAD), so that coordinates
+  released without noise show too, while noisy ones score as under the claim.
 - :class:`InputCanaries` (black box): a linear softmax classifier trained
   with cross-entropy; a canary is a crafted input (a large value in an unused
   coordinate) with a random label. The attacker sees only the final model's
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import Tensor, nn
 
 from privacy.audit.training import EngineFactory, Mechanism, SamplerFactory, train_private
@@ -112,11 +115,26 @@ def _llr_own_scale(updates: np.ndarray, sample_rate: float) -> np.ndarray:
     return _llr(centred, sample_rate, np.maximum(spread, MIN_SPREAD))
 
 
+def _log_likelihoods(updates: np.ndarray, sample_rate: float, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """(log-likelihood "in", "out") of each canary's updates [steps, canaries] at noise std ``noise``."""
+    at_zero, at_one = stats.norm.logpdf(updates, 0.0, noise), stats.norm.logpdf(updates, 1.0, noise)
+    with np.errstate(divide="ignore"):  # q = 1
+        inside = np.logaddexp(np.log1p(-sample_rate) + at_zero, np.log(sample_rate) + at_one)
+    return inside.sum(0), at_zero.sum(0)
+
+
+def _llr_claimed_or_noiseless(updates: np.ndarray, sample_rate: float, noise: float) -> np.ndarray:
+    """Generalised likelihood ratio over the noise scales {``noise``, MIN_SPREAD}: the claimed
+    ratio on noisy coordinates, near-perfect on coordinates released without noise."""
+    pairs = [_log_likelihoods(updates, sample_rate, scale) for scale in (noise, MIN_SPREAD)]
+    return np.maximum(*(p[0] for p in pairs)) - np.maximum(*(p[1] for p in pairs))
+
+
 class DiracCanaries:
     """White-box gradient canaries observed in every update."""
 
     name = "dirac"
-    score_names = ("llr", "llr_own_scale")
+    score_names = ("llr", "llr_own_scale", "llr_claimed_or_noiseless")
 
     def __init__(self, setting: Setting):
         self.setting = setting
@@ -159,7 +177,8 @@ class DiracCanaries:
         m = self.setting.mechanism
         x = self.updates(slots_in, observed, seed)
         sigma = max(m.noise_multiplier, MIN_SPREAD)
-        return np.stack([_llr(x, m.sample_rate, sigma), _llr_own_scale(x, m.sample_rate)])
+        return np.stack([_llr(x, m.sample_rate, sigma), _llr_own_scale(x, m.sample_rate),
+                         _llr_claimed_or_noiseless(x, m.sample_rate, sigma)])
 
     def one_run(self, included: np.ndarray, seed: int) -> np.ndarray:
         """Scores [scores, m] of the m = slots canaries, those ``included`` trained on."""

@@ -103,14 +103,14 @@ def audit_point(engine: EngineFactory, mechanism: Mechanism, plan: Plan,
                     kind, plan.canaries, one.epsilon, claimed, entries[-1]["seconds"])
         if kind == TIGHT_KIND:
             start = time.perf_counter()
-            tight = family_epsilon(guesses_in(scores[0]), included, significance, mechanism.noise_multiplier,
+            tight = family_epsilon(guesses_in(scores), included, significance, mechanism.noise_multiplier,
                                    mechanism.sample_rate, mechanism.steps, plan.delta, plan.accountant)
             entries.append(common | {
                 "canary": kind, "estimator": "tight_family", "epsilon_lower": tight.epsilon, "rigorous": True,
                 "assumption_free": False, "assumption": ASSUMPTION, "epsilon_ceiling": tight.ceiling,
                 "canaries": plan.canaries, "canaries_in": int(included.sum()), "mistakes": tight.mistakes,
                 "mistake_rate_upper": tight.mistake_rate_upper, "sigma_at_most": None if math.isinf(tight.sigma) else tight.sigma,
-                "score": "llr > 0", "hypotheses": 1, "runs": 1, "seconds": time.perf_counter() - start})
+                "score": f"{canaries.score_names[tight.rule]} > 0", "hypotheses": tight.hypotheses, "runs": 1, "seconds": time.perf_counter() - start})
             logger.info("%s tight (claimed family): %d mistakes of %d, sigma' <= %.4f (claimed %.4f), "
                         "epsilon >= %.3f (claimed %.3f)", kind, tight.mistakes, plan.canaries, tight.sigma,
                         mechanism.noise_multiplier, tight.epsilon, claimed)

@@ -10,15 +10,18 @@ subsampled Gaussian. This line assumes more and certifies nearly all of it:
 - that channel is some member of the claimed family: the Poisson-subsampled
   Gaussian at the claimed q and steps, with an unknown noise multiplier sigma'.
 
-The rule is fixed before any score is seen: guess "in" when the canary's
-log-likelihood ratio under the claimed member is > 0. Canaries are in with
-probability 1/2 each, so under member sigma' every guess is wrong
-independently with probability at least its Bayes error (1 - TV) / 2, which
-grows with sigma'. A Clopper-Pearson upper bound on the mistake rate rejects
-every sigma' whose Bayes error is above it; the bound is the epsilon (same
-accountant as the claim) of the most private member left: the mechanism that
-ran is at least as leaky as that member. No threshold is searched, so nothing
-is paid for one.
+The rules are fixed before any score is seen: guess "in" when a canary's
+log-likelihood ratio is > 0, one rule per score function (the ratio under the
+claimed member, which is the Bayes-optimal rule if the engine is correct, and
+the ratio with each coordinate's own zero and spread, which stays sharp when
+the noise is missing or repeated). Canaries are in with probability 1/2
+each, so under member sigma' every guess of any fixed rule is wrong
+independently with probability at least the member's Bayes error
+(1 - TV) / 2, which grows with sigma'. A Clopper-Pearson upper bound on a
+rule's mistake rate rejects every sigma' whose Bayes error is above it; the
+bound is the epsilon (same accountant as the claim) of the most private
+member left: the mechanism that ran is at least as leaky as that member. No
+threshold is searched; the rules share the significance level (Bonferroni).
 """
 
 import math
@@ -52,17 +55,19 @@ def bayes_error(noise_multiplier: float, sample_rate: float, steps: int) -> floa
 
 
 def guesses_in(llr: np.ndarray) -> np.ndarray:
-    """The fixed rule: "in" where the likelihood ratio under the claimed member exceeds 1."""
-    return np.asarray(llr) > 0
+    """The fixed rules: "in" where a likelihood ratio (one row per score function) exceeds 1."""
+    return np.atleast_2d(np.asarray(llr)) > 0
 
 
 @dataclass(frozen=True)
 class FamilyResult:
     epsilon: float              # lower bound: epsilon of the most private member not rejected
     sigma: float                # that member's noise multiplier (inf when nothing is rejected)
-    mistakes: int
+    rule: int                   # index of the rule that gave it
+    mistakes: int               # that rule's wrong guesses
     canaries: int
-    mistake_rate_upper: float   # Clopper-Pearson upper bound on the mistake rate
+    mistake_rate_upper: float   # Clopper-Pearson upper bound on that rule's mistake rate
+    hypotheses: int             # rules tested: the Bonferroni factor
     ceiling: float              # the bound of an audit without mistakes: the most it can show
 
 
@@ -85,19 +90,23 @@ def _most_private_member(rate_upper: float, sigma_claimed: float, sample_rate: f
 
 def family_epsilon(guesses: np.ndarray, included: np.ndarray, significance: float, sigma_claimed: float,
                    sample_rate: float, steps: int, delta: float, accountant: str) -> FamilyResult:
-    """The tight lower bound from the fixed rule's guesses and the canaries' memberships."""
-    guesses, included = np.asarray(guesses, dtype=bool), np.asarray(included, dtype=bool)
-    if guesses.shape != included.shape or guesses.ndim != 1:
-        raise ValueError(f"guesses {guesses.shape} and memberships {included.shape} must be equal 1-d shapes")
-    canaries = included.size
-    mistakes = int((guesses != included).sum())
+    """The tight lower bound from the fixed rules' guesses (one row per rule) and the
+    canaries' memberships: the best rule's, each tested at ``significance / rules``."""
+    guesses, included = np.atleast_2d(np.asarray(guesses, dtype=bool)), np.asarray(included, dtype=bool)
+    if included.ndim != 1 or guesses.shape[1:] != included.shape:
+        raise ValueError(f"guesses {guesses.shape} must be [rules, canaries] for {included.shape} memberships")
+    canaries, rules = included.size, len(guesses)
+    level = significance / rules
+    mistakes = (guesses != included).sum(1)
+    rule = int(mistakes.argmin())  # the Bayes error grows with sigma': the fewest mistakes reject the most
 
     def epsilon_of(sigma: float) -> float:
         return 0.0 if math.isinf(sigma) else accounting.epsilon(sigma, sample_rate, steps, delta, accountant)
 
-    rate_upper = float(clopper_pearson_upper(mistakes, canaries, significance))
+    rate_upper = float(clopper_pearson_upper(int(mistakes[rule]), canaries, level))
     sigma = _most_private_member(rate_upper, sigma_claimed, sample_rate, steps)
-    perfect = _most_private_member(float(clopper_pearson_upper(0, canaries, significance)), sigma_claimed,
+    perfect = _most_private_member(float(clopper_pearson_upper(0, canaries, level)), sigma_claimed,
                                    sample_rate, steps)
-    return FamilyResult(epsilon=epsilon_of(sigma), sigma=sigma, mistakes=mistakes, canaries=canaries,
-                        mistake_rate_upper=rate_upper, ceiling=epsilon_of(perfect))
+    return FamilyResult(epsilon=epsilon_of(sigma), sigma=sigma, rule=rule, mistakes=int(mistakes[rule]),
+                        canaries=canaries, mistake_rate_upper=rate_upper, hypotheses=rules,
+                        ceiling=epsilon_of(perfect))
