@@ -172,13 +172,16 @@ class DiracCanaries:
         train_private(s.engine, DiracLoss(s.slots).to(s.device), dataset, m, seed, observe, s.sampler)
         return np.stack(updates)
 
+    @staticmethod
+    def scores(updates: np.ndarray, mechanism: Mechanism) -> np.ndarray:
+        """Scores [score_names, canaries] of updates [steps, canaries] (units of C) under the claimed ``mechanism``."""
+        sigma, q = max(mechanism.noise_multiplier, MIN_SPREAD), mechanism.sample_rate
+        return np.stack([_llr(updates, q, sigma), _llr_own_scale(updates, q),
+                         _llr_claimed_or_noiseless(updates, q, sigma)])
+
     def _train(self, slots_in: np.ndarray, observed: np.ndarray, seed: int) -> np.ndarray:
         """Scores [scores, len(observed)] of the ``observed`` slots, canaries in ``slots_in``."""
-        m = self.setting.mechanism
-        x = self.updates(slots_in, observed, seed)
-        sigma = max(m.noise_multiplier, MIN_SPREAD)
-        return np.stack([_llr(x, m.sample_rate, sigma), _llr_own_scale(x, m.sample_rate),
-                         _llr_claimed_or_noiseless(x, m.sample_rate, sigma)])
+        return self.scores(self.updates(slots_in, observed, seed), self.setting.mechanism)
 
     def one_run(self, included: np.ndarray, seed: int) -> np.ndarray:
         """Scores [scores, m] of the m = slots canaries, those ``included`` trained on."""
