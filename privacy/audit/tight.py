@@ -38,6 +38,7 @@ ASSUMPTION = ("independent per-canary channels, each a Poisson-subsampled Gaussi
               "with some noise multiplier")
 # Members below sigma_claimed / SIGMA_RANGE are not searched: "at least the epsilon of that member" is reported.
 SIGMA_RANGE = 8.0
+LOG_SIGMA_TOLERANCE = 1e-3  # of the search for that member
 
 
 def bayes_error(noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -85,7 +86,9 @@ def _most_private_member(rate_upper: float, sigma_claimed: float, sample_rate: f
     def gap(log_sigma: float) -> float:
         return bayes_error(math.exp(log_sigma), sample_rate, steps) - rate_upper
 
-    return math.exp(optimize.brentq(gap, math.log(floor), math.log(high), xtol=1e-3))
+    # the root's far side within the tolerance: a larger sigma', a smaller epsilon, never an overstatement
+    return math.exp(optimize.brentq(gap, math.log(floor), math.log(high), xtol=LOG_SIGMA_TOLERANCE)
+                    + LOG_SIGMA_TOLERANCE)
 
 
 def family_epsilon(guesses: np.ndarray, included: np.ndarray, significance: float, sigma_claimed: float,
