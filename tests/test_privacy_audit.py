@@ -203,7 +203,7 @@ def test_family_bound_is_valid_and_tight_on_the_claimed_mechanism_and_flags_less
         assert result.hypotheses == 3 and result.mistakes == mistakes.min()
         assert result.mistake_rate_upper == pytest.approx(float(clopper_pearson_upper(mistakes.min(), m,
                                                                                        significance / 3)))
-        assert bayes_error(result.sigma, q, 10) == pytest.approx(result.mistake_rate_upper, abs=2e-4)
+        assert bayes_error(result.sigma, q, 10) == pytest.approx(result.mistake_rate_upper, abs=5e-4)
         if sigma_true == sigma:
             assert 0.75 * 8.0 <= result.epsilon < 8.0, result.epsilon
             assert result.rule == 0  # the claimed member's ratio is the Bayes rule
