@@ -183,7 +183,8 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "audit.json").write_text(json.dumps(result, indent=1) + "\n")
-    title = f"{args.engine}, {args.sampler}: q {args.sample_rate}, {args.steps} steps, delta {args.delta:g}, {args.accountant}"
+    title = (f"{args.engine}, {args.sampler}: q {args.sample_rate}, {args.steps} steps, delta {args.delta:g}, "
+             f"{args.accountant}")
     plot(result["sweep"], args.out / "audit.png", title)
     print(f"audit of {args.engine} at claimed epsilon {result['audits'][0]['epsilon_claimed']:.3f} "
           f"(sigma {result['audits'][0]['sigma']:.4f}):")

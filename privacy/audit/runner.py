@@ -89,10 +89,10 @@ def audit_point(engine: EngineFactory, mechanism: Mechanism, plan: Plan,
               "accountant": plan.accountant, "world_size": mechanism.world_size}
     entries = []
     for kind_index, kind in enumerate(plan.kinds):
-        canaries = CANARY_KINDS[kind](Setting(engine, mechanism, plan.population, plan.canaries, plan.seed, device,
-                                                   sampler))
-        single = CANARY_KINDS[kind](Setting(engine, mechanism, plan.population, min(plan.canaries, MANY_RUNS_SLOTS),
-                                            plan.seed, device, sampler))
+        def canary_kind(slots: int):
+            return CANARY_KINDS[kind](Setting(engine, mechanism, plan.population, slots, plan.seed, device, sampler))
+
+        canaries, single = canary_kind(plan.canaries), canary_kind(min(plan.canaries, MANY_RUNS_SLOTS))
 
         start = time.perf_counter()
         included = np.random.default_rng([plan.seed, kind_index, 0]).random(plan.canaries) < 0.5
@@ -114,8 +114,10 @@ def audit_point(engine: EngineFactory, mechanism: Mechanism, plan: Plan,
                 "canary": kind, "estimator": "tight_family", "epsilon_lower": tight.epsilon, "rigorous": True,
                 "assumption_free": False, "assumption": ASSUMPTION, "epsilon_ceiling": tight.ceiling,
                 "canaries": plan.canaries, "canaries_in": int(included.sum()), "mistakes": tight.mistakes,
-                "mistake_rate_upper": tight.mistake_rate_upper, "sigma_at_most": None if math.isinf(tight.sigma) else tight.sigma,
-                "score": f"{canaries.score_names[tight.rule]} > 0", "hypotheses": tight.hypotheses, "runs": 1, "seconds": time.perf_counter() - start})
+                "mistake_rate_upper": tight.mistake_rate_upper,
+                "sigma_at_most": None if math.isinf(tight.sigma) else tight.sigma,
+                "score": f"{canaries.score_names[tight.rule]} > 0", "hypotheses": tight.hypotheses, "runs": 1,
+                "seconds": time.perf_counter() - start})
             logger.info("%s tight (claimed family): %d mistakes of %d, sigma' <= %.4f (claimed %.4f), "
                         "epsilon >= %.3f (claimed %.3f)", kind, tight.mistakes, plan.canaries, tight.sigma,
                         mechanism.noise_multiplier, tight.epsilon, claimed)
