@@ -42,11 +42,17 @@ MIN_SPREAD = 0.01  # in units of C: the noise a coordinate is credited with when
 CLASSES = 10
 
 
+def dense_inputs(features: Tensor, slot: Tensor, value: Tensor, slots: int) -> Tensor:
+    """Examples stored sparsely (population features [b, P], a canary slot [b] and the value
+    in that slot [b], 0 for the population) made dense, [b, P + slots], one micro-batch at a
+    time: 10^5 canaries never fill memory."""
+    canary = features.new_zeros(len(features), slots).scatter_(1, slot[:, None], value[:, None])
+    return torch.cat([features, canary], dim=1)
+
+
 class DiracLoss(nn.Module):
     """Per-example loss ``w . x`` of one linear layer over ``POPULATION_DIMS + slots`` inputs:
-    its per-example gradient is the input itself. An example is stored sparsely, as its
-    population features, a canary slot and the value in that slot (0 for the population),
-    and made dense one micro-batch at a time: 10^5 canaries fit in memory."""
+    its per-example gradient is the input itself."""
 
     def __init__(self, slots: int):
         super().__init__()
@@ -55,21 +61,22 @@ class DiracLoss(nn.Module):
         nn.init.zeros_(self.probe.weight)
 
     def forward(self, features: Tensor, slot: Tensor, value: Tensor) -> Tensor:  # [b, P], [b], [b] -> [b]
-        canary = features.new_zeros(len(features), self.slots).scatter_(1, slot[:, None], value[:, None])
-        return self.probe(torch.cat([features, canary], dim=1)).squeeze(1)
+        return self.probe(dense_inputs(features, slot, value, self.slots)).squeeze(1)
 
 
 class SoftmaxRegression(nn.Module):
-    """Per-example cross-entropy of a linear classifier."""
+    """Per-example cross-entropy of a linear classifier over ``POPULATION_DIMS + slots`` inputs."""
 
-    def __init__(self, dims: int, classes: int):
+    def __init__(self, slots: int, classes: int):
         super().__init__()
-        self.classifier = nn.Linear(dims, classes)
+        self.slots = slots
+        self.classifier = nn.Linear(POPULATION_DIMS + slots, classes)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:  # [b, dims], [b] -> [b]
-        return F.cross_entropy(self.classifier(x), y, reduction="none")
+    def forward(self, features: Tensor, slot: Tensor, value: Tensor, y: Tensor) -> Tensor:  # [b, P], [b] x 3 -> [b]
+        logits = self.classifier(dense_inputs(features, slot, value, self.slots))
+        return F.cross_entropy(logits, y, reduction="none")
 
 
 @dataclass(frozen=True)
@@ -202,37 +209,34 @@ class InputCanaries:
 
     def __init__(self, setting: Setting):
         self.setting = setting
-        self.dims = POPULATION_DIMS + setting.slots
         self.population = self._population(np.random.default_rng([setting.seed, 2]))
 
     def _population(self, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-        """CLASSES Gaussian clusters in the population coordinates."""
+        """CLASSES Gaussian clusters in the population coordinates: features [n, P], labels [n]."""
         n = self.setting.population
         centres = rng.standard_normal((CLASSES, POPULATION_DIMS))
         labels = rng.integers(CLASSES, size=n)
-        x = np.zeros((n, self.dims))
-        x[:, :POPULATION_DIMS] = centres[labels] + 0.5 * rng.standard_normal((n, POPULATION_DIMS))
+        x = centres[labels] + 0.5 * rng.standard_normal((n, POPULATION_DIMS))
         return torch.tensor(x, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)
-
-    def _canaries(self, slots: np.ndarray, labels: np.ndarray, scale: float) -> tuple[Tensor, Tensor]:
-        x = torch.zeros((len(slots), self.dims))
-        x[torch.arange(len(slots)), torch.as_tensor(POPULATION_DIMS + slots, dtype=torch.long)] = scale
-        return x, torch.as_tensor(labels, dtype=torch.long)
 
     def _train(self, slots: np.ndarray, labels: np.ndarray, included: np.ndarray, seed: int) -> np.ndarray:
         """Train with the canaries ``slots[included]``; scores [1, len(slots)] of all of them."""
         s, m = self.setting, self.setting.mechanism
-        expected_batch = m.sample_rate * (len(self.population[0]) + int(included.sum()))
+        population, population_labels = self.population
+        n, count = len(population), int(included.sum())
+        expected_batch = m.sample_rate * (n + count)
         # one clipped step of the canary moves its own logits by about one nat
         scale = expected_batch / (m.learning_rate * m.max_grad_norm)
-        canary_x, canary_y = self._canaries(slots, labels, scale)
-        dataset = _shuffled(tuple(torch.cat([p, c[torch.as_tensor(included)]])
-                                  for p, c in zip(self.population, (canary_x, canary_y))), seed)
+        canaries = (torch.zeros(len(slots), POPULATION_DIMS), torch.as_tensor(slots, dtype=torch.long),
+                    torch.full((len(slots),), scale), torch.as_tensor(labels, dtype=torch.long))
+        people = (population, torch.zeros(n, dtype=torch.long), torch.zeros(n), population_labels)
+        chosen = torch.as_tensor(included)
+        dataset = _shuffled(tuple(torch.cat([p, c[chosen]]) for p, c in zip(people, canaries)), seed)
         dataset = tuple(t.to(s.device) for t in dataset)
-        model = train_private(s.engine, SoftmaxRegression(self.dims, CLASSES).to(s.device), dataset, m, seed,
+        model = train_private(s.engine, SoftmaxRegression(s.slots, CLASSES).to(s.device), dataset, m, seed,
                               sampler_factory=s.sampler)
         with torch.no_grad():
-            loss = model(canary_x.to(s.device), canary_y.to(s.device))
+            loss = model(*(t.to(s.device) for t in canaries))
         return -loss.double().cpu().numpy()[None, :]
 
     def one_run(self, included: np.ndarray, seed: int) -> np.ndarray:
