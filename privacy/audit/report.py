@@ -27,8 +27,8 @@ def table(entries: list[dict]) -> str:
                      f"{e['epsilon_ceiling']:>8.2f}  {size:>15} {e['seconds']:>7.1f} "
                      f"{'nothing' if e['assumption_free'] else 'see *':>7}  {_verdict(e)}")
     for assumption in dict.fromkeys(e["assumption"] for e in entries if e["assumption"]):
-        lines.append(f"* {', '.join(LABELS[e['estimator']] for e in entries if e['assumption'] == assumption)} "
-                     f"assume(s): {assumption}")
+        users = ", ".join(f"{e['canary']} {LABELS[e['estimator']]}" for e in entries if e["assumption"] == assumption)
+        lines.append(f"* {users} assume(s): {assumption}")
     return "\n".join(lines)
 
 
