@@ -1,4 +1,4 @@
-"""Deliberately broken privacy engines, for testing that the audit catches them.
+"""Deliberately broken privacy engines (and a sampler), for testing that the audit catches them.
 
 Each has PrivacyEngine's constructor and methods and breaks DP the way real
 libraries have, through the public interface only (constructor arguments,
@@ -6,6 +6,10 @@ public methods, the model and reducer it is given), so they keep working
 whatever the engine's internals become. Audit one with
 
     python -m privacy.audit --engine tests.broken_engines:SkipClipping --out /tmp/audit
+    python -m privacy.audit --sampler tests.broken_engines:OversampledPoisson --out /tmp/audit
+
+The first five are grossly broken; the last three are the small
+miscalibrations (20 to 50 percent) that only a tight audit catches.
 
 None of this belongs in the product.
 """
@@ -16,9 +20,13 @@ import torch
 from torch import Tensor
 
 from privacy import PrivacyEngine
+from privacy.sampling import PoissonSampler
 
 # SkipClipping's clipping bound, in units of the real one: no per-example gradient reaches it
 LOOSE_BOUND = 1e6
+NOISE_SHORTFALL = 0.8  # NoiseTooSmall's noise, in units of the claimed one
+CLIP_EXCESS = 1.25     # ClipTooLoose's clipping bound, in units of the claimed one
+OVERSAMPLING = 1.5     # OversampledPoisson's rate, in units of the claimed q
 
 
 class SkipClipping(PrivacyEngine):
@@ -100,6 +108,42 @@ class LeakUnclipped(PrivacyEngine):
         return stats
 
 
+class NoiseTooSmall(PrivacyEngine):
+    """Noise std NOISE_SHORTFALL * sigma * C, as a wrong constant in a calibration would give."""
+
+    def __init__(self, model, max_grad_norm, noise_multiplier, expected_batch_size, seed=None, reducer=None,
+                 *, rules=None):
+        super().__init__(model, max_grad_norm, noise_multiplier * NOISE_SHORTFALL, expected_batch_size, seed,
+                         reducer, rules=rules)
+
+
+class ClipTooLoose(PrivacyEngine):
+    """Clips at CLIP_EXCESS * C but scales the noise to C (std sigma * C), as a clipping
+    bound read from one setting and a noise scale from another would."""
+
+    def __init__(self, model, max_grad_norm, noise_multiplier, expected_batch_size, seed=None, reducer=None,
+                 *, rules=None):
+        super().__init__(model, max_grad_norm * CLIP_EXCESS, noise_multiplier / CLIP_EXCESS, expected_batch_size,
+                         seed, reducer, rules=rules)
+
+
+class OversampledPoisson(PoissonSampler):
+    """Draws every example with probability OVERSAMPLING * q (at most 1) but reports the
+    claimed expected batch q * N, so the engine divides by it: the accountant's q is wrong."""
+
+    def __init__(self, num_examples, sample_rate, seed, world_size=1, rank=0, *, max_physical_batch):
+        super().__init__(num_examples, min(1.0, sample_rate * OVERSAMPLING), seed, world_size, rank,
+                         max_physical_batch=max_physical_batch)
+        self.claimed_rate = sample_rate
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.claimed_rate * self.num_examples
+
+
 BROKEN_ENGINES: dict[str, type[PrivacyEngine]] = {
     cls.__name__: cls for cls in (SkipClipping, NoiseDividedTwice, NoiseOnRankZero, SameNoiseEveryStep, LeakUnclipped)
 }
+# small miscalibrations: (engine, sampler) pairs
+MISCALIBRATED = {"NoiseTooSmall": (NoiseTooSmall, PoissonSampler), "ClipTooLoose": (ClipTooLoose, PoissonSampler),
+                 "OversampledPoisson": (PrivacyEngine, OversampledPoisson)}

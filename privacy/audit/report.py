@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-LABELS = {"one_run": "one run", "many_runs_cp": "many runs, Clopper-Pearson", "many_runs_gdp": "many runs, GDP estimate"}
+LABELS = {"one_run": "one run", "tight_family": "one run, claimed family", "many_runs_cp": "many runs, Clopper-Pearson",
+          "many_runs_gdp": "many runs, GDP estimate"}
 
 
 def _verdict(entry: dict) -> str:
@@ -16,14 +17,18 @@ def _verdict(entry: dict) -> str:
 def table(entries: list[dict]) -> str:
     """One line per (canary, estimator) of one audit point."""
     header = (f"{'canary':<7} {'estimator':<27} {'claimed':>8} {'audited >=':>10} {'ratio':>6} "
-              f"{'confidence':>10} {'ceiling':>8}  {'runs x canaries':>15} {'seconds':>7}  verdict")
+              f"{'confidence':>10} {'ceiling':>8}  {'runs x canaries':>15} {'seconds':>7} {'assumes':>7}  verdict")
     lines = [header, "-" * len(header)]
     for e in entries:
         ratio = e["epsilon_lower"] / e["epsilon_claimed"] if e["epsilon_claimed"] > 0 else float("nan")
         size = f"{e['runs']} x {e['canaries']}"
         lines.append(f"{e['canary']:<7} {LABELS[e['estimator']]:<27} {e['epsilon_claimed']:>8.3f} "
                      f"{e['epsilon_lower']:>10.3f} {ratio:>6.2f} {e['confidence']:>10.4f} "
-                     f"{e['epsilon_ceiling']:>8.2f}  {size:>15} {e['seconds']:>7.1f}  {_verdict(e)}")
+                     f"{e['epsilon_ceiling']:>8.2f}  {size:>15} {e['seconds']:>7.1f} "
+                     f"{'nothing' if e['assumption_free'] else 'see *':>7}  {_verdict(e)}")
+    for assumption in dict.fromkeys(e["assumption"] for e in entries if e["assumption"]):
+        users = ", ".join(f"{e['canary']} {LABELS[e['estimator']]}" for e in entries if e["assumption"] == assumption)
+        lines.append(f"* {users} assume(s): {assumption}")
     return "\n".join(lines)
 
 
@@ -58,7 +63,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         axes.plot(claimed, audited, marker="o", linestyle="--" if key[1] == "many_runs_gdp" else "-",
                   label=f"{key[0]}, {LABELS[key[1]]}")
     axes.plot([0, top], [0, top], color="black", linewidth=0.8, label="audited = claimed")
-    for estimator, style in (("one_run", ":"), ("many_runs_cp", "-.")):
+    for estimator, style in (("one_run", ":"), ("many_runs_cp", "-.")):  # the tight line's depends on sigma
         ceilings = [e["epsilon_ceiling"] for e in points[0]["audits"] if e["estimator"] == estimator]
         if ceilings:  # what a perfect attack would certify: the audit is blind to claims above it
             axes.axhline(max(ceilings), color="grey", linestyle=style, linewidth=0.8,

@@ -21,6 +21,8 @@ from privacy.sampling import PoissonSampler
 
 # (model, max_grad_norm, noise_multiplier, expected_batch_size, seed, reducer) -> engine
 EngineFactory = Callable[..., object]
+# PoissonSampler's constructor -> an object with its expected_batch_size and step_batches
+SamplerFactory = Callable[..., PoissonSampler]
 Observer = Callable[[int, nn.Module], None]
 
 
@@ -55,10 +57,13 @@ def _seeds(seed: int) -> tuple[int, int]:
 
 
 def train_private(engine_factory: EngineFactory, model: nn.Module, dataset: tuple[Tensor, ...],
-                  mechanism: Mechanism, seed: int, observe: Observer | None = None) -> nn.Module:
+                  mechanism: Mechanism, seed: int, observe: Observer | None = None,
+                  sampler_factory: SamplerFactory = PoissonSampler) -> nn.Module:
     """Train a copy of ``model`` per rank on ``dataset`` (tensors indexed by example);
     ``observe(step, model)`` sees rank 0's model after every optimizer step. Returns
-    rank 0's trained copy (``model`` itself is left untouched)."""
+    rank 0's trained copy (``model`` itself is left untouched). ``sampler_factory``
+    is the batch sampler under test, with :class:`~privacy.sampling.PoissonSampler`'s
+    constructor: the accountant's q is only as true as the sampler that draws the batches."""
     size = len(dataset[0])
     if any(len(t) != size for t in dataset):
         raise ValueError(f"dataset tensors disagree on the number of examples: {[len(t) for t in dataset]}")
@@ -67,7 +72,7 @@ def train_private(engine_factory: EngineFactory, model: nn.Module, dataset: tupl
 
     def rank_body(rank: int, reducer) -> None:
         replica = replicas[rank]
-        sampler = PoissonSampler(size, mechanism.sample_rate, sampler_seed, mechanism.world_size, rank,
+        sampler = sampler_factory(size, mechanism.sample_rate, sampler_seed, mechanism.world_size, rank,
                                  max_physical_batch=mechanism.micro_batch)
         engine = engine_factory(replica, max_grad_norm=mechanism.max_grad_norm,
                                 noise_multiplier=mechanism.noise_multiplier,
