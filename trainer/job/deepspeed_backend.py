@@ -67,7 +67,6 @@ from trainer.common.checkpoints import (
     DEEPSPEED_TAG,
     WEIGHTS,
     check_deepspeed_files,
-    fsync_dir,
     fsync_tree,
     read_deepspeed_file,
 )
@@ -411,14 +410,10 @@ class DeepSpeedBackend:
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state={}, save_latest=False)
-        fsync_tree(folder / DEEPSPEED_TAG, partial(_written_by, rank=self.rank))
         weights = self.full_state_dict()
         if self.rank == 0:
-            with open(folder / WEIGHTS, "wb") as f:
-                torch.save({"model": weights}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(folder)
+            torch.save({"model": weights}, folder / WEIGHTS)
+        fsync_tree(folder, partial(_written_by, rank=self.rank))
 
     def load(self, folder: Path) -> None:
         if not (folder / DEEPSPEED_TAG).is_dir():
