@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed.checkpoint as dcp
 
 from test_trainer_checkpoint import kill_job, paused_pids
-from test_trainer_worker import (PY, REPO, TinyCaptioner, free_port, gate_files, run_jobs, run_worker, tiny_config,
+from test_trainer_worker import (PY, REPO, TinyCaptioner, free_port, gate_files, run_worker, tiny_config,
                                  worker_command)
 from trainer.common.checkpoints import (DCP_METADATA, META, CheckpointError, ModelOptimizerState, load_dcp,
                                         read_dcp_metadata, read_meta)
@@ -147,8 +146,11 @@ def test_a_trainer_with_resume_false_over_checkpoints_is_refused_and_deletes_not
 
 
 def test_checkpoint_files_and_new_folders_are_private_and_an_open_folder_is_named(tmp_path, caplog):
-    os.umask(0o022)  # the usual umask: files 0644 unless created otherwise
-    path = Checkpointer(tmp_path / "runs" / "mine" / "checkpoints", 2, 0).save(1, _Tensors(), {"step": 1})
+    umask = os.umask(0o022)  # the usual umask: files 0644 unless created otherwise
+    try:
+        path = Checkpointer(tmp_path / "runs" / "mine" / "checkpoints", 2, 0).save(1, _Tensors(), {"step": 1})
+    finally:
+        os.umask(umask)
     assert _mode(path / META) == 0o600
     assert [_mode(p) for p in (path, path.parent, path.parent.parent)] == [0o700] * 3
     open_folder = tmp_path / "shared"

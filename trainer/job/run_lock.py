@@ -116,6 +116,8 @@ class RunLock:
         """Collective: rank 0 takes the folder's lock (creating the folder, 0700) and returns
         it; other ranks get None. A ValueError on every rank, naming the holder, if another
         job holds it."""
+        if not lease_s > 0:
+            raise ValueError(f"checkpoint.lock_lease_s={lease_s:g}: must be > 0 (seconds; a lock older is taken over)")
         lock, refusal = None, None
         if rank == 0:
             try:
