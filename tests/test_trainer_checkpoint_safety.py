@@ -26,7 +26,7 @@ from test_trainer_worker import (PY, REPO, TinyCaptioner, free_port, gate_files,
 from trainer.common.checkpoints import (DCP_METADATA, META, CheckpointError, ModelOptimizerState, load_dcp,
                                         read_dcp_metadata, read_meta)
 from trainer.job.checkpoint import RUN_ID, Checkpointer
-from trainer.job.run_lock import LOCK, RunLock, private_folder
+from trainer.job.run_lock import LOCK, RunLock, private_folder, releases_lock_on_error
 
 
 def _mode(path: Path) -> int:
@@ -106,6 +106,22 @@ def test_a_lock_from_another_host_is_taken_only_once_its_lease_is_over(tmp_path,
     assert json.loads((tmp_path / "old" / LOCK).read_text())["token"] == "usurper"
 
 
+def test_a_job_that_cannot_be_built_releases_its_folder_at_once(tmp_path):
+    """In the same process too: the next attempt (a corrected setting) finds the folder free."""
+
+    class Job:
+        @releases_lock_on_error
+        def __init__(self, setting_ok: bool):
+            self.lock = RunLock.acquire(tmp_path, 60, rank=0)
+            if not setting_ok:
+                raise ValueError("a bad setting")
+
+    with pytest.raises(ValueError, match="a bad setting"):
+        Job(False)
+    assert not (tmp_path / LOCK).exists()
+    assert Job(True).lock.path == tmp_path / LOCK
+
+
 class _Tensors:
     """The one method of a backend that Checkpointer.save calls, writing a small file."""
 
@@ -139,7 +155,7 @@ def test_a_trainer_with_resume_false_over_checkpoints_is_refused_and_deletes_not
                                          ["checkpoint.resume=false"], "python"),
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "checkpoint.resume=false, but" in proc.stderr, proc.stderr[-3000:]
-    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "ckpt").rglob("*")) == before
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "ckpt").rglob("*")) == before  # lock released
     # the secrets of that run: meta.json 0600, created so; folders 0700
     step = tmp_path / "ckpt" / "step_00000002"
     assert _mode(step / META) == 0o600 and _mode(step) == 0o700 and _mode(tmp_path / "ckpt") == 0o700
