@@ -96,12 +96,14 @@ def _read(path: Path) -> dict | None:
         holder = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return holder if isinstance(holder, dict) and "token" in holder else None
+    fields = {"host": str, "pid": int, "started": (int, float), "renewed": (int, float), "token": str}
+    whole = isinstance(holder, dict) and all(isinstance(holder.get(k), t) for k, t in fields.items())
+    return holder if whole and holder["pid"] > 0 else None
 
 
 def _describe(holder: dict) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("started", 0)))
-    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {started}"
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["started"]))
+    return f"pid {holder['pid']} on host {holder['host']}, started {started}"
 
 
 @dataclass
@@ -190,9 +192,9 @@ class RunLock:
 
 def _stale(holder: dict, lease_s: float) -> str | None:
     """Why ``holder``'s lock is stale, or None if it may still be working."""
-    if holder.get("host") == socket.gethostname() and not _alive(int(holder["pid"]), holder.get("pid_started")):
+    if holder["host"] == socket.gethostname() and not _alive(holder["pid"], holder.get("pid_started")):
         return f"its process {holder['pid']} is gone from this host"
-    age = time.time() - float(holder.get("renewed", 0))
+    age = time.time() - holder["renewed"]
     if age > lease_s:
         return f"its lease was last renewed {age / 3600:.2f} h ago (checkpoint.lock_lease_s={lease_s:g} s)"
     return None
