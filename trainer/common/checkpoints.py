@@ -13,21 +13,28 @@ Everything that reads one of our checkpoints (resume, ``--init``, probe, caption
 evaluate, export) finds it through here. The weights alone come from DCP (fsdp2) or
 from ``weights.pt`` (deepspeed), so no tool needs the backend that trained the model.
 
-Checkpoints from elsewhere run no code. Three files in a checkpoint are pickles:
-DCP's ``.metadata``, read here with an unpickler that knows only the classes DCP's
-metadata is made of (:func:`read_dcp_metadata`, also the reader :func:`load_dcp`
-hands to DCP); ``weights.pt`` and released ``.pt``/``.pth`` files, read with
+Checkpoints from elsewhere run no code and read no file outside their folder. Three
+files in a checkpoint are pickles: DCP's ``.metadata``, read here with an unpickler
+that knows only the classes DCP's metadata is made of (:func:`read_dcp_metadata`, also
+the reader :func:`load_dcp` hands to DCP), whose storage paths must name files inside
+the folder; ``weights.pt`` and released ``.pt``/``.pth`` files, read with
 ``torch.load(weights_only=True)``; and DeepSpeed's own files, which its
-``load_checkpoint`` unpickles without restriction, so :func:`check_deepspeed_files`
-reads each of them first with ``weights_only=True`` and the three DeepSpeed classes
-they hold allowed, and refuses the folder if anything else is in them. Released
-weights may also be ``.safetensors`` (no pickle at all).
+``load_checkpoint`` would unpickle without restriction: :func:`read_deepspeed_file`
+reads each with ``weights_only=True`` and only the three DeepSpeed classes they hold
+allowed, both in :func:`check_deepspeed_files` (every file, on every rank, before
+DeepSpeed starts) and as the loader DeepSpeed itself uses (``trainer.job.deepspeed_backend``).
+Released weights may also be ``.safetensors`` (no pickle at all).
+
+Written files are private and on disk before a checkpoint counts: ``meta.json`` is
+created 0600 (:func:`write_private_json`), and every file a save writes is fsynced
+(DCP does it for its own; :func:`fsync_tree` for DeepSpeed's).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 from pathlib import Path
@@ -104,7 +111,18 @@ def read_dcp_metadata(folder: Path) -> Metadata:
         raise unloadable(folder, e) from e
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"refusing {path}: it holds a {type(metadata).__name__}, not DCP metadata")
+    for info in (metadata.storage_data or {}).values():
+        _check_inside(folder, getattr(info, "relative_path", None), path)
     return metadata
+
+
+def _check_inside(folder: Path, name: Any, metadata: Path) -> None:
+    """A storage path of DCP's metadata: a plain relative name inside ``folder`` (our saves
+    write ``__R_0.distcp``); an absolute path or one through ``..`` is refused, before any read."""
+    relative = Path(str(name))
+    if not isinstance(name, str) or relative.is_absolute() or ".." in relative.parts or name == "":
+        raise CheckpointError(f"refusing {metadata}: it points DCP at {name!r}, outside its checkpoint folder, "
+                              f"so DCP did not write it (a crafted checkpoint?). Nothing was read from there")
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -132,26 +150,66 @@ def load_dcp(state: dict[str, Any], folder: Path) -> None:
 
 
 def check_deepspeed_files(folder: Path) -> None:
-    """Before DeepSpeed's ``load_checkpoint`` unpickles them unrestricted: every ``*.pt`` of
-    its folder read with ``torch.load(weights_only=True)`` and only DeepSpeed's own classes
-    (:data:`_DEEPSPEED_CLASSES`) allowed; a ValueError naming the file otherwise."""
-    import importlib
-
-    allowed = [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_CLASSES]
+    """Every ``*.pt`` of a DeepSpeed checkpoint folder read by :func:`read_deepspeed_file`,
+    before DeepSpeed's ``load_checkpoint`` starts: every rank refuses a crafted folder
+    together, rather than the ranks whose files DeepSpeed reads first."""
     files = sorted(Path(folder).rglob("*.pt"))
     if not files:
         raise ValueError(f"{folder}: no DeepSpeed checkpoint files (*.pt) in it")
     for path in files:
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            detail = str(e).strip().splitlines()[0][:200]
-            raise CheckpointError(f"refusing {path}: it holds more than tensors and DeepSpeed's checkpoint classes "
-                             f"({detail}), so DeepSpeed did not write it as it is (a crafted checkpoint?). "
-                             f"Nothing in it was run; do not load it elsewhere") from None
-        except (OSError, RuntimeError, EOFError) as e:  # cut short, not a torch file
-            raise unloadable(Path(folder).parent, e) from e
+        read_deepspeed_file(path, "cpu")
+
+
+def read_deepspeed_file(path: Path, map_location: Any = None) -> Any:
+    """One file of a DeepSpeed checkpoint, with ``torch.load(weights_only=True)`` and only
+    DeepSpeed's own classes (:data:`_DEEPSPEED_CLASSES`) allowed; a CheckpointError naming
+    the file if it holds anything else (nothing in it ran), or if it cannot be read."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_CLASSES]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"refusing {path}: it holds more than tensors and DeepSpeed's checkpoint classes "
+                              f"({detail}), so DeepSpeed did not write it as it is (a crafted checkpoint?). "
+                              f"Nothing in it was run; do not load it elsewhere") from None
+    except (OSError, RuntimeError, EOFError) as e:  # cut short, not a torch file
+        raise unloadable(Path(path).parent.parent, e) from e
+
+
+def write_private_json(path: Path, obj: Any) -> None:
+    """A new file (it must not exist), created with mode 0600 (never readable by others, not
+    even for a moment), written and flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """A folder's entries (files created or renamed in it) on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path, mine=lambda path: True) -> None:
+    """The files of ``folder`` (recursively) that ``mine`` accepts, and its folders, on disk:
+    on a shared file system only the process that wrote a file can flush it."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and not path.is_symlink() and mine(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in [folder, *(p for p in Path(folder).rglob("*") if p.is_dir())]:
+        fsync_dir(path)
 
 
 class ModelOptimizerState(Stateful):

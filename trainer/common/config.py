@@ -89,6 +89,8 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end (and on SIGTERM/SIGUSR1)
     keep_last: int = 2
     resume: bool = True  # resume from the latest checkpoint in dir if there is one
+    # a job holds dir's lock; one whose lease (renewed at every save) is older is taken over
+    lock_lease_s: float = 4 * 3600.0
 
 
 @dataclass(kw_only=True)

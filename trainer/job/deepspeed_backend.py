@@ -37,7 +37,12 @@ Noise once per coordinate, by stage:
 Checkpoints: ``engine.save_checkpoint`` into the step folder's ``deepspeed/``
 (DeepSpeed writes its ``zero_to_fp32.py`` beside it), plus ``weights.pt``, the
 full fp32 weights (tensors only), which ``--init``, probe, caption and export
-read without DeepSpeed.
+read without DeepSpeed. DeepSpeed does not fsync its files: each rank flushes the
+ones it wrote. On load, DeepSpeed reads its files through its checkpoint engine's
+``load``, which unpickles anything (``weights_only=False``); for the duration of
+``load_checkpoint`` the engine is wrapped so that every file is read by
+``trainer.common.checkpoints.read_deepspeed_file`` (weights only, DeepSpeed's own
+classes allowed), after every file was checked the same way on every rank.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ import copy
 import io
 import logging
 import os
+import re
 import warnings
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +63,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainer.common.checkpoints import DEEPSPEED_TAG, WEIGHTS, check_deepspeed_files
+from trainer.common.checkpoints import (
+    DEEPSPEED_TAG,
+    WEIGHTS,
+    check_deepspeed_files,
+    fsync_tree,
+    read_deepspeed_file,
+)
 from trainer.common.config import JobConfig, learning_rate
 from trainer.common.torch_compat import all_gather, reduce_scatter_sum
 from trainer.job.collectives import reduce_scatter_rows
@@ -401,12 +414,47 @@ class DeepSpeedBackend:
         weights = self.full_state_dict()
         if self.rank == 0:
             torch.save({"model": weights}, folder / WEIGHTS)
+        fsync_tree(folder, partial(_written_by, rank=self.rank))
 
     def load(self, folder: Path) -> None:
         if not (folder / DEEPSPEED_TAG).is_dir():
             raise ValueError(f"no {DEEPSPEED_TAG}/ folder (not a checkpoint of backend=deepspeed)")
-        check_deepspeed_files(folder / DEEPSPEED_TAG)  # load_checkpoint unpickles them unrestricted
-        path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        check_deepspeed_files(folder / DEEPSPEED_TAG)  # every rank refuses a crafted folder, together
+        with _weights_only_loads(self.engine):
+            path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise ValueError(f"DeepSpeed found no checkpoint in {folder / DEEPSPEED_TAG}")
+
+
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank files; the others are rank 0's
+
+
+def _written_by(path: Path, rank: int) -> bool:
+    match = _RANK_FILE.search(path.name)
+    return int(match.group(1)) == rank if match else rank == 0
+
+
+class _WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` reads weights only; the rest is the engine's."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        return read_deepspeed_file(Path(path), map_location)
+
+
+@contextmanager
+def _weights_only_loads(engine):
+    """Every file ``engine.load_checkpoint`` reads goes through its ``checkpoint_engine.load``
+    (model states, ZeRO optimizer partitions): weights only while the block runs."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyLoads(inner)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner

@@ -46,6 +46,7 @@ from trainer.job.data import InMemoryReader, build_reader, count_examples, prepa
 from trainer.job.distributed import Distributed, init_distributed, launcher_env
 from trainer.job.metrics import Metrics, peak_flops
 from trainer.job.optim import lr_factor
+from trainer.job.run_lock import RunLock, releases_lock_on_error
 from trainer.job.validation import validate, validate_data_size
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Trainer:
     (models.create_model, the data/ reader); ``evaluate_at_end`` runs the end-of-job
     evaluation (captions, zero-shot accuracy, probes, as ``cfg.eval`` asks)."""
 
+    @releases_lock_on_error
     def __init__(self, cfg: JobConfig, *, allow_non_private: bool = False,
                  local_rank: int | None = None,
                  model_factory: Callable[[JobConfig, Any], nn.Module] | None = None,
@@ -73,6 +75,8 @@ class Trainer:
         # 1. distributed
         self.dist: Distributed = init_distributed(local_rank)
         device = self.dist.device
+        # one job per checkpoint folder, before anything reads or writes it
+        self.lock = RunLock.acquire(cfg.checkpoint_dir, cfg.checkpoint.lock_lease_s, self.dist.rank)
 
         # 2. the data's size N (q = B / N), then the privacy plan
         index = prepare_shards(cfg, self.dist) if train_data is None else None
@@ -134,11 +138,11 @@ class Trainer:
         self._empty = (torch.empty(0, 3, size, size), torch.zeros(0, cfg.data.text_length, dtype=torch.long))
 
         # 7. checkpointer; resume
-        self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.dist.rank)
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.dist.rank, self.lock)
         self.step = 0
         self.segments: list[accounting.Segment] = [self.plan.segment(0)]
         self.resumed_from = None
-        if cfg.checkpoint.resume and (latest := self.checkpointer.latest()) is not None:
+        if (latest := self.checkpointer.start(cfg.checkpoint.resume)) is not None:
             self._resume(latest)
         self.stop_at = self._privacy_stop()
 
@@ -337,6 +341,8 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+            if self.lock is not None:  # the last save is written
+                self.lock.release()
         summary: dict[str, Any] = {"step": self.step, "steps": cfg.steps,
                                    "stopped_early": self.step < cfg.steps,
                                    "epsilon_rdp": self.epsilon("rdp"),
