@@ -24,6 +24,7 @@ from privacy.audit.estimators import (
     many_runs_epsilon,
     one_run_bound,
     one_run_epsilon,
+    one_run_fdp_bound,
     one_run_p_value,
     threshold_ranks,
 )
@@ -91,6 +92,43 @@ def test_one_run_epsilon_valid_and_tight_on_randomized_response():
     big = one_run_epsilon(*randomized_response_scores(200_000, eps, rng), significance, 0.0)
     assert 0.9 * eps < big.epsilon <= eps
     assert big.guesses == max(guess_counts(200_000))
+
+
+def test_one_run_fdp_bound_valid_on_randomized_response_and_tighter_where_delta_matters():
+    """The f-DP one-run test on the worst case of eps-DP (randomized response): certifies
+    above eps at most as often as its significance allows, comes close with many canaries,
+    and where delta is paid per canary by the binomial test (delta 1e-6, 10^4 canaries)
+    it certifies more from the same guesses."""
+    rng = np.random.default_rng(0)
+    eps, significance = 1.0, 0.05
+    bounds = [one_run_epsilon(*randomized_response_scores(2000, eps, rng), significance, 0.0,
+                              bound=one_run_fdp_bound).epsilon for _ in range(200)]
+    assert np.mean(np.array(bounds) > eps) <= 0.095  # binomial 99.9% band of 5% of 200
+    assert np.median(bounds) > 0.7 * eps
+    big = one_run_epsilon(*randomized_response_scores(200_000, eps, rng), significance, 0.0, bound=one_run_fdp_bound)
+    assert 0.9 * eps < big.epsilon <= eps
+    # with delta > 0, a mechanism that is (eps, delta)-DP: randomized response, except that
+    # a delta share of the canaries is revealed outright
+    delta = 1e-3
+    scores, included = randomized_response_scores(20_000, eps, rng)
+    revealed = rng.random(included.size) < delta
+    scores = np.where(revealed, 2.0 * included + 1.0, scores)
+    assert one_run_epsilon(scores, included, significance, delta, bound=one_run_fdp_bound).epsilon <= eps
+    # a perfect attack on 10^4 canaries at delta 1e-6: the f-DP test's ceiling is well above the binomial one's
+    included = rng.random(10_000) < 0.5
+    fdp = one_run_epsilon(included.astype(float), included, 0.001, 1e-6, bound=one_run_fdp_bound)
+    binomial = one_run_epsilon(included.astype(float), included, 0.001, 1e-6)
+    assert fdp.epsilon == pytest.approx(fdp.ceiling) and fdp.ceiling > 1.4 * binomial.ceiling
+
+
+def test_one_run_fdp_bound_rejects_nothing_from_chance_guesses_and_checks_its_input():
+    assert one_run_fdp_bound(1000, 300, 150, 0.05, 1e-6) == 0.0
+    assert one_run_fdp_bound(1000, 0, 0, 0.05, 1e-6) == 0.0
+    assert one_run_fdp_bound(1000, 300, 300, 0.05, 0.0) > one_run_fdp_bound(1000, 300, 290, 0.05, 0.0) > 0
+    with pytest.raises(ValueError, match="correct"):
+        one_run_fdp_bound(10, 3, 4, 0.05, 0.0)
+    with pytest.raises(ValueError, match="significance"):
+        one_run_fdp_bound(10, 5, 5, 1.5, 0.0)
 
 
 def test_one_run_epsilon_perfect_guesses_reach_the_ceiling():
@@ -292,6 +330,8 @@ def test_audit_passes_the_correct_engine_and_catches_five_broken_ones():
         assert verdict(entries), name
         dirac, image = _one_run(entries, "dirac"), _one_run(entries, "input")
         assert dirac["violation"], (name, dirac["epsilon_lower"])
+        fdp = next(e for e in entries if e["canary"] == "dirac" and e["estimator"] == "one_run_fdp")
+        assert fdp["violation"], (name, fdp["epsilon_lower"])
         if name in INPUT_CANARIES_CATCH:
             assert image["violation"], (name, image["epsilon_lower"])
 
@@ -362,13 +402,13 @@ def test_contract_command_writes_audit_json(tmp_path):
     result = json.loads((out / "audit.json").read_text())
     audits = result["audits"]
     assert {(e["canary"], e["estimator"]) for e in audits} == {
-        (c, s) for c in ("dirac", "input") for s in ("one_run", "many_runs_cp", "many_runs_gdp")} | {
+        (c, s) for c in ("dirac", "input") for s in ("one_run", "one_run_fdp", "many_runs_cp", "many_runs_gdp")} | {
         ("dirac", "tight_family")}
-    assert len(audits) == 7
+    assert len(audits) == 9
     for entry in audits:
         assert {"canary", "estimator", "epsilon_claimed", "epsilon_lower", "confidence", "assumption_free",
                 "canaries"} <= set(entry)
-        assert entry["assumption_free"] == (entry["estimator"] in ("one_run", "many_runs_cp"))
+        assert entry["assumption_free"] == (entry["estimator"] in ("one_run", "one_run_fdp", "many_runs_cp"))
         assert entry["assumption_free"] or entry["assumption"]
         assert entry["epsilon_claimed"] == pytest.approx(1.0, abs=0.01)  # calibrated to --epsilon
         assert 0 < entry["confidence"] < 1 and entry["epsilon_lower"] >= 0

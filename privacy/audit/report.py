@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-LABELS = {"one_run": "one run", "tight_family": "one run, claimed family", "many_runs_cp": "many runs, Clopper-Pearson",
-          "many_runs_gdp": "many runs, GDP estimate"}
+LABELS = {"one_run": "one run", "one_run_fdp": "one run, f-DP", "tight_family": "one run, claimed family",
+          "many_runs_cp": "many runs, Clopper-Pearson", "many_runs_gdp": "many runs, GDP estimate"}
 
 
 def _verdict(entry: dict) -> str:
@@ -63,7 +63,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         axes.plot(claimed, audited, marker="o", linestyle="--" if key[1] == "many_runs_gdp" else "-",
                   label=f"{key[0]}, {LABELS[key[1]]}")
     axes.plot([0, top], [0, top], color="black", linewidth=0.8, label="audited = claimed")
-    for estimator, style in (("one_run", ":"), ("many_runs_cp", "-.")):  # the tight line's depends on sigma
+    # the tight line's ceiling depends on sigma: none drawn
+    for estimator, style in (("one_run", ":"), ("one_run_fdp", (0, (1, 3))), ("many_runs_cp", "-.")):
         ceilings = [e["epsilon_ceiling"] for e in points[0]["audits"] if e["estimator"] == estimator]
         if ceilings:  # what a perfect attack would certify: the audit is blind to claims above it
             axes.axhline(max(ceilings), color="grey", linestyle=style, linewidth=0.8,

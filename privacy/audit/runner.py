@@ -23,7 +23,7 @@ import torch
 
 from privacy import accounting
 from privacy.audit.canaries import CANARY_KINDS, Setting
-from privacy.audit.estimators import many_runs_epsilon, one_run_epsilon
+from privacy.audit.estimators import many_runs_epsilon, one_run_epsilon, one_run_fdp_bound
 from privacy.audit.tight import ASSUMPTION, family_epsilon, guesses_in
 from privacy.audit.training import EngineFactory, Mechanism, SamplerFactory
 from privacy.sampling import PoissonSampler
@@ -106,6 +106,15 @@ def audit_point(engine: EngineFactory, mechanism: Mechanism, plan: Plan,
             "hypotheses": one.hypotheses, "runs": 1, "seconds": time.perf_counter() - start})
         logger.info("%s one-run: %d canaries, epsilon >= %.3f (claimed %.3f), %.1f s",
                     kind, plan.canaries, one.epsilon, claimed, entries[-1]["seconds"])
+        start = time.perf_counter()
+        fdp = one_run_epsilon(scores, included, significance, plan.delta, bound=one_run_fdp_bound)
+        entries.append(common | {
+            "canary": kind, "estimator": "one_run_fdp", "epsilon_lower": fdp.epsilon, "rigorous": True,
+            "assumption_free": True, "assumption": None,
+            "epsilon_ceiling": fdp.ceiling, "canaries": plan.canaries, "canaries_in": int(included.sum()),
+            "guesses": fdp.guesses, "correct": fdp.correct, "score": canaries.score_names[fdp.score],
+            "hypotheses": fdp.hypotheses, "runs": 1, "seconds": time.perf_counter() - start})
+        logger.info("%s one-run f-DP: epsilon >= %.3f (claimed %.3f)", kind, fdp.epsilon, claimed)
         if kind == TIGHT_KIND:
             start = time.perf_counter()
             tight = family_epsilon(guesses_in(scores), included, significance, mechanism.noise_multiplier,
