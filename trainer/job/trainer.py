@@ -266,7 +266,8 @@ class Trainer:
         if chosen[0] is None:
             return None
         path = self.checkpointer.directory / chosen[0]
-        agree({f"{path} visible": (path / META).is_file()}, f"the checkpoint rank 0 resumes from, {path}")
+        agree({f"{chosen[0]} visible": (path / META).is_file()},
+              f"the checkpoint rank 0 resumes from ({chosen[0]} in checkpoint.dir, {path} on rank 0)")
         return path
 
     def _check_ranks_agree(self, index) -> None:
