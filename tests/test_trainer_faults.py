@@ -171,3 +171,37 @@ def test_one_rank_killed_ends_the_job_naming_the_rank(tmp_path):
     assert proc.returncode != 0
     assert "rank      : 1" in err or "[rank1]" in err or "rank 1" in err, err[-3000:]
     assert not _running(pids[0])
+
+
+HUNG_READ = """
+import os, sys
+from data.shards import write_shards
+from data.sources import synthetic_examples
+from privacy.sampling import PoissonSampler
+from trainer.common.build import build_tokenizer
+from trainer.common.config import load_config
+from trainer.job.data import build_reader, prepare_shards
+
+folder = sys.argv[1]
+write_shards(synthetic_examples(16, 0, 16), folder)
+cfg = load_config("dpcap_own", [f"data.shards={folder}", "data.num_workers=1", "data.worker_timeout_s=3",
+                                "model.overrides.img_size=16"])
+index = prepare_shards(cfg, None)
+for shard in index.paths:  # a file system that stops answering: opening a shard blocks forever
+    os.remove(shard)
+    os.mkfifo(shard)
+reader = build_reader(cfg, index, PoissonSampler(16, 1.0, 0, max_physical_batch=16), build_tokenizer(cfg))
+list(reader.micro_batches(0))
+"""
+
+
+def test_a_data_loader_worker_that_hangs_fails_the_rank_after_worker_timeout_s(tmp_path):
+    proc = subprocess.Popen([PY, "-c", HUNG_READ, str(tmp_path / "shards")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail("the reader still waits for its hung worker after 120 s")
+    assert proc.returncode != 0 and "DataLoader timed out after 3.0 seconds" in err, err[-3000:]
