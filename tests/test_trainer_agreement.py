@@ -17,7 +17,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from test_trainer_faults import REAL, _start_rank
 from test_trainer_worker import PY, REPO, free_port, run_jobs, run_worker, tiny_config, worker_command
@@ -152,7 +151,8 @@ def test_dry_run_indexes_good_shards_and_prints_n(tmp_path):
 
     write_shards(synthetic_examples(40, 0, 16), tmp_path / "shards")
     proc = subprocess.run([PY, "-m", "trainer.train",
-                           "--config", "dpcap_own", f"data.shards={tmp_path / 'shards'}", "ds.train_batch_size=32", "ds.train_micro_batch_size_per_gpu=16",
+                           "--config", "dpcap_own", f"data.shards={tmp_path / 'shards'}", "ds.train_batch_size=32",
+                           "ds.train_micro_batch_size_per_gpu=16",
                            "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -211,7 +211,8 @@ def test_skipped_samples_never_log_which_examples_a_step_drew(tmp_path, caplog):
     write_shards(synthetic_examples(8, 0, 16), tmp_path / "shards")
     shard = next((tmp_path / "shards").glob("*.tar"))
     raw = bytearray(shard.read_bytes())
-    at = raw.index(b"\x89PNG", raw.index(b"000005")) if b"\x89PNG" in raw else raw.index(b"\xff\xd8", raw.index(b"000005"))
+    image = b"\x89PNG" if b"\x89PNG" in raw else b"\xff\xd8"  # the synthetic writer's format
+    at = raw.index(image, raw.index(b"000005"))
     raw[at:at + 64] = bytes(64)  # sample 5's image: undecodable
     shard.write_bytes(bytes(raw))
 

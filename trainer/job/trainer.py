@@ -27,9 +27,9 @@ import logging
 import math
 import os
 import secrets
-import uuid
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -278,7 +278,8 @@ class Trainer:
 
         shards = ([[str(p), int(c)] for p, c in zip(index.paths, index.counts)] if index is not None
                   else len(self.reader.dataset))
-        agree({"step": self.step, "noise seed (hash)": hashed(self.engine.state_dict()["seed"] if self.engine else None),
+        noise_seed = self.engine.state_dict()["seed"] if self.engine is not None else None
+        agree({"step": self.step, "noise seed (hash)": hashed(noise_seed),
                "sampling seed (hash)": hashed(self.sampler.seed), "data.num_examples": self.cfg.data.num_examples,
                "shard list and counts (hash)": hashed(shards)}, "the run they start")
 
@@ -583,7 +584,6 @@ class Trainer:
             else:
                 captions = caption_examples(model, self.tokenizer, self.dist.device, self.heldout, count, dtype)
         self.metrics.text(self.step, "captions", captions_markdown(captions))
-
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
