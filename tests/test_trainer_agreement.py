@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -210,15 +212,15 @@ def test_skipped_samples_never_log_which_examples_a_step_drew(tmp_path, caplog):
 
     write_shards(synthetic_examples(8, 0, 16), tmp_path / "shards")
     shard = next((tmp_path / "shards").glob("*.tar"))
+    with tarfile.open(shard) as tar:  # the sixth sample's image
+        image = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png", ".webp"))][5]
     raw = bytearray(shard.read_bytes())
-    image = b"\x89PNG" if b"\x89PNG" in raw else b"\xff\xd8"  # the synthetic writer's format
-    at = raw.index(image, raw.index(b"000005"))
-    raw[at:at + 64] = bytes(64)  # sample 5's image: undecodable
+    raw[image.offset_data:image.offset_data + 64] = bytes(64)  # undecodable now
     shard.write_bytes(bytes(raw))
 
     class AllOfThem:
         def step_batches(self, step):
-            return [list(range(8))]
+            return [list(range(8))]  # every example, every step
 
     data.decode._SEEN_IN_PROCESS.clear()  # the first skip of a reason is the one logged
     reader = PoissonReader(TarIndex(tmp_path / "shards" / "index.json"), AllOfThem(),
@@ -227,4 +229,14 @@ def test_skipped_samples_never_log_which_examples_a_step_drew(tmp_path, caplog):
         batches = list(reader.micro_batches(0))
     assert reader.skipped == 1 and batches[0].images.shape[0] == 7
     logged = " ".join(r.getMessage() for r in caplog.records)
-    assert "skipping bad sample" in logged and "5" not in logged.replace("skipped for this reason", "")
+    assert re.search(r"skipping bad sample \(undecodable image\) \(a sampled example\);", logged), logged
+    # a shard gone since it was indexed: every sample in it is skipped, none named
+    caplog.clear()
+    shard.unlink()
+    reader = PoissonReader(TarIndex(tmp_path / "shards" / "index.json"), AllOfThem(),
+                           ImageTextTransform(16, lambda text: [0] * 4, 4, None))
+    with caplog.at_level(logging.WARNING):
+        list(reader.micro_batches(0))
+    assert reader.skipped == 8
+    logged = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
+    assert logged and all(") (a sampled example);" in message for message in logged), logged
