@@ -27,6 +27,11 @@ from data.tar_samples import RawSample, iter_samples
 from data.transform import ImageTextTransform
 
 
+# what a skipped sample of the Poisson reader is called in the log: which examples a step
+# drew is as secret as the sampling seed, so no index (nor its tar key) is ever logged
+SAMPLED = "(a sampled example)"
+
+
 class Batch(NamedTuple):
     images: torch.Tensor  # [b, 3, img_size, img_size] float32, normalised
     tokens: torch.Tensor  # [b, text_length] int64
@@ -113,13 +118,12 @@ class _IndexedSamples(Dataset):
         for request in requests:
             if request.index is None:
                 continue
-            # a log line names the shard, never the index: which samples were drawn is secret
-            where = f"in {self.index.shard_path(request.index)}"
+            # a log line names neither the index nor its shard: which samples were drawn is secret
             try:
-                raw.append((where, self.index.members(request.index)))
+                raw.append((SAMPLED, self.index.members(request.index)))
                 words.append((request.step, request.index))
             except BadSample as bad:
-                skipped.record(bad.reason, f"{where}: {bad.detail}" if bad.detail else where)
+                skipped.record(bad.reason, SAMPLED)
         batch = _decode_all(raw, self.transform, skipped, words, self.captions)
         return _Tagged(batch, skipped, step=first.step, micro=first.micro, num_micro=first.num_micro)
 
@@ -169,6 +173,7 @@ class PoissonReader:
         transform: ImageTextTransform,
         *,
         num_workers: int = 0,
+        worker_timeout_s: float = 0,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         captions: bool = True,
@@ -178,6 +183,7 @@ class PoissonReader:
         self.batch_source = batch_source
         self.transform = transform
         self.num_workers = num_workers
+        self.worker_timeout_s = worker_timeout_s  # with workers: the longest wait for one batch (0: none)
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory  # for a GPU: page-locked batches, copied asynchronously
         self.next_step = 0
@@ -222,7 +228,7 @@ class PoissonReader:
         self._stream, self._stream_step = None, -1
 
     def _open(self, step: int) -> Iterator[_Tagged]:
-        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+        extra = {"prefetch_factor": self.prefetch_factor, "timeout": self.worker_timeout_s} if self.num_workers else {}
         loader = _loader(
             _IndexedSamples(self.index, self.transform, self.captions),
             self.num_workers,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def tiny_config(tmp: Path, **overrides) -> dict:
     return cfg
 
 
-FLAGS = ("pause_at=", "capture=")  # the worker's own arguments; the others override the config
+FLAGS = ("pause_at=", "capture=", "kill_at=")  # the worker's own arguments; the others override the config
 THEN = "--then"  # separates the jobs of one launch: python startup, not training, is most of a test's time
 
 
@@ -132,6 +133,15 @@ def run_job(argv: list[str]) -> None:
     overrides = [a for a in argv[2:] if not a.startswith(FLAGS)]
     cfg = load_config(config_path, overrides)
     standin = cfg.model.name == "dpcap_tiny_standin"
+    # kill_at=PHASE:STEP: this process SIGKILLs itself there (as a node failure would): "index"
+    # after scanning the shards, before their index is merged; "step" during step STEP, after
+    # its first micro-batch's backward; "save" in the save at step STEP, once the backend's
+    # tensors are in the unfinished folder and before meta.json and the rename
+    phase, _, kill_step = flags.get("kill_at", "::").partition(":")
+    if phase == "index":
+        import data.shard_sets
+
+        data.shard_sets.merge_parts = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
     trainer = Trainer(cfg, allow_non_private=True,
                       model_factory=(lambda c, t: TinyCaptioner()) if standin else None,
                       train_data=tiny_data(cfg.data.num_examples) if standin else None)
@@ -144,6 +154,17 @@ def run_job(argv: list[str]) -> None:
             return step(*args)
 
         trainer.train_step = gated
+    if phase in ("step", "save"):
+        owner, name = (trainer.engine, "backward") if phase == "step" else (trainer.backend, "save")
+        original = getattr(owner, name)
+
+        def killing(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if trainer.step == int(kill_step) - (phase == "step"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        setattr(owner, name, killing)
     captured = []
     if flags.get("capture") == "grads":  # the whole gradient the optimizer steps from, at every step
         apply = trainer.backend.step

@@ -85,6 +85,11 @@ def _summary_text(s: dict[str, Any]) -> str:
                      f"at delta = {s['delta']:.3g}; sigma = {s['sigma']:.4g}, q = {s['q']:.4g}")
     else:
         lines.append("privacy: NONE (non-private run)")
+    init = s.get("init_privacy")
+    if init and init["enabled"]:
+        lines.append(f"--init weights: trained privately to epsilon = {init['epsilon_rdp']:.3f} (RDP) at delta = "
+                     f"{init['delta']:.3g} on their own data; the model's total privacy cost composes that "
+                     f"with this run's epsilon")
     for task, r in s.get("zero_shot", {}).items():
         lines.append(f"zero-shot {task}: accuracy {r['accuracy']:.3f} ({r['classes']} classes, "
                      f"chance {1 / r['classes']:.3f}; {s['eval_examples']} held-out images)")

@@ -273,7 +273,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     try:
         with open(Path(path) / META) as f:
             return json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than the stack
         raise unloadable(path, e) from e
 
 

@@ -47,6 +47,9 @@ class DataConfig:
     heldout_examples: int = 256  # synthetic held-out images for zero-shot evaluation
     text_length: int = 16  # caption tokens, [CLS] ... [SEP] and padding
     num_workers: int = 0  # DataLoader worker processes per rank
+    # with workers: how long a rank waits for one micro-batch before it fails (a stuck worker,
+    # a hung file system) instead of waiting forever; 0: no limit
+    worker_timeout_s: float = 600.0
     seed: int = 0  # synthetic data seed (not the sampling seed: that is JobConfig.seed)
     # training images only: MAE's random resized crop (scale 0.2-1) and horizontal flip,
     # random from (JobConfig.seed, step, example); off for DP-Cap, whose captions name positions
@@ -133,6 +136,10 @@ class JobConfig:
     ds: dict[str, Any] = field(default_factory=dict)  # loaded from ds_config; overridable
     steps: int = 100  # logical (privacy) steps
     seed: int = 0  # shared by all ranks: init, and sampling when privacy is off (private runs use privacy.secret_seed)
+    # how long a rank waits at any collective (a peer that died or hangs) before the job fails;
+    # torch's own defaults are 30 min (gloo) and 10 min (NCCL). First-time indexing of a very large
+    # shard set, or saves of a very large model to a slow file system, may need more
+    collective_timeout_s: float = 900.0
     init: str = ""  # weights-only initialisation (ours, DCP dir, or an original-layout DP-Cap .pth)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -170,8 +177,13 @@ def _ds(name: str) -> dict[str, Any]:
         path = DS_CONFIG_DIR / name
     if not path.exists():
         raise ValueError(f"ds_config {name!r} not found (looked in {DS_CONFIG_DIR})")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except RecursionError:
+        raise ValueError(f"ds_config {path} is nested more than {MAX_DEPTH} levels deep") from None
+    check_depth(ds, f"ds_config {path}")
+    return ds
 
 
 def default() -> JobConfig:
@@ -361,14 +373,18 @@ def load_config(name_or_file: str, overrides: list[str] = ()) -> JobConfig:
 
 def _from_file(path: Path) -> JobConfig:
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(text)
-    elif path.suffix == ".json":
-        raw = json.loads(text)
-    else:
+    if path.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except RecursionError:  # deeper than Python's stack
+        raise ValueError(f"config file {path} is nested more than {MAX_DEPTH} levels deep") from None
+    check_depth(raw, f"config file {path}")
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     raw = dict(raw)
@@ -378,6 +394,22 @@ def _from_file(path: Path) -> JobConfig:
     cfg = PRESETS[preset]() if preset else JobConfig()
     _merge(cfg, raw, prefix="")
     return cfg
+
+
+MAX_DEPTH = 64  # no config (nor meta.json) nests deeper; deeper would exhaust the stack somewhere later
+
+
+def check_depth(tree: Any, what: str) -> None:
+    """A ValueError naming ``what`` if ``tree`` (parsed JSON/YAML) nests deeper than
+    :data:`MAX_DEPTH`: deeper trees make recursive code (dataclasses.asdict, json.dump)
+    fail with RecursionError far from where they came in."""
+    level = [tree]
+    for _ in range(MAX_DEPTH + 1):
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node)]
+        if not level:
+            return
+    raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
 
 
 def _merge(obj: Any, raw: dict[str, Any], prefix: str) -> None:
@@ -437,6 +469,9 @@ def _parse_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:  # deeper than Python's stack
+        raise ValueError(f"override value {text[:20]!r}... is nested more than {MAX_DEPTH} levels deep") from None
+    check_depth(value, f"override value {text[:20]!r}")
     if isinstance(value, str):
         try:  # YAML 1.1 reads 4e-3 (no dot) as a string
             return float(value)

@@ -41,7 +41,8 @@ from trainer.common.checkpoints import (
     write_private_json,
 )
 from trainer.job.backend import Backend
-from trainer.job.run_lock import PRIVATE, RunLock, from_rank0, private_folder
+from trainer.job.distributed import agree, from_rank0
+from trainer.job.run_lock import PRIVATE, RunLock, private_folder
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +74,26 @@ class Checkpointer:
         return done[-1] if done else None
 
     def start(self, resume: bool) -> Path | None:
-        """The checkpoint this job resumes from (None: a new run). A ValueError if a new run
-        (``resume`` false) would start over an earlier run's checkpoints."""
-        latest = self.latest()
-        if latest is None:
+        """Collective: the checkpoint this job resumes from (None: a new run).
+
+        Rank 0 chooses it and every rank must see it: ranks choosing alone, on a file
+        system with attribute caching, could resume different steps. A ValueError on
+        every rank if a rank does not see it, or if a new run (``resume`` false) would
+        start over an earlier run's checkpoints."""
+        latest = self.latest() if self.rank == 0 else None
+        name = from_rank0(None if latest is None else latest.name)
+        if name is None:
             return None
+        latest = self.directory / name
         if not resume:
             raise ValueError(
                 f"checkpoint.resume=false, but {self.directory} holds an earlier run's checkpoints (latest: "
-                f"{latest.name}); a new run there would mix its checkpoints with them, and resume, --init and "
+                f"{name}); a new run there would mix its checkpoints with them, and resume, --init and "
                 f"the tools, which take the folder's latest, could read the old run's. Start the new run in a "
                 f"folder of its own (name=NEW_NAME or checkpoint.dir=DIR), or move the old checkpoints aside "
                 f"first: mv {self.directory} {self.directory.parent / (self.directory.name + '.old')}")
+        agree({f"{name} visible": (latest / META).is_file()},
+              f"the checkpoint rank 0 resumes from ({name} in {self.directory})")
         self.run_id = read_meta(latest).get(RUN_ID)  # None: written before run ids; all such are this run's
         return latest
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+SYNTHETIC_MARKER = ".synthetic"  # beside shards that _write_synthetic wrote
 
 
 class InMemoryReader:
@@ -101,15 +102,27 @@ def prepare_shards(cfg: JobConfig, d: Distributed | None) -> ShardIndex:
 
 
 def _write_synthetic(cfg: JobConfig, folder: Path, d: Distributed | None) -> None:
+    """Synthetic shards into ``folder``, once, by rank 0; only into a folder that is empty or
+    was written by this function before (its marker file), so that a synthetic preset pointed
+    at someone's shards (data.shards=/data/mine) never mixes synthetic data into them."""
     from data.shards import write_shards
     from data.sources import synthetic_examples
 
-    if (d is None or d.is_main) and not (folder / INDEX_NAME).is_file():
+    def write() -> None:
+        if (folder / INDEX_NAME).is_file() and (folder / SYNTHETIC_MARKER).is_file():
+            return
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / SYNTHETIC_MARKER).is_file():
+            raise ValueError(f"data.shards={folder} is not empty and was not written by a synthetic job: "
+                             f"data.source=synthetic writes shards there. To train on the shards in it, use "
+                             f"data.source=shards (e.g. --config dpcap_own); for synthetic data, name an empty "
+                             f"or new folder")
         size = cfg.model.overrides.get("img_size", 224)
         logger.info("writing %d synthetic examples (%dx%d) to %s", cfg.data.num_examples, size, size, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SYNTHETIC_MARKER).write_text("synthetic shards written by the trainer (data.source=synthetic)\n")
         write_shards(synthetic_examples(cfg.data.num_examples, cfg.data.seed, size), folder)
-    if dist.is_initialized():
-        dist.barrier()
+
+    _agreed(lambda: write() if d is None or d.is_main else None, d)
 
 
 def _processes(cfg: JobConfig) -> int:
@@ -150,7 +163,8 @@ def build_reader(cfg: JobConfig, index: ShardIndex, sampler, tokenizer, *, pin_m
 
     return PoissonReader(TarIndex.of(index.paths, index.counts, index.offsets_path), sampler,
                          transform(cfg, tokenizer, training=True), num_workers=cfg.data.num_workers,
-                         pin_memory=pin_memory, captions=cfg.is_captioner)
+                         worker_timeout_s=cfg.data.worker_timeout_s, pin_memory=pin_memory,
+                         captions=cfg.is_captioner)
 
 
 def count_examples(index: ShardIndex) -> int:

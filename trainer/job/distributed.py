@@ -7,6 +7,11 @@ from the environment or SLURM_LAUNCH_NODE_IPADDR). Without any of them the job
 runs as a single rank. gloo on CPU, nccl on GPU. Every run has a process group
 and a device mesh, a single rank included, so that one code path (FSDP2, DCP)
 serves every world size.
+
+Every collective waits at most ``collective_timeout_s`` (the config's; torch's
+own defaults are 30 minutes for gloo, 10 for NCCL): a rank that died or hangs
+fails the others' next collective after that long instead of holding them.
+:func:`agree` is how ranks check, before training, that they see the same run.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from datetime import timedelta
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -64,7 +70,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(local_rank_arg: int | None = None) -> Distributed:
+def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 900.0) -> Distributed:
     rank, local, world = launcher_env(local_rank_arg)
     # what torchrun and the deepspeed launcher export, for a single process or Slurm too
     # (deepspeed.initialize asserts LOCAL_RANK is set)
@@ -85,11 +91,37 @@ def init_distributed(local_rank_arg: int | None = None) -> Distributed:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     mesh = init_device_mesh(device.type, (world,))
     logger.info("rank %d/%d (local %d) on %s, backend %s", rank, world, local, device, backend)
     return Distributed(rank=rank, local_rank=local, world_size=world, device=device, mesh=mesh)
+
+
+def from_rank0(value: Any) -> Any:
+    """Collective: rank 0's ``value`` (a small picklable object) on every rank; it also
+    waits for rank 0, as a barrier does."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree(fields: dict[str, Any], what: str) -> None:
+    """Collective: every rank's ``fields`` (JSON-able values) compared with rank 0's; any
+    difference raises the same ValueError on every rank, naming each rank and field that
+    differs, so no rank trains alone on what it alone sees."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    seen: list[dict[str, Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, fields)
+    differences = [f"rank {rank} has {key}={value!r}, rank 0 {seen[0].get(key)!r}"
+                   for rank, theirs in enumerate(seen[1:], start=1)
+                   for key, value in theirs.items() if value != seen[0].get(key)]
+    if differences:
+        raise ValueError(f"the ranks disagree on {what}: {'; '.join(differences)}. Every rank must see "
+                         f"the same files (a shared file system, no stale caches) and the same config")
 
 
 def shutdown() -> None:

@@ -39,21 +39,12 @@ from typing import Any
 import torch.distributed as dist
 
 from trainer.common.checkpoints import write_private_json
+from trainer.job.distributed import from_rank0
 
 logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
 PRIVATE = 0o700
-
-
-def from_rank0(value: Any) -> Any:
-    """Collective: rank 0's ``value`` (a small picklable object) on every rank; it also
-    waits for rank 0, as a barrier does."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def private_folder(path: Path) -> None:

@@ -6,15 +6,30 @@ what the evaluation will read, ``--init`` weights, the privacy engine on the bar
 model, the backend (sharding and optimizer), the reader, checkpointer and resume,
 metrics. Everything here is the same for every backend; ``trainer.job.backend``
 is the seam.
+
+Ranks agree before they train: rank 0 chooses the checkpoint to resume, every
+rank must see it, and after loading every rank's step, secret seeds, N and shard
+list are compared (``trainer.job.distributed.agree``).
+
+Lineage: ``meta.json`` holds a random lineage id, the real path of the run's
+checkpoint folder and the run's name. Resuming anything but a plain requeue of
+the same run (a copied folder, another run's checkpoint.dir, a config changed
+beyond ``steps`` and the keys of :data:`REQUEUE_KEYS`) mixes a fresh secret salt
+into the noise and sampling seeds: two continuations of one checkpoint never draw
+the same noise, which would cancel in the difference of their released models.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import secrets
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -27,7 +42,7 @@ from torch import nn
 
 from privacy import accounting
 from trainer.common.build import build_model, build_tokenizer
-from trainer.common.checkpoints import load_model_weights, read_meta
+from trainer.common.checkpoints import load_model_weights, read_meta, step_folder
 from trainer.common.config import JobConfig, learning_rate
 from trainer.common.evaluation import (
     caption_examples,
@@ -43,13 +58,19 @@ from trainer.job import plan as privacy_plan
 from trainer.job.backend import create_backend
 from trainer.job.checkpoint import Checkpointer
 from trainer.job.data import InMemoryReader, build_reader, count_examples, prepare_shards
-from trainer.job.distributed import Distributed, init_distributed, launcher_env
+from trainer.job.distributed import Distributed, agree, from_rank0, init_distributed, launcher_env
 from trainer.job.metrics import Metrics, peak_flops
 from trainer.job.optim import lr_factor
 from trainer.job.run_lock import RunLock, releases_lock_on_error
 from trainer.job.validation import validate, validate_data_size
 
 logger = logging.getLogger(__name__)
+
+
+# config keys a plain requeue may change (they change nothing that is drawn or trained
+# bit for bit); any other change makes a resumed run a new branch with salted seeds
+REQUEUE_KEYS = ("steps", "metrics", "checkpoint.every_steps", "checkpoint.keep_last", "collective_timeout_s",
+                "data.worker_timeout_s", "data.num_workers")
 
 
 def _step_seed(*words: int) -> int:
@@ -73,7 +94,7 @@ class Trainer:
         self.geo = validate(cfg, world, allow_non_private)
 
         # 1. distributed
-        self.dist: Distributed = init_distributed(local_rank)
+        self.dist: Distributed = init_distributed(local_rank, cfg.collective_timeout_s)
         device = self.dist.device
         # one job per checkpoint folder, before anything reads or writes it
         self.lock = RunLock.acquire(cfg.checkpoint_dir, cfg.checkpoint.lock_lease_s, self.dist.rank)
@@ -93,6 +114,7 @@ class Trainer:
         self.flops_per_example = self._count_flops(model)
         self.evaluate_at_end = evaluate_at_end
         self._prepare_evaluation()
+        self.init_privacy = None
         if cfg.init:
             import models
 
@@ -100,6 +122,7 @@ class Trainer:
                 load_model_weights(model, cfg.init, partial(models.from_original_layout, model))
             except ValueError as e:
                 raise ValueError(f"--init {e}") from None
+            self.init_privacy = self._init_privacy(Path(cfg.init))
 
         # 4. privacy engine on the bare model (it records full parameter shapes, which a
         # backend may partition), with the backend's reducer; one secret seed (never from
@@ -142,8 +165,11 @@ class Trainer:
         self.step = 0
         self.segments: list[accounting.Segment] = [self.plan.segment(0)]
         self.resumed_from = None
+        self.lineage = {"id": uuid.uuid4().hex, "checkpoint_dir": os.path.realpath(cfg.checkpoint_dir),
+                        "name": cfg.name, "parent": None, "salts": []}
         if (latest := self.checkpointer.start(cfg.checkpoint.resume)) is not None:
             self._resume(latest)
+        self._check_ranks_agree(index)
         self.stop_at = self._privacy_stop()
 
         # 8. metrics
@@ -188,6 +214,26 @@ class Trainer:
                            "only when training on synthetic data); set eval.data=FOLDER, a folder of class "
                            "folders, to evaluate it on your classes")
 
+    def _init_privacy(self, path: Path) -> dict[str, Any] | None:
+        """What ``--init`` weights of ours cost in privacy (their meta.json), said at once: this
+        run's epsilon is this run's alone, and the weights' total cost composes both."""
+        if not path.is_dir():
+            return None  # a weights file: nothing recorded about how it was trained
+        meta = read_meta(step_folder(path))
+        privacy = meta.get("privacy") or {}
+        if not privacy.get("enabled"):
+            if self.dist.is_main:
+                logger.info("--init %s: weights trained without differential privacy (privacy.enabled=false)",
+                            path)
+            return {"enabled": False}
+        found = {"enabled": True, "epsilon_rdp": meta.get("epsilon_rdp"), "delta": privacy.get("delta")}
+        if self.dist.is_main:
+            logger.warning("--init %s: these weights were trained privately to epsilon %.4g (RDP) at delta %.3g "
+                           "on their own data. The epsilon this run reports is this run's alone: the released "
+                           "model's total privacy cost composes both (for data in both runs, at least their sum)",
+                           path, found["epsilon_rdp"], found["delta"])
+        return found
+
     def _shared_secret_seed(self) -> int:
         if self.cfg.privacy.secret_seed is not None:
             logger.warning("privacy.secret_seed is set: noise and batches are reproducible by anyone who "
@@ -213,6 +259,61 @@ class Trainer:
     def _privacy_state(self) -> dict[str, Any]:
         return {"segments": [list(s) for s in self.segments], "delta": self.plan.delta,
                 "max_grad_norm": self.plan.max_grad_norm, "enabled": self.plan.enabled}
+
+    def _check_ranks_agree(self, index) -> None:
+        """Before training: every rank resumed the same step with the same secret seeds (compared
+        as hashes: the seeds stay out of every message), the same N and the same shard list."""
+        def hashed(value: Any) -> str:
+            return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+        shards = ([[str(p), int(c)] for p, c in zip(index.paths, index.counts)] if index is not None
+                  else len(self.reader.dataset))
+        noise_seed = self.engine.state_dict()["seed"] if self.engine is not None else None
+        agree({"step": self.step, "noise seed (hash)": hashed(noise_seed),
+               "sampling seed (hash)": hashed(self.sampler.seed), "data.num_examples": self.cfg.data.num_examples,
+               "shard list and counts (hash)": hashed(shards)}, "the run they start")
+
+    def _branch_reasons(self, meta: dict[str, Any]) -> list[str]:
+        """Why resuming ``meta``'s checkpoint is not a plain requeue of the run that wrote it."""
+        lineage = meta.get("lineage")
+        if lineage is None:
+            return ["the checkpoint records no lineage"]
+        reasons = []
+        here = os.path.realpath(self.cfg.checkpoint_dir)
+        if lineage["checkpoint_dir"] != here:
+            reasons.append(f"it was written in {lineage['checkpoint_dir']}, not in {here} (a copied or "
+                           f"another run's checkpoint folder)")
+        if lineage["name"] != self.cfg.name:
+            reasons.append(f"it was written by run {lineage['name']!r}, not {self.cfg.name!r}")
+        saved, now = _flat(meta.get("config", {})), _flat(json.loads(json.dumps(self.cfg.to_dict(), default=str)))
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
+                         and not any(k == r or k.startswith(r + ".") for r in REQUEUE_KEYS))
+        if changed:
+            reasons.append(f"the config changed ({', '.join(changed[:8])}{' ...' * (len(changed) > 8)})")
+        return reasons
+
+    def _branch(self, path: Path, meta: dict[str, Any]) -> None:
+        """A plain requeue keeps the checkpoint's lineage and seeds (bit-identical to an
+        uninterrupted run); any other continuation is a new branch whose secret seeds get a
+        fresh salt, so that no two continuations of one checkpoint share noise or batches."""
+        # rank 0's view decides for all
+        reasons, salt = from_rank0((self._branch_reasons(meta), int.from_bytes(os.urandom(8), "big") & (2**62 - 1)))
+        if not reasons:
+            self.lineage = meta["lineage"]
+            return
+        old = meta.get("lineage") or {}
+        self.lineage = {**self.lineage, "parent": old.get("id"), "salts": old.get("salts", [])}
+        if not self.plan.enabled:  # nothing secret to salt: the sampling seed is the config's
+            return
+        engine_state = self.engine.state_dict()
+        self.engine.load_state_dict({**engine_state, "seed": _step_seed(engine_state["seed"], salt)})
+        self.sampler.seed = _step_seed(self.sampler.seed, salt)
+        self.lineage["salts"] = [*self.lineage["salts"], {"step": self.step, "from": str(path), "salt": salt,
+                                                          "reasons": reasons}]
+        if self.dist.is_main:
+            logger.warning("resuming %s as a new branch (%s): a fresh secret salt is mixed into the noise and "
+                           "sampling seeds, so this continuation never reuses the noise of another one from "
+                           "the same checkpoint", path, "; ".join(reasons))
 
     def _resume(self, path) -> None:
         meta = read_meta(path)
@@ -248,6 +349,7 @@ class Trainer:
         self.sampler.seed = int(meta["sampling_seed"])
         self.step = int(meta["step"])
         self.reader.load_state_dict({**meta["reader"], "next_step": self.step})
+        self._branch(path, meta)
         self.resumed_from = str(path)
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -277,6 +379,7 @@ class Trainer:
                 "sampling_seed": self.sampler.seed, "backend": self.backend.name,
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict(),
                 "reader": self.reader.state_dict(),  # rank 0's; every rank's position is the step
+                "lineage": self.lineage,
                 "epsilon_rdp": self.epsilon("rdp") if self.plan.enabled else None}
         self.checkpointer.save(self.step, self.backend, meta)
 
@@ -349,6 +452,7 @@ class Trainer:
                                    "epsilon_pld": self.epsilon("pld"),
                                    "delta": self.plan.delta, "sigma": self.plan.sigma,
                                    "q": self.plan.q, "log_dir": str(cfg.log_dir),
+                                   "init_privacy": self.init_privacy,
                                    "checkpoint_dir": str(cfg.checkpoint_dir)}
         if not self.stop_requested and self.evaluate_at_end:
             summary.update(self._evaluate())
@@ -471,3 +575,14 @@ class Trainer:
             else:
                 captions = caption_examples(model, self.tokenizer, self.dist.device, self.heldout, count, dtype)
         self.metrics.text(self.step, "captions", captions_markdown(captions))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config dict as dotted key -> leaf value."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
