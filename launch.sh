@@ -27,10 +27,10 @@ setup() {  # setup VENV PYTHON "TORCH PINS"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return
     fi
-    "$PY" -m pip install -q --upgrade pip setuptools wheel
-    # torch first, at an exact version; the project's range then keeps it.
+    # torch first, at an exact version (the project's range then keeps it), resolved with
+    # the build tools so that setuptools stays within what that torch accepts.
     # shellcheck disable=SC2086
-    "$PY" -m pip install -q $torch_pins
+    "$PY" -m pip install -q --upgrade pip setuptools wheel $torch_pins
     # deepspeed builds from source; without CUDA its ops stay uncompiled and
     # its setup must see the torch above (no isolated build environment).
     DS_BUILD_OPS=0 "$PY" -m pip install -q --no-build-isolation deepspeed==0.19.8
