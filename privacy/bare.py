@@ -47,7 +47,7 @@ windows) only where :func:`privacy.graph.rows_per_example` proves it.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +68,17 @@ class BareOwner:
     depth: int = 0  # nested calls of the module now running
     handles: list = field(default_factory=list)
     _constants: set[int] | None = None  # storages of the module's buffers, for this forward
+    # whose buffers are constants: the module's (None), or the model's for a layer called on a
+    # constant, whose output meets the parent's buffers (Swin V2's bias table indexed by a buffer)
+    buffers: Callable[[], Iterable[Tensor]] | None = None
 
     def label(self, name: str) -> str:
         return f"{self.qualname}.{name}" if self.qualname else name
 
     def constants(self) -> set[int]:
         if self._constants is None:
-            self._constants = {b.untyped_storage().data_ptr() for b in self.module.buffers()}
+            buffers = self.buffers() if self.buffers is not None else self.module.buffers()
+            self._constants = {b.untyped_storage().data_ptr() for b in buffers}
         return self._constants
 
 

@@ -458,19 +458,29 @@ class PrivacyEngine:
         return out
 
     def _is_constant(self, x: Tensor) -> bool:
-        """``x`` is (a view of) one row of a buffer of the model: an input that the
-        layer's output is broadcast from over the batch, made of parameters alone."""
-        if isinstance(x, BareTensor) or x.requires_grad or x.dim() == 0 or x.shape[0] != 1:
+        """``x`` is (a view of) one row of a buffer of the model, or a value derived
+        from bare parameters and constants alone (the output of a layer called on
+        such a row, as the second layer of Swin V2's position bias MLP is called):
+        an input that the layer's output is broadcast from over the batch, made of
+        parameters alone."""
+        if isinstance(x, BareTensor):
+            return x._bare_pending is None
+        if x.requires_grad or x.dim() == 0 or x.shape[0] != 1:
             return False
         storage = x.untyped_storage().data_ptr()
         return any(b.untyped_storage().data_ptr() == storage for b in self._model_buffers())
 
     def _constant_output(self, target: _Target, x: Tensor) -> BareTensor:
-        """The layer on a constant input, as a derived bare value (privacy/bare.py):
+        """The layer on a constant input (:meth:`_is_constant`), as a derived bare value (privacy/bare.py):
         its rule's forward on leaf copies of the parameters, with the graph kept,
         so that where it meets the batch each example's gradient is its copy's row."""
-        owner = self._constant_owners.setdefault(target, BareOwner(target.qualname, target.module, target.names))
+        owner = self._constant_owners.setdefault(
+            target, BareOwner(target.qualname, target.module, target.names, buffers=self._model_buffers))
+        owner._constants = None  # read again in each forward
         params, leaves = [], []
+        if isinstance(x, BareTensor):  # its recipe goes on to this layer's
+            x, before = x.resolve()
+            leaves += before
         for slot in target.rule.slots:
             param = getattr(target.module, slot, None)
             if slot in target.names:

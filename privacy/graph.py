@@ -266,7 +266,7 @@ def _reduce(proof, node, output_nr, out) -> Layout:
     layout, s_in = _single(proof, node)
     if layout is CONSTANT:
         return CONSTANT
-    dims = _dims(node._saved_dim, len(s_in))
+    dims = list(range(len(s_in))) if node._saved_dim is None else _dims(node._saved_dim, len(s_in))
     if layout[0] in dims:
         raise Unproven(f"{node.name()} over the example dimension")
     return layout if node._saved_keepdim else (layout[0] - sum(d < layout[0] for d in dims), layout[1])
@@ -293,7 +293,7 @@ _ELEMENTWISE = (
     "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1",
     "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1", "NegBackward0", "CloneBackward0",
     "AliasBackward0", "ToCopyBackward0", "GeluBackward0", "SiluBackward0", "ReluBackward0", "SigmoidBackward0",
-    "TanhBackward0", "NativeDropoutBackward0", "MaskedFillBackward0", "WhereBackward0",
+    "TanhBackward0", "NativeDropoutBackward0", "MaskedFillBackward0", "WhereBackward0", "ClampMinBackward0",
 )
 _RULES: dict[str, Callable] = {
     **{name: _elementwise for name in _ELEMENTWISE},
@@ -315,6 +315,7 @@ _RULES: dict[str, Callable] = {
     "CatBackward0": _cat,
     "SumBackward1": _reduce,
     "MeanBackward1": _reduce,
+    "LinalgVectorNormBackward0": _reduce,
     "BmmBackward0": _matmul(({0: 0, 1: 1}, {0: 0, 2: 2})),
     "MmBackward0": _matmul(({0: 0}, {1: 1})),
 }
