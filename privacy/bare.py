@@ -93,6 +93,9 @@ class Host(Protocol):
     def call_target(self, target: Any, x: Tensor) -> Tensor:
         """``target``'s layer on ``x``, through its rule (as its own forward would)."""
 
+    def bias_value(self, target: Any) -> "BareTensor":
+        """A Linear layer's bias as a bare value (a leaf copy): for its uses in its parent's own code."""
+
     def record_use(self, use: "Use") -> None:
         """A per-example copy made in this forward."""
 
@@ -108,12 +111,20 @@ class Use:
     leaves: tuple[tuple[BareOwner, str, Tensor], ...]
     op: str
     output: tuple | None = None  # (grad_fn, output_nr) of the operator's result: its rows, for the grouping proof
+    version: int = -1  # D's version when copied: changed in place afterwards, its recipe is no longer D's
+
+    def __post_init__(self):
+        self.version = self.value._version
 
     def label(self) -> str:
         return ", ".join(owner.label(name) for owner, name, _ in self.leaves)
 
     def per_example(self, rows: Tensor) -> list[tuple[BareOwner, str, Tensor]]:
         """Per-example gradients [b, *param shape] of the parameters from D's [b, *D shape]."""
+        if self.value._version != self.version:
+            raise ValueError(f"{self.label()}: a value computed from it was changed in place after it met the batch "
+                             f"in {self.op}, so its recipe no longer says what that use computed; the privacy "
+                             "engine cannot give its per-example gradient")
         if len(self.leaves) == 1 and self.value is self.leaves[0][2]:
             return [(self.leaves[0][0], self.leaves[0][1], rows)]
         grads = torch.autograd.grad(self.value, [leaf for _, _, leaf in self.leaves], rows.to(self.value.dtype),
@@ -202,12 +213,17 @@ class LinearByWeight(TorchFunctionMode):
     """While a bare owner runs (privacy/engine.py pushes it only for owners with a
     Linear child the engine clips): ``F.linear(x, child.weight, child.bias)`` is
     that child's call, run through its rule, as torchvision's Swin calls its qkv
-    and proj layers from a function. Any other ``F.linear`` on a clipped weight
-    (another bias) is left to the engine's refusal before the backward, by name."""
+    and proj layers from a function. Any other operator on such a child's bias
+    takes it as a bare value (:meth:`Host.bias_value`), as torchvision's Swin V2
+    zeroes the key third of a clone of its qkv bias before ``F.linear(x,
+    qkv.weight, that_bias)``: that call is the child's (with its own bias)
+    plus a copy of the difference (:meth:`_Operator.linear`). Any other
+    ``F.linear`` on a clipped weight is left to the engine's refusal before the
+    backward, by name."""
 
-    def __init__(self, host: Host):
+    def __init__(self, host: Host, children: list):
         super().__init__()
-        self.host = host
+        self.host, self.children = host, children  # the owner's Linear children that the engine clips
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -216,6 +232,12 @@ class LinearByWeight(TorchFunctionMode):
             target = self.host.linear_target(named["weight"])
             if target is not None and named.get("bias") is target.module._parameters.get("bias"):
                 return self.host.call_target(target, named["input"])
+        biases = {id(b): t for t in self.children if (b := t.module._parameters.get("bias")) is not None}
+        flat, spec = tree_flatten((args, kwargs))
+        if any(id(a) in biases for a in flat if isinstance(a, Tensor)):
+            flat = [self.host.bias_value(biases[id(a)]) if isinstance(a, Tensor) and id(a) in biases else a
+                    for a in flat]
+            args, kwargs = tree_unflatten(flat, spec)
         return func(*args, **kwargs)
 
 
@@ -266,9 +288,10 @@ class _Operator:
                for b in bares):
             return self.call([a.parameter() if isinstance(a, BareTensor) else a for a in self.flat])
         self.label = ", ".join(sorted({b.label() for b in bares}))
-        if 0 in self.positions and _in_place(self.op):
-            raise refusal(self.label, self.op, "in place on the parameter")
         self.resolved = {i: b.resolve() for i, b in zip(self.positions, bares)}
+        # in place on a value computed from parameters is part of its recipe (Swin V2's zeroed bias third)
+        if 0 in self.positions and _in_place(self.op) and self.resolved[0][0].is_leaf:
+            raise refusal(self.label, self.op, "in place on the parameter")
         self.values = [self.resolved[i][0] if i in self.resolved else a for i, a in enumerate(self.flat)]
         self.leaves = tuple({id(leaf): (o, n, leaf) for i in self.positions
                              for o, n, leaf in self.resolved[i][1]}.values())
@@ -306,10 +329,11 @@ class _Operator:
         args, kwargs = tree_unflatten(flat, self.spec)
         return self.func(*args, **kwargs)
 
-    def copy(self, i: int, rows: int, aligned: tuple, dtype: torch.dtype | None = None) -> tuple[Tensor, Use]:
-        """The per-example copy of argument ``i``: its value viewed as ``aligned``
-        (dim 0 of size 1), expanded to ``rows``."""
-        value, leaves = self.resolved[i]
+    def copy(self, i: int, rows: int, aligned: tuple, dtype: torch.dtype | None = None,
+             bare: BareTensor | None = None) -> tuple[Tensor, Use]:
+        """The per-example copy of argument ``i`` (or of ``bare``): its value viewed
+        as ``aligned`` (dim 0 of size 1), expanded to ``rows``."""
+        value, leaves = self.resolved[i] if bare is None else bare.resolve()
         use = Use(value, leaves, self.op)
         aligned_value = value.detach().reshape(aligned)
         if dtype is not None:
@@ -377,15 +401,14 @@ class _Operator:
             raise refusal(self.label, "F.linear", "as its input or weight (only its bias is a broadcast)")
         target = self.host.linear_target(weight)
         if target is not None:
-            if target.module.bias is not None:
-                raise refusal(self.label, "F.linear", f"with the weight of {target.qualname}, which has a bias")
             y = self.host.call_target(target, x)
+            if target.module._parameters.get("bias") is not None:  # y has the layer's own bias: copy the difference
+                bias = bias - self.host.bias_value(target)
         else:  # not a clipped layer's weight: if it is a parameter, the engine refuses it before the backward
             y = F.linear(x, weight)
         if y.dim() < 2:
             raise refusal(self.label, "F.linear", "on an input with no batch dimension")
-        (i,) = [i for i in self.positions if self.flat[i] is bias]
-        e, use = self.copy(i, y.shape[0], (1,) * (y.dim() - 1) + (y.shape[-1],), dtype=y.dtype)
+        e, use = self.copy(-1, y.shape[0], (1,) * (y.dim() - 1) + (y.shape[-1],), dtype=y.dtype, bare=bias)
         return self.finish(y + e, [use])
 
     def attention(self) -> Tensor:

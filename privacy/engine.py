@@ -147,7 +147,8 @@ class _MicroBatch:
     sq_norms: list[Tensor] = field(default_factory=list)  # per layer, its parameters not in rows
     # B_iL of ghost layers by their rounding unit u + T 2^-24 (few distinct): the margins' terms
     ghost_bounds: dict[float, list[Tensor]] = field(default_factory=dict)
-    rows: list[tuple[nn.Module, str, Tensor]] = field(default_factory=list)  # small per-example gradients
+    # small per-example gradients [b, ...] by parameter
+    rows: dict[tuple[nn.Module, str], Tensor] = field(default_factory=dict)
     sums: list = field(default_factory=list)  # the layers' accumulate(factors) for the rest
     # bare parameters' per-example gradients [b, numel], summed over their uses in the forward
     bare: dict[tuple[BareOwner, str], Tensor] = field(default_factory=dict)
@@ -158,7 +159,12 @@ class _MicroBatch:
         self.bare[key] = flat if key not in self.bare else self.bare[key] + flat
 
     def add(self, module: nn.Module, prepared: Prepared) -> None:
-        self.rows += [(module, name, value) for name, value in prepared.rows.items()]
+        for name, value in prepared.rows.items():
+            # a parameter with gradients from two places (a Linear's bias through its rule and, changed in its
+            # parent's code, as a bare value: torchvision's Swin V2) has their per-example sum as its gradient
+            key = (module, name)
+            before = self.rows.get(key)
+            self.rows[key] = value if before is None else before.reshape(self.batch, -1) + value.reshape(self.batch, -1)
         if self.ctx.norms and prepared.sq_norm is not None:
             self.sq_norms.append(prepared.sq_norm)
             if prepared.ghost_bound is not None:
@@ -174,13 +180,13 @@ class _MicroBatch:
         """fp32 [b, N]: every small per-example gradient of the micro-batch, side by side."""
         if not self.rows:
             return None
-        return torch.cat([value.reshape(self.batch, -1) for _, _, value in self.rows], 1)
+        return torch.cat([value.reshape(self.batch, -1) for value in self.rows.values()], 1)
 
     def add_rows(self, flat: Tensor, factors: ClipFactors, add_sum) -> None:
         """The clipped sums of all small per-example gradients: one matmul."""
         summed = mm_fp32(factors.fp32.view(1, -1), finite_or_zero(flat)).view(-1)
-        parts = summed.split([value.shape[1:].numel() for _, _, value in self.rows])
-        for (module, name, _), part in zip(self.rows, parts):
+        parts = summed.split([value.shape[1:].numel() for value in self.rows.values()])
+        for (module, name), part in zip(self.rows, parts):
             add_sum(module, name, part)
 
 
@@ -308,6 +314,9 @@ class _BareHost:
     def call_target(self, target: _Target, x: Tensor) -> Tensor:
         return self.engine._call(target, x)
 
+    def bias_value(self, target: _Target) -> BareTensor:
+        return self.engine._bias_value(target)
+
     def record_use(self, use: Use) -> None:
         self.engine._uses.append(use)
 
@@ -410,6 +419,7 @@ class PrivacyEngine:
         self._targets, self._owners = _plan(model, self.rules)
         self._model_buffers = model.buffers
         self._constant_owners: dict[_Target, BareOwner] = {}  # layers called on a constant input (_is_constant)
+        self._bias_owners: dict[_Target, BareOwner] = {}  # Linear biases used in their parents' code (_bias_value)
         # every clipped parameter as (module, attribute name, qualified name)
         self._clipped = [(t.module, name, _qualified(t.qualname, name)) for t in self._targets for name in t.names]
         self._clipped += [(o.module, name, o.label(name)) for o in self._owners for name in o.names]
@@ -492,13 +502,22 @@ class PrivacyEngine:
             value = target.rule.forward(target.module, Call(), x, *params)
         return BareTensor.derived(self._host, owner, value, tuple(leaves))
 
+    def _bias_value(self, target: _Target) -> BareTensor:
+        """A clipped Linear's bias used in its parent's own code (privacy.bare.LinearByWeight):
+        a leaf copy, as a derived bare value whose per-example gradients join its rule's
+        (:meth:`_MicroBatch.add`)."""
+        owner = self._bias_owners.setdefault(target, BareOwner(target.qualname, target.module, ("bias",)))
+        leaf = target.module._parameters["bias"].detach().requires_grad_(True)
+        setattr(leaf, graph.BARE_LEAF, owner.label("bias"))
+        return BareTensor.derived(self._host, owner, leaf, ((owner, "bias", leaf),))
+
     def _watch(self, owner: BareOwner) -> None:
         """Shadow the owner's bare parameters by BareTensors while it runs with grad
         enabled (in its instance ``__dict__``; its ``_parameters`` stay as they are)."""
         shadowing: list[bool] = []  # per nested call: whether it shadows
-        clipped_linears = {id(t.module) for t in self._targets if isinstance(t.rule, LinearRule)}
-        by_weight = LinearByWeight(self._host) if any(id(child) in clipped_linears
-                                                       for child in owner.module.children()) else None
+        children = {id(child) for child in owner.module.children()}
+        linears = [t for t in self._targets if isinstance(t.rule, LinearRule) and id(t.module) in children]
+        by_weight = LinearByWeight(self._host, linears) if linears else None
 
         def before(module: nn.Module, args) -> None:
             shadow = torch.is_grad_enabled() and self._attached
