@@ -182,8 +182,15 @@ def _view(proof: _Proof, node, output_nr: int, out: tuple) -> Layout:
     raise Unproven(f"{node.name()} from {list(s_in)} to {list(out)} splits an example's rows")
 
 
+def _dim(value: int, rank: int) -> int:
+    """A saved dim as an index: autograd's nodes give a negative dim as its
+    unsigned 64-bit wrap (-1 as 2**64 - 1), whose remainder by the rank is not
+    the dim it stands for (-3 of rank 3 would read as 1)."""
+    return (value - 2**64 if value >= 2**63 else value) % rank
+
+
 def _dims(values, rank: int) -> list[int]:
-    return [v % rank for v in (values if isinstance(values, (list, tuple)) else [values])]
+    return [_dim(v, rank) for v in (values if isinstance(values, (list, tuple)) else [values])]
 
 
 def _permute(proof, node, output_nr, out) -> Layout:
@@ -232,9 +239,10 @@ def _off_dims(dims_of: Callable) -> Callable:
 
 
 def _full_slice(node, rank) -> list[int]:
-    dim = node._saved_dim % rank
-    whole = node._saved_start in (0, None) and node._saved_step == 1 and \
-        (node._saved_end is None or node._saved_end >= node._saved_self_sym_sizes[dim])
+    """The sliced dim, unless the slice keeps all of it (read off the sizes: a
+    negative end, saved as its unsigned wrap, would look past the end)."""
+    dim = _dim(node._saved_dim, rank)
+    whole = node._input_metadata[0].shape[dim] == node._saved_self_sym_sizes[dim]
     return [] if whole else [dim]
 
 
@@ -248,7 +256,7 @@ def _removes_dim(proof, node, output_nr, out) -> Layout:
     layout, s_in = _single(proof, node)
     if layout is CONSTANT:
         return CONSTANT
-    dim = node._saved_dim % len(s_in)
+    dim = _dim(node._saved_dim, len(s_in))
     if dim == layout[0]:
         raise Unproven(f"{node.name()} of one index of the example dimension")
     return (layout[0] - (dim < layout[0]), layout[1])
@@ -257,7 +265,7 @@ def _removes_dim(proof, node, output_nr, out) -> Layout:
 def _cat(proof, node, output_nr, out) -> Layout:
     found = [layout for layout, _ in proof.inputs(node)]
     layout = _agree(found, node.name())
-    if layout is not CONSTANT and node._saved_dim % len(out) == layout[0]:
+    if layout is not CONSTANT and _dim(node._saved_dim, len(out)) == layout[0]:
         raise Unproven("a cat along the example dimension")
     return layout
 

@@ -1,7 +1,9 @@
 """The engine on torchvision's own models, built from small configurations
 (nothing downloaded), every parameter trainable, against float64 torch.func
 per-example gradients: ViT (nn.MultiheadAttention), Swin (F.linear on its
-layers' weights from a function, relative position bias tables), ConvNeXt
+layers' weights from a function, relative position bias tables), Swin V2 (the
+key third of a clone of its qkv bias zeroed in place before F.linear, a logit
+scale clamped and exponentiated, a position bias MLP on a buffer), ConvNeXt
 (LayerNorm2d, layer scales), MaxViT, and ResNet, RegNet, EfficientNet and
 MobileNet after privacy.convert.replace_batchnorm. In eval mode where the model
 has dropout or stochastic depth (torch.func's vmap refuses random operators);
@@ -73,6 +75,7 @@ MODELS = {
     "vit": (lambda: tvm.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
                                           mlp_dim=16, num_classes=CLASSES), 16, False),
     "swin_v1": (lambda: swin(1), 32, False),
+    "swin_v2": (lambda: swin(2), 32, False),
     "convnext": (convnext, 32, False),
     "maxvit": (maxvit, 32, True),
     "resnet": (lambda: tvm.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=CLASSES), 32, True),
@@ -100,11 +103,40 @@ def test_torchvision_model_matches_per_example_reference(name):
     assert_engine_matches_reference(*build(name))
 
 
-def test_swin_v2_is_refused_by_name():
-    """Swin V2 zeroes part of a copy of its qkv bias before F.linear: that bias is
-    used outside its layer, which the engine cannot make exact; it says where."""
-    model = PerExampleLoss(swin(2))
-    engine = PrivacyEngine(model, 1.0, 0.0, 1.0)
-    images = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"classifier\.features\.\d\.\d\.attn\.qkv\.(weight|bias) is used outside"):
-        engine.backward(model(images, torch.zeros(2, dtype=torch.long)))
+class InPlace(nn.Module):
+    """A bare parameter changed in place (``where="parameter"``), or a value
+    computed from it changed in place before (``"before"``: Swin V2's zeroed
+    bias third) or after (``"after"``) it met the batch."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+        self.linear = nn.Linear(4, 4)
+        self.shift = nn.Parameter(torch.linspace(0.5, 2.0, 4))
+
+    def forward(self, x):
+        if self.where == "parameter":
+            self.shift.mul_(2)
+        shift = self.shift * 2
+        if self.where == "before":
+            shift[1:3].zero_()
+        y = self.linear(x) + shift
+        if self.where == "after":
+            shift.mul_(3)
+        return y.square().sum((1, 2))
+
+
+def test_a_value_computed_from_a_bare_parameter_changed_in_place_is_exact():
+    x = torch.randn(BATCH, 3, 4, generator=torch.Generator().manual_seed(1))
+    assert_engine_matches_reference(InPlace("before"), (x,))
+
+
+@pytest.mark.parametrize("where, match", [
+    ("parameter", r"shift \(a bare parameter.* meets the batch in mul_ in place on the parameter"),
+    ("after", r"shift: a value computed from it was changed in place after it met the batch in add"),
+])
+def test_a_bare_parameter_changed_in_place_or_after_its_use_is_refused(where, match):
+    model = InPlace(where)
+    engine = PrivacyEngine(model, 1.0, 0.0, 4.0)
+    with pytest.raises(ValueError, match=match):
+        engine.backward(model(torch.randn(4, 3, 4)))
