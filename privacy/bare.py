@@ -34,13 +34,19 @@ expand, expand_as, broadcast_to, and repeat where it is an expand; cat and
 stack with data (D of one row); F.scaled_dot_product_attention's attn_mask;
 F.linear's bias (with the weight of a Linear the engine clips, as BEiT and
 EVA call ``F.linear(x, self.qkv.weight, qkv_bias)``: that call goes through
-the Linear's rule, the bias through a copy). Refused, naming the parameter:
-any other operator between a bare parameter and the batch, in-place operators
-on a bare parameter, a D not broadcast along dim 0. A derived D may meet the batch
+the Linear's rule, the bias through a copy; where the Linear has a bias of its
+own, changed in its parent's code first, as torchvision's Swin V2 zeroes a third
+of a clone of it, the call keeps the Linear's bias and the copy is of the
+difference: see :class:`LinearByWeight`). In-place operators on a value
+computed from bare parameters (not on a parameter) are part of its recipe.
+Refused, naming the parameter: any other operator between a bare parameter and
+the batch, in-place operators on a bare parameter, or on a value after it met
+the batch, a D not broadcast along dim 0. A derived D may meet the batch
 after its module's forward returned it (a module computing a bias from its table
 for its parent). The output of a layer the engine clips, called on a one-row
 buffer of the model (HF CLIP's and SigLIP's ``position_embedding(position_ids)``),
-is such a D too: the engine runs the layer's rule on leaf copies of its
+or on such a D (the second layer of Swin V2's position bias MLP), is such a D
+too: the engine runs the layer's rule on leaf copies of its
 parameters and gives back a derived BareTensor. The copy's rows are
 examples as every layer's are; rows grouped several per example (Swin's
 windows) only where :func:`privacy.graph.rows_per_example` proves it.

@@ -18,9 +18,9 @@
    nothing else varies by example; each operator below maps that through
    (views and reshapes by their shapes, permutes, pads, rolls and slices off
    that dimension, elementwise operators whose data operands agree, batched
-   matmuls over it, softmax and sums along other dimensions). Any other
-   operator, or one that moves data across that dimension, ends the proof and
-   the engine refuses the layer, naming the operator.
+   matmuls over it, softmax, sums and vector norms along other dimensions).
+   Any other operator, or one that moves data across that dimension, ends the
+   proof and the engine refuses the layer, naming the operator.
 
    Shapes and operator arguments are read from autograd's nodes
    (``_input_metadata``, ``_saved_*``: not public API); a torch version that
