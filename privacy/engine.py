@@ -1,6 +1,7 @@
 """PrivacyEngine: DP-SGD gradients with exact per-example clipping, one backward.
 
-Book-keeping clipping (see ../shared/SPEC.md section 3). At construction the
+Book-keeping clipping (Bu et al. 2023, "Differentially private optimization on
+large model at small cost"). At construction the
 engine finds a rule for every layer that owns trainable parameters and swaps
 that layer's ``forward`` for a custom autograd Function which keeps the input
 activation, catches the output gradient, and returns a gradient for the input
