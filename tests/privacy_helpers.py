@@ -177,6 +177,19 @@ def clipped_mean(grads: dict[str, torch.Tensor], max_norm: float, expected_batch
     return out
 
 
+def step_in_micro_batches(engine, model: nn.Module, inputs: tuple, splits) -> torch.Tensor:
+    """One private step of ``engine`` over ``inputs`` cut into micro-batches of ``splits``
+    examples (then detached); the per-example norms, in order."""
+    norms, start = [], 0
+    for size in splits:
+        engine.backward(model(*(t[start:start + size] for t in inputs)))
+        norms.append(engine.per_example_norms)
+        start += size
+    engine.finish_step()
+    engine.detach()
+    return torch.cat(norms)
+
+
 def assert_engine_matches_reference(model: nn.Module, inputs: tuple, splits=(1, 2, 3), expected_batch=7.5,
                                     **engine_args) -> None:
     """The engine's per-example norms and clipped gradients over micro-batches
@@ -195,14 +208,7 @@ def assert_engine_matches_reference(model: nn.Module, inputs: tuple, splits=(1, 
     engine = PrivacyEngine(model, max_grad_norm=max_norm, noise_multiplier=0.0, expected_batch_size=expected_batch,
                            **engine_args)
     assert sorted(engine.covered_parameters) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    engine_norms, start = [], 0
-    for size in splits:
-        engine.backward(model(*(t[start:start + size] for t in inputs)))
-        engine_norms.append(engine.per_example_norms)
-        start += size
-    engine.finish_step()
-    engine.detach()
-    torch.testing.assert_close(torch.cat(engine_norms), norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(step_in_micro_batches(engine, model, inputs, splits), norms, rtol=1e-5, atol=0)
     whole = torch.cat([g.flatten() for g in expected.values()]).norm()
     for name, param in model.named_parameters():
         error = (param.grad - expected[name]).norm()

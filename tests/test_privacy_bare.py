@@ -11,7 +11,7 @@ from torch import nn
 
 from privacy import PrivacyEngine
 from privacy.convert import replace_batchnorm
-from tests.privacy_helpers import clipped_mean, flat_norms, per_example_grads, relative_error
+from tests.privacy_helpers import clipped_mean, flat_norms, per_example_grads, relative_error, step_in_micro_batches
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -47,14 +47,7 @@ class BareOps(nn.Module):
 
 def run(model, inputs, splits, max_norm, expected_batch):
     engine = PrivacyEngine(model, max_grad_norm=max_norm, noise_multiplier=0.0, expected_batch_size=expected_batch)
-    norms, start = [], 0
-    for size in splits:
-        engine.backward(model(*(t[start:start + size] for t in inputs)))
-        norms.append(engine.per_example_norms)
-        start += size
-    engine.finish_step()
-    engine.detach()
-    return torch.cat(norms)
+    return step_in_micro_batches(engine, model, inputs, splits)
 
 
 def test_bare_parameters_in_every_accepted_use_match_reference():
