@@ -177,13 +177,7 @@ def _ds(name: str) -> dict[str, Any]:
         path = DS_CONFIG_DIR / name
     if not path.exists():
         raise ValueError(f"ds_config {name!r} not found (looked in {DS_CONFIG_DIR})")
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except RecursionError:
-        raise ValueError(f"ds_config {path} is nested more than {MAX_DEPTH} levels deep") from None
-    check_depth(ds, f"ds_config {path}")
-    return ds
+    return _parsed_tree(lambda: json.loads(path.read_text()), f"ds_config {path}")
 
 
 def default() -> JobConfig:
@@ -375,16 +369,12 @@ def _from_file(path: Path) -> JobConfig:
     text = path.read_text()
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
-    try:
-        if path.suffix == ".json":
-            raw = json.loads(text)
-        else:
-            import yaml
+    if path.suffix == ".json":
+        raw = _parsed_tree(lambda: json.loads(text), f"config file {path}")
+    else:
+        import yaml
 
-            raw = yaml.safe_load(text)
-    except RecursionError:  # deeper than Python's stack
-        raise ValueError(f"config file {path} is nested more than {MAX_DEPTH} levels deep") from None
-    check_depth(raw, f"config file {path}")
+        raw = _parsed_tree(lambda: yaml.safe_load(text), f"config file {path}")
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     raw = dict(raw)
@@ -399,17 +389,23 @@ def _from_file(path: Path) -> JobConfig:
 MAX_DEPTH = 64  # no config (nor meta.json) nests deeper; deeper would exhaust the stack somewhere later
 
 
-def check_depth(tree: Any, what: str) -> None:
-    """A ValueError naming ``what`` if ``tree`` (parsed JSON/YAML) nests deeper than
-    :data:`MAX_DEPTH`: deeper trees make recursive code (dataclasses.asdict, json.dump)
-    fail with RecursionError far from where they came in."""
+def _parsed_tree(parse: Callable[[], Any], what: str) -> Any:
+    """``parse()``'s JSON/YAML tree, or a ValueError naming ``what`` if it nests deeper than
+    :data:`MAX_DEPTH`: deeper than the stack, parsing itself raises RecursionError; less deep
+    but still deep, recursive code (dataclasses.asdict, json.dump) would fail far from where
+    the tree came in."""
+    deep = ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    try:
+        tree = parse()
+    except RecursionError:
+        raise deep from None
     level = [tree]
     for _ in range(MAX_DEPTH + 1):
         level = [child for node in level if isinstance(node, (dict, list))
                  for child in (node.values() if isinstance(node, dict) else node)]
         if not level:
-            return
-    raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+            return tree
+    raise deep
 
 
 def _merge(obj: Any, raw: dict[str, Any], prefix: str) -> None:
@@ -466,12 +462,9 @@ def _parse_value(text: str) -> Any:
     import yaml
 
     try:
-        value = yaml.safe_load(text)
+        value = _parsed_tree(lambda: yaml.safe_load(text), f"override value {text[:20]!r}")
     except yaml.YAMLError:
         return text
-    except RecursionError:  # deeper than Python's stack
-        raise ValueError(f"override value {text[:20]!r}... is nested more than {MAX_DEPTH} levels deep") from None
-    check_depth(value, f"override value {text[:20]!r}")
     if isinstance(value, str):
         try:  # YAML 1.1 reads 4e-3 (no dot) as a string
             return float(value)
