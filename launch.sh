@@ -8,7 +8,7 @@
 #                            (.venv-torch2.11, Python 3.12 where there is one), then the test
 #                            suite (ARGS passed to pytest) and gpu-check --device cpu there
 #   ./launch.sh gpu-check [--device cpu] --out DIR
-#                            the first-GPU check (trainer/gpu_check.py), with no set-up: see below
+#                            the first-GPU check (benchmarks/gpu_check.py), with no set-up: see below
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -66,7 +66,7 @@ if [ "$cmd" = gpu-check ]; then
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$PATH:$SITE/bin"
     fi
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    "$PY" -m trainer.gpu_check "$@"
+    "$PY" -m benchmarks.gpu_check "$@"
     exit
 fi
 if [ "$cmd" = compat ]; then

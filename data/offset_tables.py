@@ -19,12 +19,11 @@ size, offsets not increasing inside the file) is scanned instead; a wrong but
 well-formed table can only make a sample unreadable or mislabelled, since
 reading re-checks every header it is pointed at.
 
-  python -m data.offset_tables SHARDS   # index (counts and this table) of shards from any tool
+``python -m data.index_shards SHARDS`` writes a shard set's index and this table once.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import os
@@ -89,7 +88,7 @@ def scan_shards(paths: Sequence[str | Path], processes: int = 1) -> list[np.ndar
             raise ValueError(
                 f"a header-reading process died (killed for lack of memory?) while reading one of the shards "
                 f"from {paths[len(tables)]} on ({len(paths) - len(tables)} of {len(paths)}); index them with one "
-                "process (data.num_workers=1, or python -m data.offset_tables --processes 1) to name it") from exn
+                "process (data.num_workers=1, or python -m data.index_shards --processes 1) to name it") from exn
     return tables
 
 
@@ -159,25 +158,3 @@ def _increasing_within(offsets: np.ndarray, size: int) -> bool:
     if not len(offsets):
         return True
     return bool(offsets[0] >= 0 and offsets[-1] < size and np.all(np.diff(offsets) > 0))
-
-
-def main(argv: list[str] | None = None) -> None:
-    from data.shard_sets import index_shard_set
-
-    parser = argparse.ArgumentParser(prog="python -m data.offset_tables", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shards", help="a folder of .tar shards (with or without index.json), an index.json, "
-                        "a glob ('laion/*.tar') or a brace pattern ('laion/{00000..23380}.tar')")
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="header-reading processes")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        index = index_shard_set(args.shards, processes=args.processes)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"index: {index.index_path} ({len(index.paths)} shards, {sum(index.counts):,} samples), "
-          f"offsets: {index.offsets_path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -198,5 +198,5 @@ def _hint_once(path: str) -> None:
     global _hinted
     if not _hinted:
         log.info("no offset table for %s: scanned its headers (index the shards once with python -m "
-                 "data.offset_tables SHARDS to skip the scan in every worker)", path)
+                 "data.index_shards SHARDS to skip the scan in every worker)", path)
         _hinted = True

@@ -3,6 +3,8 @@ ignored (shard by shard) when it does not fit."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +12,14 @@ import pytest
 from PIL import Image
 
 from data.decode import BadSample
-from data.offset_tables import main, read_blocks, scan_sample_offsets, table_path, write_table
+from data.index_shards import main
+from data.offset_tables import read_blocks, scan_sample_offsets, table_path, write_table
 from data.shards import ShardLimits, write_shards
 from data.sources import Example
 from data.tar_index import TarIndex
 
 COUNT = 7  # per shard, two shards
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -73,14 +77,18 @@ def test_tables_that_do_not_fit_are_ignored(shards, damage, caplog):
     assert "ignoring" in caplog.text
 
 
-def test_cli_indexes_an_index_without_a_table(shards, capsys):
+def test_cli_indexes_an_index_without_a_table(shards):
+    """``python -m data.index_shards`` (the documented command, run as a user runs it) writes the
+    table the shard writer wrote."""
     index_path, paths = shards
     table = table_path(index_path)
     expected = table.read_bytes()
     table.unlink()
-    main([str(index_path), "--processes", "2"])
+    done = subprocess.run([sys.executable, "-m", "data.index_shards", str(index_path), "--processes", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert table.read_bytes() == expected
-    assert "14 samples" in capsys.readouterr().out
+    assert "14 samples" in done.stdout
     # an index that claims more samples than a shard holds: that shard gets no table (scanned, and
     # its missing samples skipped when read); the others keep theirs
     table.unlink()

@@ -96,7 +96,7 @@ def _scenario_read_all(folder: str) -> dict:
     """Index the folder (two processes), then read every sample at random and every shard in order."""
     from data import read_samples
     from data.decode import BadSample
-    from data.offset_tables import main as index_main
+    from data.index_shards import main as index_main
     from data.tar_index import TarIndex
 
     index_main([folder, "--processes", "2"])

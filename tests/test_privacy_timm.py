@@ -47,7 +47,7 @@ CLASSES, BATCH, SPLITS, EXPECTED_BATCH = 5, 6, (1, 2, 3), 7.5
 
 
 class PerExampleLoss(nn.Module):
-    """As trainer.bench.PerExampleCrossEntropy, but in the logits' own dtype
+    """As benchmarks.suite.PerExampleCrossEntropy, but in the logits' own dtype
     (that one casts to fp32, which would round the float64 reference)."""
 
     def __init__(self, classifier: nn.Module):

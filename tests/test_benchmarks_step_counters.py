@@ -1,4 +1,4 @@
-"""privacy.bench's counters count what they claim, and the engine adds no host
+"""benchmarks.step_counters' counters count what they claim, and the engine adds no host
 sync to a micro-batch (a dispatch-mode count: fails if one is reintroduced)."""
 
 import copy
@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
+from benchmarks.step_counters import count_step, phase
 from privacy import PrivacyEngine
-from privacy.bench import count_step, phase
 from tests.privacy_helpers import OddLayers, TinyDecoder, TinyViT, decoder_batch, odd_batch, vit_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")

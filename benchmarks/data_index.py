@@ -1,7 +1,7 @@
 """Benchmark (not a test): resident memory of loader workers reading a paper-scale index.
 
-  python -m data.bench_index [--samples 233804767] [--per-shard 10000] [--workers 8]
-                             [--private] [--dir DIR]
+  python -m benchmarks.data_index [--samples 233804767] [--per-shard 10000] [--workers 8]
+                                  [--private] [--dir DIR]
 
 Writes a simulated shard set of ``--samples`` samples: sparse shard files (the
 right sizes, no data: the offsets are what is measured), its index.json and its
@@ -123,7 +123,7 @@ def run(samples: int, per_shard: int, workers: int, private: bool, folder: Path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.bench_index", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data_index", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=233_804_767, help="samples in the simulated set")
     parser.add_argument("--per-shard", type=int, default=10_000, help="samples per shard")

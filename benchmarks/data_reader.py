@@ -1,7 +1,7 @@
 """Benchmark (not a test): decoded, resized, normalised images per second per CPU core.
 
-  python -m data.bench [--count 2000] [--source-size 256] [--img-size 224] [--content synthetic|noise]
-                       [--augment]
+  python -m benchmarks.data_reader [--count 2000] [--source-size 256] [--img-size 224]
+                                   [--content synthetic|noise] [--augment]
 
 Writes 256x256 JPEG shards to a temporary folder, then times one process
 reading them the way the readers do (tar -> safe decode -> bicubic resize ->
@@ -66,7 +66,7 @@ def run(count: int, source_size: int, img_size: int, content: str, augment: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data_reader", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=2000, help="images to write and read")
     parser.add_argument("--source-size", type=int, default=256, help="side of the stored JPEGs")

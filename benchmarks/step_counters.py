@@ -22,11 +22,9 @@ depend on the device (:func:`count_step`):
 
 :func:`time_steps` times steps round-robin (median seconds; peak CUDA memory on a GPU).
 
-This module knows no model, as all of ``privacy/`` (the engine must stay
-usable without ours). The suite that composes models, this engine, timm and
-Opacus lives with what composes, in ``trainer/bench.py``; ``python -m
-privacy.bench --suite`` is the documented command, so running this module
-hands its arguments over to ``trainer.bench``.
+This module knows no model and no engine: it counts whatever step it is given.
+The suite that composes models, the engine, timm and Opacus is
+``benchmarks/suite.py`` (``python -m benchmarks.suite``).
 """
 
 import statistics
@@ -263,9 +261,3 @@ def time_steps(steps: dict[str, Callable[[], None]], repeats: int, warmup: int,
         if name in peaks:
             result[name]["cuda_peak_bytes"] = peaks[name]
     return result
-
-
-if __name__ == "__main__":
-    from trainer.bench import main
-
-    main()

@@ -11,7 +11,7 @@ Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` with:
    autocast against per-example gradients of plain autograd, one example at a
    time (fp32); and, in bf16, every single example's clipped contribution
    against C;
-2. the benchmark suite (``trainer.bench``) on ViT-B/16 and dpcap_base at
+2. the benchmark suite (``benchmarks.suite``) on ViT-B/16 and dpcap_base at
    micro-batch 128 in bf16: this engine, the two-pass mode, Opacus, the
    non-private step;
 3. the largest private micro-batch of dpcap_base (bf16) that fits;
@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 
 import models
+from benchmarks import suite
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from privacy import PrivacyEngine
-from trainer import bench
 
-logger = logging.getLogger("trainer.gpu_check")
+logger = logging.getLogger("benchmarks.gpu_check")
 REPO = Path(__file__).resolve().parent.parent
 
 # tolerances: this check measures 2-5e-6 (fp32) and 0.9-1.5% (bf16) on CPU (2026-12-01)
@@ -61,7 +61,7 @@ def _tiny_models(device: torch.device) -> dict[str, tuple]:
     vip = models.create_model("vip_base", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
                               decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     noise = torch.rand(b, 16, generator=gen)
-    vit, _ = bench.build_model(bench.Case("vit_tiny", b, img_size=32, overrides={"depth": 1}))
+    vit, _ = suite.build_model(suite.Case("vit_tiny", b, img_size=32, overrides={"depth": 1}))
     images = torch.randn(b, 3, 32, 32, generator=gen)
     cases = {
         "dpcap_nano (tiny)": (dpcap, (images, tokens), lambda m, x, t: m(x, t)),
@@ -138,19 +138,19 @@ def _worst_contribution(model, inputs, loss, max_norm: float, device: torch.devi
 
 def run_suite(device: torch.device, tiny: bool, steps: int) -> list[dict]:
     if tiny:
-        cases = [bench.Case("vit_tiny", 4, img_size=32, overrides={"depth": 1})]
+        cases = [suite.Case("vit_tiny", 4, img_size=32, overrides={"depth": 1})]
     else:
-        cases = bench.SUITES["cuda"]
-    methods = [m for m in bench.METHODS if bench.opacus_available() or not m.startswith("opacus")]
-    return [bench.run_case(case, methods, device, steps, 0, 797.0) for case in cases]
+        cases = suite.SUITES["cuda"]
+    methods = [m for m in suite.METHODS if suite.opacus_available() or not m.startswith("opacus")]
+    return [suite.run_case(case, methods, device, steps, 0, 797.0) for case in cases]
 
 
 def largest_micro_batch(device: torch.device, tiny: bool) -> dict:
     """Double the private micro-batch until it does not fit, then bisect (to 1/16 of the last fit)."""
     overrides = {"img_size": 32, "depth": 1, "decoder_depth": 1, "vocab_size": 300, "text_max_length": 8} \
         if tiny else {}
-    case = bench.Case("dpcap_nano" if tiny else "dpcap_base", 0, dtype="bf16", overrides=overrides)
-    model, make_inputs = bench.build_model(case)
+    case = suite.Case("dpcap_nano" if tiny else "dpcap_base", 0, dtype="bf16", overrides=overrides)
+    model, make_inputs = suite.build_model(case)
     model.to(device)
     engine = PrivacyEngine(model, 1.0, 1.0, 128, seed=0)
     cap = 32 if tiny else 8192
@@ -244,7 +244,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {row['fp32_max_relative_error']:.2e} | {row['bf16_max_relative_error']:.2e} "
                      f"| {row['bf16_worst_contribution_over_c']:.6f} | {', '.join(row['plan'])} "
                      f"| {'yes' if ok else 'NO'} |")
-    lines += ["", "## 2. suite", "", bench.markdown(report["suite"]) if isinstance(report.get("suite"), list)
+    lines += ["", "## 2. suite", "", suite.markdown(report["suite"]) if isinstance(report.get("suite"), list)
               else str(report.get("suite")), "", "## 3. largest private micro-batch", "",
               f"`{json.dumps(report.get('largest_micro_batch'))}`", "", "## 4. default_gpu", "",
               f"`{json.dumps({k: v for k, v in report.get('train', {}).items() if k != 'stderr_tail'})}`", ""]

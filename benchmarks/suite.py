@@ -1,10 +1,10 @@
 """Benchmark suite: private training steps against the non-private one, in one process.
 
-    python -m privacy.bench --suite                 # the same as: python -m trainer.bench --suite
-    python -m trainer.bench --suite --out bench/    # + bench.json, bench.md, bench.png in bench/
-    python -m trainer.bench --suite cpu-large       # ViT-B/16 and dpcap_base on a CPU (FLOPs, memory)
-    python -m trainer.bench --model vit_b16 --batch 128 --dtype bf16 --device cuda
-    python -m trainer.bench --model dpcap_nano --batch 8 --set img_size=64 --methods non_private,engine
+    python -m benchmarks.suite --suite                 # CPU: small sizes; CUDA: ViT-B/16, dpcap_base at 128, bf16
+    python -m benchmarks.suite --suite --out bench/    # + bench.json, bench.md, bench.png in bench/
+    python -m benchmarks.suite --suite cpu-large       # ViT-B/16 and dpcap_base on a CPU (FLOPs, memory)
+    python -m benchmarks.suite --model vit_b16 --batch 128 --dtype bf16 --device cuda
+    python -m benchmarks.suite --model dpcap_nano --batch 8 --set img_size=64 --methods non_private,engine
 
 On the same model (same initial weights), the same batch of random data and
 the same precision, each method runs a full training step (AdamW):
@@ -15,7 +15,7 @@ the same precision, each method runs a full training step (AdamW):
 - ``two_pass``: the same engine with ``two_pass=True``, the original DP-Cap
   algorithm (a backward for the norms, a second one of ``sum_i c_i loss_i``);
 - ``opacus_ghost`` and ``opacus_hooks``: Opacus 1.6 ghost clipping and
-  per-sample gradient hooks (when Opacus is installed: the ``dev`` extra);
+  per-sample gradient hooks (when Opacus is installed: the ``bench`` extra);
 - ``engine_bare_frozen`` (only when named in ``--methods``): the engine with
   the model's bare parameters (:attr:`PrivacyEngine.bare_parameters`: a ViT's
   ``cls_token`` and ``pos_embed``) frozen, to measure what handling them costs.
@@ -23,7 +23,7 @@ the same precision, each method runs a full training step (AdamW):
 For each it reports examples/s and the ratio to non-private (timed steps,
 round-robin, median; also per second of this process's CPU time, the steadier
 figure on a CPU shared with other jobs), MFU against ``--peak-tflops``, and one counted step
-(:mod:`privacy.bench`): FLOPs, aten operators, bytes written by non-matmul
+(:mod:`benchmarks.step_counters`): FLOPs, aten operators, bytes written by non-matmul
 operators, host syncs per phase, and peak live tensor bytes (CPU) or the CUDA
 allocator's peak. For the engine it also reports the per-layer plan of its cost
 model and the FLOP bound that plan predicts. Output: a markdown table, a JSON
@@ -56,13 +56,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
+from benchmarks.step_counters import count_step, phase, time_steps
 from models.dpcap import DPCap
 from models.tokenizer import BOS_ID, EOS_ID
-from privacy.bench import count_step, phase, time_steps
 from privacy.convert import replace_batchnorm
 from privacy.engine import PrivacyEngine
 
-logger = logging.getLogger("trainer.bench")
+logger = logging.getLogger("benchmarks.suite")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("non_private", "engine", "two_pass", "opacus_ghost", "opacus_hooks")
@@ -234,7 +234,7 @@ def _transformers_classifier(name: str, case: Case) -> tuple[nn.Module, int, int
 @dataclass
 class Method:
     """One way of training: ``step(counts)`` runs a full step (``counts`` is the
-    :class:`privacy.bench.StepCounts` being filled, or None when timing)."""
+    :class:`benchmarks.step_counters.StepCounts` being filled, or None when timing)."""
 
     step: Callable
     close: Callable[[], None] = lambda: None
