@@ -33,11 +33,11 @@ def test_suite_on_a_tiny_timm_vit(tmp_path):
     assert abs(engine["flops_over_bound"] - 1) < 0.03
     assert {p["kind"] for p in engine["plan"].values()} <= {"ghost", "per_example"}
     assert methods["two_pass"]["flops"] > engine["flops"]  # a second backward
-    saved = json.loads((tmp_path / "suite.json").read_text())
+    saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["results"][0]["methods"]["engine"]["flops"] == engine["flops"]
-    table = (tmp_path / "suite.md").read_text()
+    table = (tmp_path / "bench.md").read_text()
     assert all(f"| {name} |" in table for name in suite.METHODS)
-    assert (tmp_path / "suite.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_project_model_steps_never_sync():

@@ -11,5 +11,5 @@ use a trained model.
 - ``trainer/probe.py``, ``caption.py``, ``export.py``: tools (``python -m trainer.probe``, ...).
 
 Arrows point one way: the entry point imports the job, the job and the tools import
-``common``, never each other (tests/test_trainer_imports.py checks it).
+``common``, never each other (tests/test_imports.py checks it).
 """
