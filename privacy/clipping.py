@@ -261,26 +261,18 @@ class Clipping:
         the two-pass mode's second pass) clip factors, and the sums."""
         micro = MicroBatch(loss.shape[0], loss.device, ctx, views, keep=None if keep is None else ClipFactors(keep))
         self.micro = micro
-        for target in self.installation.targets:
-            target.done = False
-        loss.sum().backward(retain_graph=retain)
-        if micro.batch == 0:
-            return None
-        with arithmetic(micro.device):
-            for target in self.installation.targets:  # layers whose every call did not reach the loss
-                if not target.done and any(call.grad is not None for call in target.calls):
-                    self._prepare(target)
-            constant_targets = {id(owner): target for target, owner in self.installation.constant_owners.items()}
-            for (owner, name), per_example in micro.bare.items():
-                if id(owner) in constant_targets and constant_targets[id(owner)].done:
-                    raise ValueError(f"{owner.label(name)}: its layer is called both on the batch and on a constant "
-                                     "input (a buffer of one row) in one forward; the privacy engine handles one or "
-                                     "the other")
-                prepared = Prepared({name: per_example}, plan=rows_plan({name: per_example}, ctx.device_type))
-                micro.add(owner.module, prepared)
-                if ctx.norms:
-                    self.plan[owner.label(name)] = prepared.plan
+        try:
+            for target in self.installation.targets:
+                target.done = False
+            loss.sum().backward(retain_graph=retain)
+            if micro.batch == 0:  # the backward ran for the ranks' symmetry
+                self.per_example_norms = loss.new_zeros(0, dtype=FP32)
+                return None
+            with arithmetic(micro.device):
+                self._prepare_the_rest(micro)
+        finally:
             self.micro = None
+        with arithmetic(micro.device):
             flat = micro.flat_rows()
             scale = None
             if ctx.norms:
@@ -295,6 +287,23 @@ class Clipping:
                 if flat is not None:
                     micro.add_rows(flat, factors, self.sums.add)
         return scale
+
+    def _prepare_the_rest(self, micro: MicroBatch) -> None:
+        """After the backward: layers whose every call did not reach the loss, and
+        the bare parameters' per-example gradients, into ``micro``."""
+        for target in self.installation.targets:
+            if not target.done and any(call.grad is not None for call in target.calls):
+                self._prepare(target)
+        constant_targets = {id(owner): target for target, owner in self.installation.constant_owners.items()}
+        for (owner, name), per_example in micro.bare.items():
+            if id(owner) in constant_targets and constant_targets[id(owner)].done:
+                raise ValueError(f"{owner.label(name)}: its layer is called both on the batch and on a constant "
+                                 "input (a buffer of one row) in one forward; the privacy engine handles one or "
+                                 "the other")
+            prepared = Prepared({name: per_example}, plan=rows_plan({name: per_example}, micro.ctx.device_type))
+            micro.add(owner.module, prepared)
+            if micro.ctx.norms:
+                self.plan[owner.label(name)] = prepared.plan
 
     def on_grad(self, target: Target, call: Call, grad: Tensor) -> None:
         """A wrapped layer's output gradient: once all its calls have theirs, prepare it."""

@@ -174,7 +174,7 @@ class PrivacyEngine:
         check_matmul_precision(device.type)
         self._install.drop_stale_calls()
         self._install.refuse_leaks(per_example_loss)
-        loss = per_example_loss if views == 1 else per_example_loss.view(-1, views).mean(1)
+        loss = per_example_loss if views == 1 else per_example_loss.reshape(-1, views).mean(1)
         batch = loss.shape[0]
         clipping = self._clipping
         try:
@@ -188,10 +188,7 @@ class PrivacyEngine:
                 clipping.run(loss * scale.to(loss.dtype), Context(device.type, batch, norms=False), views, keep=keep)
             else:
                 clipping.run(loss, Context(device.type, batch, reuse_memory=self.reuse_memory), views)
-            if batch == 0:
-                clipping.per_example_norms = loss.new_zeros(0, dtype=FP32)
         finally:
-            clipping.micro = None
             self._install.forget_forward()
 
     # -- the logical step ---------------------------------------------------
