@@ -216,7 +216,7 @@ class BareTensor(torch.Tensor):
 
 
 class LinearByWeight(TorchFunctionMode):
-    """While a bare owner runs (privacy/engine.py pushes it only for owners with a
+    """While a bare owner runs (privacy/install.py pushes it only for owners with a
     Linear child the engine clips): ``F.linear(x, child.weight, child.bias)`` is
     that child's call, run through its rule, as torchvision's Swin calls its qkv
     and proj layers from a function. Any other operator on such a child's bias

@@ -1,6 +1,6 @@
 """Every example's clipped contribution stays <= C, in bf16 and fp32, on inputs
 built to break it: products at rounding boundaries, tokens that cancel, and the
-decoder that reached 1.00041 C in bf16 before the margin (privacy/engine.py).
+decoder that reached 1.00041 C in bf16 before the margin (privacy/clipping.py).
 
 Contributions are observed exactly: noise off, expected batch 1, and either one
 example per micro-batch or examples whose gradients live in disjoint rows of
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import privacy.engine as engine_module
+import privacy.clipping as clipping_module
 from privacy import PrivacyEngine
 from tests.privacy_helpers import TinyDecoder, decoder_batch, per_example_grads
 
@@ -36,9 +36,9 @@ def margins(request, monkeypatch):
     """Each construction runs twice: as the engine is (within C), and with its
     margins removed (the mutant), where it must exceed C: so the tests can fail."""
     if request.param == "no margins":
-        monkeypatch.setattr(engine_module, "NORM_SLACK", 0.0)
-        monkeypatch.setattr(engine_module, "U32", 0.0)
-        monkeypatch.setattr(engine_module, "unit_roundoff", lambda dtype: 0.0)
+        monkeypatch.setattr(clipping_module, "NORM_SLACK", 0.0)
+        monkeypatch.setattr(clipping_module, "U32", 0.0)
+        monkeypatch.setattr(clipping_module, "unit_roundoff", lambda dtype: 0.0)
     return request.param == "margins"
 
 

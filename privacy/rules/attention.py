@@ -63,8 +63,8 @@ def _projections(module: nn.MultiheadAttention, dtype: torch.dtype) -> tuple[lis
 
 class _InProjection(torch.autograd.Function):
     """(query, key, value) -> (q, k, v) through the input projection; the
-    backward returns the inputs' gradients only (see privacy/engine.py's
-    _BookkeptCall) and hands the three output gradients to the engine."""
+    backward returns the inputs' gradients only (see privacy/install.py's
+    BookkeptCall) and hands the three output gradients to the engine."""
 
     row_kind = "rows"  # privacy.graph: each output row is made from the same input row
 

@@ -130,7 +130,7 @@ class Prepared:
     formed by a matmul over tokens whose smaller operand is scaled in
     ``operand_dtype``, fp32 [b] ``B_i = sum_t ||g_it|| ||a_it||`` over the
     ``tokens`` rows of each example (the engine's margin for the rounding of
-    those products and of the fp32 norm arithmetic; see ``privacy/engine.py``).
+    those products and of the fp32 norm arithmetic; see ``privacy/clipping.py``).
     """
 
     rows: dict[str, Tensor] = field(default_factory=dict)
