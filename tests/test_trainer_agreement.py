@@ -94,7 +94,7 @@ def test_ranks_reading_different_shards_stop_naming_the_shard_list(tmp_path):
 
 def _seeds(folder: Path) -> tuple[int, int]:
     meta = read_meta(folder)
-    return meta["engine"]["seed"], meta["sampling_seed"]
+    return meta["engine"]["seed"], meta["train_state"]["sampling_seed"]
 
 
 def test_continuations_of_one_checkpoint_never_share_noise_but_a_requeue_does(tmp_path):
@@ -104,7 +104,7 @@ def test_continuations_of_one_checkpoint_never_share_noise_but_a_requeue_does(tm
     run_worker(1, tmp_path, tiny_config(tmp_path / "orig", **NOISY), launcher="python", name="first")
     shutil.copytree(tmp_path / "orig", tmp_path / "copy")
     parent = _seeds(tmp_path / "orig" / "ckpt" / "step_00000002")
-    parent_id = read_meta(tmp_path / "orig" / "ckpt" / "step_00000002")["lineage"]["id"]
+    parent_id = read_meta(tmp_path / "orig" / "ckpt" / "step_00000002")["train_state"]["lineage"]["id"]
     cfg = tiny_config(tmp_path / "copy", **{**NOISY, "steps": 3})
     (tmp_path / "copy.json").write_text(json.dumps(cfg))
     proc = subprocess.run(worker_command(1, tmp_path / "copy.json", tmp_path / "copy.pt", [], "python"),
@@ -117,14 +117,14 @@ def test_continuations_of_one_checkpoint_never_share_noise_but_a_requeue_does(tm
     copy_meta, sweep_meta = (read_meta(tmp_path / r / "ckpt" / "step_00000003") for r in ("copy", "orig"))
     requeue_meta = read_meta(tmp_path / "orig" / "ckpt" / "step_00000004")
     copy, sweep = _seeds(tmp_path / "copy" / "ckpt" / "step_00000003"), (sweep_meta["engine"]["seed"],
-                                                                        sweep_meta["sampling_seed"])
+                                                                        sweep_meta["train_state"]["sampling_seed"])
     assert len({parent[0], copy[0], sweep[0]}) == 3 and len({parent[1], copy[1], sweep[1]}) == 3
-    assert "optim.lr" in sweep_meta["lineage"]["salts"][0]["reasons"][0]
-    assert copy_meta["lineage"]["checkpoint_dir"] == os.path.realpath(tmp_path / "copy" / "ckpt")
-    assert copy_meta["lineage"]["parent"] == sweep_meta["lineage"]["parent"] == parent_id
+    assert "optim.lr" in sweep_meta["train_state"]["lineage"]["salts"][0]["reasons"][0]
+    assert copy_meta["train_state"]["lineage"]["checkpoint_dir"] == os.path.realpath(tmp_path / "copy" / "ckpt")
+    assert copy_meta["train_state"]["lineage"]["parent"] == sweep_meta["train_state"]["lineage"]["parent"] == parent_id
     # the sweep's own requeue: its seeds, its lineage, no new salt
-    assert (requeue_meta["engine"]["seed"], requeue_meta["sampling_seed"]) == sweep
-    assert requeue_meta["lineage"] == sweep_meta["lineage"]
+    assert (requeue_meta["engine"]["seed"], requeue_meta["train_state"]["sampling_seed"]) == sweep
+    assert requeue_meta["train_state"]["lineage"] == sweep_meta["train_state"]["lineage"]
 
 
 def test_a_synthetic_preset_never_writes_into_someone_elses_shards(tmp_path):

@@ -194,7 +194,7 @@ def test_sigusr1_to_one_rank_of_two_stops_both_at_the_same_step_with_a_whole_che
     out = _signal_at_step_two(tmp_path, 2, signal.SIGUSR1, rank=1)
     assert out["summary"]["step"] == 3 and out["summary"]["stopped_early"]
     latest = Checkpointer(tmp_path / "ckpt", 2, 0).latest()
-    assert latest.name == "step_00000003" and read_meta(latest)["world_size"] == 2
+    assert latest.name == "step_00000003" and read_meta(latest)["train_state"]["world_size"] == 2
     dcp_to_torch_save(latest, tmp_path / "whole.pt")  # reads both ranks' shards
     saved = torch.load(tmp_path / "whole.pt", weights_only=True)["app"]["model"]
     for key, value in out["params"].items():
@@ -238,7 +238,7 @@ def test_sampling_seed_is_secret_and_survives_resume(tmp_path):
              "checkpoint.every_steps": 1}
 
     def sampling_seed(run: Path, step: int) -> int:
-        return read_meta(run / "ckpt" / f"step_{step:08d}")["sampling_seed"]
+        return read_meta(run / "ckpt" / f"step_{step:08d}")["train_state"]["sampling_seed"]
 
     first, second = tmp_path / "first", tmp_path / "second"
     run_worker(1, tmp_path, tiny_config(first, **noisy), launcher="python", name="first")
@@ -266,3 +266,33 @@ def test_shards_read_by_loader_workers_resume_exactly(tmp_path):
     assert out["again"]["summary"]["step"] == 4
     for key, value in out["whole"]["params"].items():
         assert torch.equal(out["again"]["params"][key], value), key
+
+
+def _as_flat_layout(meta: dict) -> dict:
+    """meta.json as the trainer wrote it before it was keyed by component (format 1)."""
+    state = meta["train_state"]
+    return {"step": state["step"], "sampling_seed": state["sampling_seed"], "lineage": state["lineage"],
+            "backend": state["backend"], "world_size": state["world_size"], "config": meta["config"],
+            "privacy": {k: v for k, v in meta["privacy"].items() if k != "epsilon_rdp"},
+            "epsilon_rdp": meta["privacy"]["epsilon_rdp"], "engine": meta["engine"],
+            "reader": {k: v for k, v in meta["reader"].items() if k != "next_step"} | {"next_step": 0},
+            "run_id": meta["run_id"]}
+
+
+def test_a_checkpoint_of_the_flat_layout_resumes_bit_for_bit(tmp_path):
+    """A checkpoint written before meta.json was keyed by component is read as if written now:
+    resumed, the run ends where an uninterrupted one ends, bit for bit, on the same ledger."""
+    cfg = tiny_config(tmp_path, **{**NOISY, "steps": 2})
+    run_worker(1, tmp_path, cfg, launcher="python", name="first")
+    step = tmp_path / "ckpt" / "step_00000002"
+    meta = json.loads((step / "meta.json").read_text())
+    assert meta["format"] == 2 and set(meta) >= {"train_state", "privacy", "engine", "reader", "metrics"}
+    (step / "meta.json").write_text(json.dumps(_as_flat_layout(meta)))
+    out = run_jobs(1, tmp_path, [("again", cfg, ["steps=4"]),
+                                 ("ref", tiny_config(tmp_path / "ref", **{**NOISY, "steps": 4}), [])], "python")
+    resumed, ref = out["again"], out["ref"]
+    assert resumed["resumed_from"] == str(step)
+    for key, value in ref["params"].items():
+        assert torch.equal(resumed["params"][key], value), key
+    assert resumed["summary"]["epsilon_rdp"] == ref["summary"]["epsilon_rdp"]
+    assert read_meta(tmp_path / "ckpt" / "step_00000004")["train_state"]["lineage"] == meta["train_state"]["lineage"]

@@ -105,7 +105,7 @@ def test_module_cli(dpcap_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote" in proc.stdout and "dpcap_nano" in proc.stdout and "weights only" in proc.stdout
     meta = json.loads((folder / "step_00000003" / "meta.json").read_text())
-    assert meta["sampling_seed"] == SECRET_SEED  # the checkpoint keeps it; the export does not
+    assert meta["train_state"]["sampling_seed"] == SECRET_SEED  # the checkpoint keeps it; the export does not
 
 
 def test_vip_in_the_original_mae_layout_loads_back(tmp_path):

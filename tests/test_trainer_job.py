@@ -134,7 +134,7 @@ def test_the_deepspeed_launcher_runs_the_real_job_under_zero3_then_export_reads_
     assert "zero-shot colour: accuracy" in proc.stdout and "linear probe shape: top-1 " in proc.stdout
     step = tmp_path / "runs/ds/checkpoints/step_00000002"
     meta = json.loads((step / "meta.json").read_text())
-    assert meta["backend"] == "deepspeed" and meta["world_size"] == 2 and (step / "deepspeed").is_dir()
+    assert meta["train_state"]["backend"] == "deepspeed" and meta["train_state"]["world_size"] == 2 and (step / "deepspeed").is_dir()
     weights = torch.load(step / "weights.pt", weights_only=True)["model"]
     assert weights and all(v.dtype == torch.float32 and v.numel() > 0 for v in weights.values())
 

@@ -38,7 +38,7 @@ def test_tensorboard_scalars(tmp_path):
     torch.manual_seed(cfg["seed"])
     images, tokens = map(torch.stack, zip(*tiny_data(96)))
     norms = flat_norms(per_example_grads(TinyCaptioner(), images, tokens))
-    seed = read_meta(Checkpointer(tmp_path / "ckpt", 2, 0).latest())["sampling_seed"]
+    seed = read_meta(Checkpointer(tmp_path / "ckpt", 2, 0).latest())["train_state"]["sampling_seed"]
     drawn = [i for micro in PoissonSampler(96, 1 / 3, seed, max_physical_batch=8).step_batches(0) for i in micro]
     clipped = (norms[drawn] > 3.0).float().mean().item()
     assert 0 < clipped < 1, clipped  # both kinds of example, so a constant would fail

@@ -64,7 +64,8 @@ def crafted(tmp_path_factory):
         if f.name != "meta.json":
             f.unlink()
     meta = json.loads((ds_step / "meta.json").read_text())
-    (ds_step / "meta.json").write_text(json.dumps({**meta, "backend": "deepspeed", "world_size": 1}))
+    meta["train_state"]["backend"] = "deepspeed"
+    (ds_step / "meta.json").write_text(json.dumps(meta))
     (ds_step / "deepspeed").mkdir()
     _craft_torch_file(ds_step / "weights.pt", marker, {"model": model.state_dict()})
     _craft_torch_file(tmp / "weights.pth", marker, {"model": model.state_dict()})

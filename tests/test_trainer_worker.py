@@ -292,9 +292,10 @@ TINY_MODEL = ["model.overrides.img_size=32", "model.overrides.patch_size=8", "mo
               "model.overrides.decoder_depth=1", "model.overrides.decoder_num_heads=2"]
 
 
-def save_like_trainer(folder: Path, cfg, model: nn.Module, optimizer=None, step: int = 3, **meta) -> Path:
-    """A checkpoint as backend=fsdp2 writes it (DCP tensors, then meta.json with the config),
-    from one process; returns its step folder."""
+def save_like_trainer(folder: Path, cfg, model: nn.Module, optimizer=None, step: int = 3, engine=None,
+                      sampling_seed: int = 0) -> Path:
+    """A checkpoint as backend=fsdp2 writes it (DCP tensors, then meta.json with the config
+    and the train state), from one process; returns its step folder."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -308,4 +309,9 @@ def save_like_trainer(folder: Path, cfg, model: nn.Module, optimizer=None, step:
 
     with warnings.catch_warnings():  # DCP's note that it saves in one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return Checkpointer(folder, 1, 0).save(step, Tensors(), {"step": step, "config": cfg.to_dict(), **meta})
+        from trainer.common.checkpoints import META_FORMAT
+
+        train_state = {"step": step, "sampling_seed": sampling_seed, "lineage": None, "backend": "fsdp2",
+                       "world_size": 1}
+        return Checkpointer(folder, 1, 0).save(step, Tensors(), {"format": META_FORMAT, "config": cfg.to_dict(),
+                                                                 "train_state": train_state, "engine": engine})

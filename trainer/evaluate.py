@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    step = read_meta(weights).get("step") if weights.is_dir() else None
+    step = read_meta(weights)["train_state"].get("step") if weights.is_dir() else None
     out = Path(args.out or (f"eval_step_{step:08d}.json" if step is not None else f"eval_{weights.stem}.json"))
     write_results(out, results, step=step, model=cfg.model.name, checkpoint=str(weights))
     lines = summary_lines(results)

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+META_FORMAT = 2  # meta.json keyed by component (format 1: one flat dict)
 DCP_METADATA = ".metadata"
 DEEPSPEED_TAG = "deepspeed"  # the engine's own folder inside a step folder
 WEIGHTS = "weights.pt"  # {"model": full fp32 state dict}, beside a DeepSpeed checkpoint
@@ -269,12 +270,38 @@ def step_folder(path: Path) -> Path:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """A step folder's ``meta.json``; a ValueError naming the folder if it cannot be read."""
+    """A step folder's ``meta.json``, keyed by component (a checkpoint of the earlier flat
+    layout is read as if written now); a ValueError naming the folder if it cannot be read."""
     try:
         with open(Path(path) / META) as f:
-            return json.load(f)
+            meta = json.load(f)
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than the stack
         raise unloadable(path, e) from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META}: not a JSON object")
+    if meta.get("format", 1) > META_FORMAT:
+        raise CheckpointError(f"{path / META}: written by a newer version of this trainer (meta.json format "
+                              f"{meta['format']}; this one reads up to {META_FORMAT}): update the trainer")
+    return meta if "format" in meta else _from_flat_meta(meta)
+
+
+def _from_flat_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint written before meta.json was keyed by component (format 1: one flat
+    dict), in today's layout, so that it resumes bit for bit; the keys it lacks stay
+    absent (a resume then says which)."""
+    components = {"train_state": {"step": meta.get("step"), "sampling_seed": meta.get("sampling_seed"),
+                                  "lineage": meta.get("lineage"),
+                                  # checkpoints before the backend seam are FSDP2's
+                                  "backend": meta.get("backend", "fsdp2"), "world_size": meta.get("world_size")},
+                  "engine": meta.get("engine"), "metrics": {}}
+    if "privacy" in meta:
+        components["privacy"] = {**meta["privacy"], "epsilon_rdp": meta.get("epsilon_rdp")}
+    if "reader" in meta:
+        components["reader"] = {**meta["reader"], "next_step": meta.get("step")}
+    rest = {key: value for key, value in meta.items()
+            if key not in ("step", "sampling_seed", "lineage", "backend", "world_size", "engine", "privacy",
+                           "reader", "epsilon_rdp")}
+    return {**rest, **components, "format": META_FORMAT}
 
 
 def unloadable(path: Path, error: BaseException) -> CheckpointError:

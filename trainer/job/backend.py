@@ -7,7 +7,9 @@ one interface: it shards the model, owns the optimizer, supplies the privacy
 engine's :class:`~privacy.reducer.GradReducer` (how a clipped sum crosses ranks
 and becomes a gradient of the backend's layout), applies the step, and writes
 and reads its tensors in a checkpoint folder. Nothing outside a backend asks
-which one runs.
+which one runs: the backends are registered in :data:`BACKENDS` alone, and each
+checks its own config (``check_config``, before any work), its own resume rule
+(``check_resume``) and describes itself for ``--dry-run`` (``describe``).
 
 A private step, as the trainer drives it::
 
@@ -21,6 +23,7 @@ A non-private step calls ``backend.backward(loss, last)`` per micro-batch instea
 
 from __future__ import annotations
 
+import importlib
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +35,11 @@ from trainer.common.config import JobConfig
 from trainer.job.distributed import Distributed
 from trainer.job.geometry import Geometry
 
+# name -> "module:class", imported when chosen (DeepSpeed is imported only by a job that runs it)
+BACKENDS = {
+    "fsdp2": "trainer.job.fsdp2_backend:FSDP2Backend",
+    "deepspeed": "trainer.job.deepspeed_backend:DeepSpeedBackend",
+}
 
 
 class Reducer(Protocol):
@@ -47,8 +55,23 @@ class Reducer(Protocol):
 
 class Backend(Protocol):
     name: str
-    reducer: Reducer
+    reducer: Reducer  # its bytes_sent counts from before_assign
     compute_dtype: torch.dtype  # the dtype floating inputs are given to the model in
+
+    def __init__(self, cfg: JobConfig, geo: Geometry, d: Distributed, private: bool): ...
+
+    @staticmethod
+    def check_config(cfg: JobConfig, geo: Geometry) -> None:
+        """Refuse (ValueError naming the key) what this backend cannot honour, warn about what
+        it ignores; no process group needed."""
+
+    @staticmethod
+    def describe(cfg: JobConfig) -> str:
+        """One line for ``--dry-run``: how this backend shards and optimizes."""
+
+    def check_resume(self, world_size: int) -> None:
+        """Refuse (ValueError) a checkpoint written by ``world_size`` ranks if this backend
+        cannot load it on this job's."""
 
     def setup(self, model: nn.Module) -> nn.Module:
         """Shard ``model`` (its layers already wrapped by the privacy engine, if any) and
@@ -81,12 +104,14 @@ class Backend(Protocol):
         """Collective: restore what :meth:`save` wrote into ``folder``."""
 
 
+def backend_class(name: str) -> type[Backend]:
+    """The backend registered as ``name``; a ValueError naming the choices otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def create_backend(cfg: JobConfig, geo: Geometry, d: Distributed, private: bool) -> Backend:
-    """The backend named by ``cfg.backend`` (checked by trainer.job.validation.validate)."""
-    if cfg.backend == "deepspeed":
-        from trainer.job.deepspeed_backend import DeepSpeedBackend
-
-        return DeepSpeedBackend(cfg, geo, d, private)
-    from trainer.job.fsdp2_backend import FSDP2Backend
-
-    return FSDP2Backend(cfg, geo, d)
+    """The backend named by ``cfg.backend``."""
+    return backend_class(cfg.backend)(cfg, geo, d, private)

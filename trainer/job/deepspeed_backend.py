@@ -321,6 +321,12 @@ class PartitionedGradReducer:
 
 class DeepSpeedBackend:
     name = "deepspeed"
+    check_config = staticmethod(check_config)
+
+    @staticmethod
+    def describe(cfg: JobConfig) -> str:
+        return (f"ZeRO stage {zero_stage(cfg.ds)}, "
+                f"optimizer {cfg.ds.get('optimizer', {}).get('type', 'torch AdamW')}")
 
     def __init__(self, cfg: JobConfig, geo: Geometry, d: Distributed, private: bool):
         self.cfg = cfg
@@ -361,7 +367,13 @@ class DeepSpeedBackend:
         # DeepSpeed averages over ranks; the loss is already a mean over the batch
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
+    def check_resume(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise ValueError(f"it was written by {world_size} ranks; a DeepSpeed checkpoint resumes on the "
+                             f"same number of ranks (backend=fsdp2 reshards)")
+
     def before_assign(self) -> None:
+        self.reducer.bytes_sent = 0
         self.engine.set_gradient_accumulation_boundary(True)
         if self.stage in (1, 2):
             # ZeRO-1/2 allocate their reduction buckets when a first gradient arrives: give

@@ -124,6 +124,13 @@ def agree(fields: dict[str, Any], what: str) -> None:
                          f"the same files (a shared file system, no stale caches) and the same config")
 
 
+def reduce_floats(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    """Collective: ``values`` reduced across ranks (fp64, one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def shutdown() -> None:
     """Collective: a barrier first, so no rank tears gloo/nccl down while another still talks."""
     if dist.is_initialized():

@@ -112,8 +112,13 @@ class FSDP2Backend:
     """FSDP2 on the job's device mesh; torch AdamW; DCP checkpoints (resharded on load)."""
 
     name = "fsdp2"
+    check_config = staticmethod(check_config)
 
-    def __init__(self, cfg: JobConfig, geo: Geometry, d: Distributed):
+    @staticmethod
+    def describe(cfg: JobConfig) -> str:
+        return "FSDP2, torch AdamW"
+
+    def __init__(self, cfg: JobConfig, geo: Geometry, d: Distributed, private: bool):
         self.cfg = cfg
         self.device = d.device
         self.mesh = d.mesh
@@ -135,8 +140,12 @@ class FSDP2Backend:
         self.model.set_requires_gradient_sync(last)
         (loss * self.world_size).backward()
 
+    def check_resume(self, world_size: int) -> None:
+        """DCP reshards: a checkpoint of any number of ranks resumes."""
+
     def before_assign(self) -> None:
         """FSDP takes DTensor gradients at any time."""
+        self.reducer.bytes_sent = 0
 
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

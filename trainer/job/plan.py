@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from privacy import accounting
 
 from trainer.common.config import JobConfig, delta_of, learning_rate, reference_batch
+from trainer.job.backend import backend_class
 from trainer.job.geometry import Geometry
 
 
@@ -107,9 +108,7 @@ def format_plan(cfg: JobConfig, geo: Geometry, plan: PrivacyPlan) -> str:
         f"  micro-batch <= {m} per rank: {geo.accumulation} accumulation steps expected, "
         f"up to {math.ceil((per_rank + spread) / m)} at +3 std",
         f"  parameters in {'bf16 (GPU), fp32 reduction' if geo.bf16 else 'fp32'}",
-        f"backend {cfg.backend}" + (f": ZeRO stage {cfg.ds.get('zero_optimization', {}).get('stage', 0)}, "
-                                    f"optimizer {cfg.ds.get('optimizer', {}).get('type', 'torch AdamW')}"
-                                    if cfg.backend == "deepspeed" else ": FSDP2, torch AdamW"),
+        f"backend {cfg.backend}: {backend_class(cfg.backend).describe(cfg)}",
         f"steps {cfg.steps:,}; lr {learning_rate(cfg):.4g} (warmup {cfg.optim.warmup_steps}, "
         f"cosine horizon {cfg.optim.decay_steps or cfg.steps})",
     ]

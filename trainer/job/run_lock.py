@@ -34,9 +34,6 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch.distributed as dist
 
 from trainer.common.checkpoints import write_private_json
 from trainer.job.distributed import from_rank0

@@ -7,16 +7,16 @@ model, the backend (sharding and optimizer), the reader, checkpointer and resume
 metrics. Everything here is the same for every backend; ``trainer.job.backend``
 is the seam.
 
+State: each component owns its own and gives it as ``state_dict`` /
+``load_state_dict``; a checkpoint's ``meta.json`` holds one entry per component
+(:meth:`Trainer.components`: the train state, the privacy ledger, the privacy
+engine, the reader, the metrics), the backend's tensors beside it, and resume
+loads them in that order. A resume that is not a plain requeue of the run that
+wrote the checkpoint is a new branch (``trainer.job.train_state``).
+
 Ranks agree before they train: rank 0 chooses the checkpoint to resume, every
 rank must see it, and after loading every rank's step, secret seeds, N and shard
 list are compared (``trainer.job.distributed.agree``).
-
-Lineage: ``meta.json`` holds a random lineage id, the real path of the run's
-checkpoint folder and the run's name. Resuming anything but a plain requeue of
-the same run (a copied folder, another run's checkpoint.dir, a config changed
-beyond ``steps`` and the keys of :data:`REQUEUE_KEYS`) mixes a fresh secret salt
-into the noise and sampling seeds: two continuations of one checkpoint never draw
-the same noise, which would cancel in the difference of their released models.
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import signal
-import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -40,9 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from privacy import accounting
 from trainer.common.build import build_model, build_tokenizer
-from trainer.common.checkpoints import load_model_weights, read_meta, step_folder
+from trainer.common.checkpoints import META_FORMAT, load_model_weights, read_meta, step_folder
 from trainer.common.config import JobConfig, learning_rate
 from trainer.common.evaluation import (
     caption_examples,
@@ -58,19 +54,23 @@ from trainer.job import plan as privacy_plan
 from trainer.job.backend import create_backend
 from trainer.job.checkpoint import Checkpointer
 from trainer.job.data import InMemoryReader, build_reader, count_examples, prepare_shards
-from trainer.job.distributed import Distributed, agree, from_rank0, init_distributed, launcher_env
-from trainer.job.metrics import Metrics, peak_flops
+from trainer.job.distributed import (
+    Distributed,
+    agree,
+    from_rank0,
+    init_distributed,
+    launcher_env,
+    reduce_floats,
+)
+from trainer.job.ledger import PrivacyLedger
+from trainer.job.metrics import Metrics, MetricsProcessor
 from trainer.job.optim import lr_factor
 from trainer.job.run_lock import RunLock, releases_lock_on_error
+from trainer.job.train_state import TrainState, branch_reasons
 from trainer.job.validation import validate, validate_data_size
 
 logger = logging.getLogger(__name__)
 
-
-# config keys a plain requeue may change (they change nothing that is drawn or trained
-# bit for bit); any other change makes a resumed run a new branch with salted seeds
-REQUEUE_KEYS = ("steps", "metrics", "checkpoint.every_steps", "checkpoint.keep_last", "collective_timeout_s",
-                "data.worker_timeout_s", "data.num_workers")
 
 
 def _step_seed(*words: int) -> int:
@@ -160,24 +160,19 @@ class Trainer:
         size = cfg.model.overrides.get("img_size", 224)
         self._empty = (torch.empty(0, 3, size, size), torch.zeros(0, cfg.data.text_length, dtype=torch.long))
 
-        # 7. checkpointer; resume
+        # 7. the state a checkpoint holds, by component (the metrics report the ledger); resume
+        self.state = TrainState(cfg, sampling_seed, self.backend.name, self.dist.world_size)
+        self.ledger = PrivacyLedger(self.plan, cfg.privacy.allow_privacy_change)
+        self.metrics = MetricsProcessor(
+            Metrics(cfg.log_dir, enabled=self.dist.is_main, total_steps=cfg.steps, progress=cfg.metrics.progress),
+            cfg.metrics, self.dist, self.ledger, self.flops_per_example, self.reader, self.backend.reducer)
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.dist.rank, self.lock)
-        self.step = 0
-        self.segments: list[accounting.Segment] = [self.plan.segment(0)]
         self.resumed_from = None
-        self.lineage = {"id": uuid.uuid4().hex, "checkpoint_dir": os.path.realpath(cfg.checkpoint_dir),
-                        "name": cfg.name, "parent": None, "salts": []}
         if (latest := self.checkpointer.start(cfg.checkpoint.resume)) is not None:
             self._resume(latest)
         self._check_ranks_agree(index)
-        self.stop_at = self._privacy_stop()
-
-        # 8. metrics
-        self.metrics = Metrics(cfg.log_dir, enabled=self.dist.is_main, total_steps=cfg.steps,
-                               start_step=self.step, progress=cfg.metrics.progress)
+        self.stop_at = self.ledger.stop_step(self.step, cfg.steps)
         self.stop_requested = False
-        self._last_pld: float | None = None  # shown by the progress bar between PLD evaluations
-        self._bad_samples = self.reader.skipped  # undecodable samples rank 0's reader skipped so far
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -226,7 +221,7 @@ class Trainer:
                 logger.info("--init %s: weights trained without differential privacy (privacy.enabled=false)",
                             path)
             return {"enabled": False}
-        found = {"enabled": True, "epsilon_rdp": meta.get("epsilon_rdp"), "delta": privacy.get("delta")}
+        found = {"enabled": True, "epsilon_rdp": privacy.get("epsilon_rdp"), "delta": privacy.get("delta")}
         if self.dist.is_main:
             logger.warning("--init %s: these weights were trained privately to epsilon %.4g (RDP) at delta %.3g "
                            "on their own data. The epsilon this run reports is this run's alone: the released "
@@ -256,10 +251,6 @@ class Trainer:
         model.zero_grad(set_to_none=True)
         return float(counter.get_total_flops())
 
-    def _privacy_state(self) -> dict[str, Any]:
-        return {"segments": [list(s) for s in self.segments], "delta": self.plan.delta,
-                "max_grad_norm": self.plan.max_grad_norm, "enabled": self.plan.enabled}
-
     def _check_ranks_agree(self, index) -> None:
         """Before training: every rank resumed the same step with the same secret seeds (compared
         as hashes: the seeds stay out of every message), the same N and the same shard list."""
@@ -273,114 +264,67 @@ class Trainer:
                "sampling seed (hash)": hashed(self.sampler.seed), "data.num_examples": self.cfg.data.num_examples,
                "shard list and counts (hash)": hashed(shards)}, "the run they start")
 
-    def _branch_reasons(self, meta: dict[str, Any]) -> list[str]:
-        """Why resuming ``meta``'s checkpoint is not a plain requeue of the run that wrote it."""
-        lineage = meta.get("lineage")
-        if lineage is None:
-            return ["the checkpoint records no lineage"]
-        reasons = []
-        here = os.path.realpath(self.cfg.checkpoint_dir)
-        if lineage["checkpoint_dir"] != here:
-            reasons.append(f"it was written in {lineage['checkpoint_dir']}, not in {here} (a copied or "
-                           f"another run's checkpoint folder)")
-        if lineage["name"] != self.cfg.name:
-            reasons.append(f"it was written by run {lineage['name']!r}, not {self.cfg.name!r}")
-        saved, now = _flat(meta.get("config", {})), _flat(json.loads(json.dumps(self.cfg.to_dict(), default=str)))
-        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
-                         and not any(k == r or k.startswith(r + ".") for r in REQUEUE_KEYS))
-        if changed:
-            reasons.append(f"the config changed ({', '.join(changed[:8])}{' ...' * (len(changed) > 8)})")
-        return reasons
-
     def _branch(self, path: Path, meta: dict[str, Any]) -> None:
         """A plain requeue keeps the checkpoint's lineage and seeds (bit-identical to an
         uninterrupted run); any other continuation is a new branch whose secret seeds get a
         fresh salt, so that no two continuations of one checkpoint share noise or batches."""
         # rank 0's view decides for all
-        reasons, salt = from_rank0((self._branch_reasons(meta), int.from_bytes(os.urandom(8), "big") & (2**62 - 1)))
+        reasons, salt = from_rank0((branch_reasons(self.cfg, meta), int.from_bytes(os.urandom(8), "big") & (2**62 - 1)))
         if not reasons:
-            self.lineage = meta["lineage"]
             return
-        old = meta.get("lineage") or {}
-        self.lineage = {**self.lineage, "parent": old.get("id"), "salts": old.get("salts", [])}
         if not self.plan.enabled:  # nothing secret to salt: the sampling seed is the config's
+            self.state.branch(reasons, None, str(path))
             return
         engine_state = self.engine.state_dict()
         self.engine.load_state_dict({**engine_state, "seed": _step_seed(engine_state["seed"], salt)})
-        self.sampler.seed = _step_seed(self.sampler.seed, salt)
-        self.lineage["salts"] = [*self.lineage["salts"], {"step": self.step, "from": str(path), "salt": salt,
-                                                          "reasons": reasons}]
+        self.state.sampling_seed = _step_seed(self.state.sampling_seed, salt)
+        self.state.branch(reasons, salt, str(path))
         if self.dist.is_main:
             logger.warning("resuming %s as a new branch (%s): a fresh secret salt is mixed into the noise and "
                            "sampling seeds, so this continuation never reuses the noise of another one from "
                            "the same checkpoint", path, "; ".join(reasons))
 
-    def _resume(self, path) -> None:
+    # ------------------------------------------------------------------ state
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def components(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the backend's tensors, by its key in ``meta.json``,
+        in the order a resume loads them (None: not in this run)."""
+        return {"train_state": self.state, "privacy": self.ledger, "engine": self.engine,
+                "reader": self.reader, "metrics": self.metrics}
+
+    def _resume(self, path: Path) -> None:
         meta = read_meta(path)
-        saved_backend = meta.get("backend", "fsdp2")  # checkpoints before the backend seam are FSDP2's
-        if saved_backend != self.cfg.backend:
-            raise ValueError(f"{path} was written by backend={saved_backend}; resume with "
-                             f"backend={saved_backend}, or start a new checkpoint.dir from its weights "
-                             f"with --init {path}")
-        if self.cfg.backend == "deepspeed" and meta["world_size"] != self.dist.world_size:
-            raise ValueError(f"{path} was written by {meta['world_size']} ranks; a DeepSpeed checkpoint "
-                             f"resumes on the same number of ranks (backend=fsdp2 reshards)")
-        old = meta["privacy"]
-        if old["enabled"] != self.plan.enabled:
-            raise ValueError(f"{path} was trained with privacy.enabled={old['enabled']}; "
-                             f"resume with the same setting or use a new checkpoint.dir")
-        if self.plan.enabled:
-            sigma, q, _ = old["segments"][-1]
-            changed = [name for name, a, b in (("sigma", sigma, self.plan.sigma),
-                                               ("q", q, self.plan.q),
-                                               ("delta", old["delta"], self.plan.delta),
-                                               ("max_grad_norm", old["max_grad_norm"], self.plan.max_grad_norm))
-                       if not math.isclose(a, b, rel_tol=1e-12)]
-            if changed and not self.cfg.privacy.allow_privacy_change:
-                raise ValueError(f"resuming {path} with changed {', '.join(changed)}; set "
-                                 f"privacy.allow_privacy_change=true to compose the privacy cost "
-                                 f"of both settings, or start a new checkpoint.dir")
-            segments = [tuple(s) for s in old["segments"]]
-            self.segments = segments + [self.plan.segment(0)] if changed else segments
+        saved = meta["train_state"]
+        try:
+            if saved["backend"] != self.backend.name:
+                raise ValueError(f"it was written by backend={saved['backend']}; resume with "
+                                 f"backend={saved['backend']}, or start a new checkpoint.dir from its weights "
+                                 f"with --init {path}")
+            self.backend.check_resume(saved["world_size"])
+            for key, component in self.components().items():
+                if component is not None:
+                    component.load_state_dict(meta[key])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         Checkpointer.load(path, self.backend)
-        if self.engine is not None:
-            self.engine.load_state_dict(meta["engine"])
-        # the secret sampling seed of the run being resumed (a fresh one was drawn above)
-        self.sampler.seed = int(meta["sampling_seed"])
-        self.step = int(meta["step"])
-        self.reader.load_state_dict({**meta["reader"], "next_step": self.step})
         self._branch(path, meta)
+        self.sampler.seed = self.state.sampling_seed  # the run's secret one (a fresh one was drawn above)
         self.resumed_from = str(path)
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def _privacy_stop(self) -> int:
-        """The step the guard stops at: cfg.steps, or earlier if the target epsilon is reached."""
-        if not self.plan.enabled:
-            return self.cfg.steps
-        closed, current = self.segments[:-1], self.segments[-1]
-        start = self.step - current[2]
-        allowed = privacy_plan.budget_steps(closed, self.plan, self.cfg.steps - start)
-        if start + allowed < self.cfg.steps:
-            logger.warning("privacy guard: target epsilon %s is reached after step %d of %d; "
-                           "training stops there", self.plan.target_epsilon, start + allowed,
-                           self.cfg.steps)
-        return start + allowed
-
-    # ------------------------------------------------------------------ state
-
     def epsilon(self, method: str = "rdp") -> float:
-        if not self.plan.enabled:
-            return math.inf
-        return accounting.epsilon_of_segments(self.segments, self.plan.delta, method)
+        return self.ledger.epsilon(method)
 
     def save(self) -> None:
-        meta = {"step": self.step, "privacy": self._privacy_state(),
-                "engine": self.engine.state_dict() if self.engine is not None else None,
-                "sampling_seed": self.sampler.seed, "backend": self.backend.name,
-                "world_size": self.dist.world_size, "config": self.cfg.to_dict(),
-                "reader": self.reader.state_dict(),  # rank 0's; every rank's position is the step
-                "lineage": self.lineage,
-                "epsilon_rdp": self.epsilon("rdp") if self.plan.enabled else None}
+        meta = {key: None if component is None else component.state_dict()
+                for key, component in self.components().items()}
+        # every rank's reader position is the step (the state is rank 0's)
+        meta["reader"]["next_step"] = self.step
+        meta |= {"format": META_FORMAT, "config": self.cfg.to_dict()}
         self.checkpointer.save(self.step, self.backend, meta)
 
     # ------------------------------------------------------------------ the step
@@ -406,7 +350,6 @@ class Trainer:
                                       self.cfg.optim.min_lr_ratio)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         examples = 0
-        self.backend.reducer.bytes_sent = 0
         batches = iter(micro_batches)
         for i in range(n_micro):
             batch = self._to_device(next(batches, None) or self._empty)
@@ -431,11 +374,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _sync(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
-        dist.all_reduce(t, op=op)
-        return t.tolist()
-
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -456,7 +394,7 @@ class Trainer:
                                    "checkpoint_dir": str(cfg.checkpoint_dir)}
         if not self.stop_requested and self.evaluate_at_end:
             summary.update(self._evaluate())
-        self.metrics.close()
+        self.metrics.writer.close()
         return summary
 
     def _evaluate(self) -> dict[str, Any]:
@@ -468,7 +406,7 @@ class Trainer:
                                captions=cfg.metrics.num_captions if cfg.is_captioner else 0,
                                dtype=self.backend.compute_dtype)
         if results.get("captions"):
-            self.metrics.text(self.step, "captions", captions_markdown(results["captions"]))
+            self.metrics.writer.text(self.step, "captions", captions_markdown(results["captions"]))
         scalars = {f"eval/{kind}_{task}": r["accuracy"] for kind in ("zero_shot", "probe")
                    for task, r in results.get(kind, {}).items()}
         own = results.get("eval_data", {})
@@ -477,7 +415,7 @@ class Trainer:
         if "linear_probe" in own:
             scalars["eval/data_linear_probe"] = own["linear_probe"]["top1"]
             scalars |= {f"eval/data_{k}_shot": r["mean"] for k, r in own["few_shot"].items()}
-        self.metrics.scalars(self.step, scalars)
+        self.metrics.writer.scalars(self.step, scalars)
         if self.dist.is_main:  # beside the TensorBoard scalars
             latest = self.checkpointer.latest()
             results["results_file"] = str(write_results(
@@ -491,29 +429,22 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg, m = self.cfg, self.cfg.metrics
-        window = {"loss_sum": 0.0, "examples": 0, "clipped": 0.0, "skipped": 0, "steps": 0}
-        t0, saved_at = time.perf_counter(), self.step
+        self.metrics.writer.open_progress(self.step)
+        self.metrics.start_window()
+        saved_at = self.step
         while self.step < self.stop_at:
             # one scalar collective per step: the most micro-batches any rank may run (a rank
             # with fewer, or whose reader dropped empty/bad ones, pads with empty micro-batches
             # so every rank runs the same collectives), and whether any rank was signalled
             planned = len(self.sampler.step_batches(self.step))
-            n_micro, stop = self._sync([planned, float(self.stop_requested)], dist.ReduceOp.MAX)
+            n_micro, stop = reduce_floats([planned, float(self.stop_requested)], self.dist.device, dist.ReduceOp.MAX)
             if stop:
                 self.stop_requested = True
                 break
             out = self.train_step(self.reader.micro_batches(self.step), int(n_micro))
-            self.step += 1
-            if self.plan.enabled:
-                sigma, q, k = self.segments[-1]
-                self.segments[-1] = (sigma, q, k + 1)
-            for key in ("loss_sum", "examples", "clipped", "skipped"):
-                window[key] += out[key]
-            window["steps"] += 1
-            if self.step % m.log_every == 0 or self.step == self.stop_at:
-                self._log(out, window, time.perf_counter() - t0)
-                window = dict.fromkeys(window, 0)
-                t0 = time.perf_counter()
+            self.state.step += 1
+            self.ledger.record_step()
+            self.metrics.record(self.step, out, last=self.step == self.stop_at)
             if m.caption_every and self.step % m.caption_every == 0 and self.evaluate_at_end and cfg.is_captioner:
                 self._captions()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -521,48 +452,6 @@ class Trainer:
                 saved_at = self.step
         if self.step != saved_at:
             self.save()
-
-    def _log(self, out: dict[str, float], window: dict[str, float], seconds: float) -> None:
-        loss_sum, examples, clipped, skipped = self._sync(
-            [window["loss_sum"], window["examples"], window["clipped"], window["skipped"]])
-        # rank 0's reader only: its counts are the ones checkpoints keep
-        bad_samples = self.reader.skipped
-        if bad_samples > self._bad_samples and self.dist.is_main:
-            logger.warning("rank 0 has skipped %d undecodable samples so far: %s", bad_samples,
-                           dict(getattr(self.reader, "skipped_reasons", {})))
-        self._bad_samples = bad_samples
-        steps = max(1, window["steps"])
-        values = {"train/loss": loss_sum / max(1, examples), "train/lr": out["lr"],
-                  "train/examples_per_s": examples / max(seconds, 1e-9),
-                  "train/realised_batch": examples / steps,
-                  "comm/bytes_per_step": float(self.backend.reducer.bytes_sent),
-                  "data/skipped_samples_rank0": float(bad_samples)}
-        if self.plan.enabled:
-            values.update({"privacy/epsilon_rdp": self.epsilon("rdp"), "privacy/sigma": self.plan.sigma,
-                           "privacy/q": self.plan.q,
-                           "privacy/clip_fraction": clipped / max(1, examples - skipped),
-                           "privacy/skipped_nonfinite": skipped})
-            values.update({f"privacy/{k}_rank0": v for k, v in out.items() if k.startswith("norm_")})
-            pld_every = self.cfg.metrics.pld_every
-            if pld_every and (self.step % pld_every == 0 or self.step == self.stop_at):
-                values["privacy/epsilon_pld"] = self.epsilon("pld")
-        # the model's training FLOPs at the achieved rate (the engine's own work not counted)
-        rate = self.flops_per_example * examples / max(seconds, 1e-9)
-        values["train/tflops_per_s"] = rate / 1e12
-        if self.dist.device.type == "cuda":
-            values["gpu/max_memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-            if peak := peak_flops(self.dist.device):
-                values["gpu/mfu"] = rate / (peak * self.dist.world_size)
-        self.metrics.scalars(self.step, values)
-        postfix = {"loss": f"{values['train/loss']:.3f}"}
-        if self.plan.enabled:
-            self._last_pld = values.get("privacy/epsilon_pld", self._last_pld)
-            postfix |= {"eps_rdp": f"{values['privacy/epsilon_rdp']:.3f}",
-                        "eps_pld": "pending" if self._last_pld is None else f"{self._last_pld:.3f}"}
-        else:
-            postfix["eps"] = "off (non-private)"
-        self.metrics.progress(self.step, postfix)
-        self.metrics.flush()
 
     def _captions(self) -> None:
         """Captions of eval.data's images (or the held-out synthetic ones) into TensorBoard."""
@@ -574,15 +463,4 @@ class Trainer:
                 captions = folder_captions(model, self.tokenizer, self.dist.device, self.eval_folder, count, dtype)
             else:
                 captions = caption_examples(model, self.tokenizer, self.dist.device, self.heldout, count, dtype)
-        self.metrics.text(self.step, "captions", captions_markdown(captions))
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A config dict as dotted key -> leaf value."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+        self.metrics.writer.text(self.step, "captions", captions_markdown(captions))

@@ -9,15 +9,13 @@ checks that need N wait for the shards' index: :func:`validate_data_size`.
 from __future__ import annotations
 
 from trainer.common.config import JobConfig, delta_of
+from trainer.job.backend import backend_class
 from trainer.job.geometry import Geometry, geometry
-
-BACKENDS = ("fsdp2", "deepspeed")
 
 
 def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geometry:
     """The job's geometry on ``world_size`` ranks, once every check passed; raises ValueError."""
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    backend = backend_class(cfg.backend)
     geo = geometry(cfg, world_size)
     p = cfg.privacy
     if cfg.steps < 1:
@@ -65,6 +63,7 @@ def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geomet
     if cfg.checkpoint.keep_last < 1:
         raise ValueError("checkpoint.keep_last must be >= 1")
     _check_ds_config(cfg, geo)
+    backend.check_config(cfg, geo)
     if cfg.data.num_examples:
         validate_data_size(cfg, geo)
     return geo
@@ -88,7 +87,7 @@ def validate_data_size(cfg: JobConfig, geo: Geometry) -> None:
 
 
 def _check_ds_config(cfg: JobConfig, geo: Geometry) -> None:
-    """What neither backend can honour in a private step, then the backend's own checks."""
+    """What no backend can honour in a private step."""
     ds, private = cfg.ds, cfg.privacy.enabled
     if ds.get("gradient_clipping") and private:
         raise ValueError(f"ds_config {cfg.ds_config}: gradient_clipping must not be set with "
@@ -97,8 +96,3 @@ def _check_ds_config(cfg: JobConfig, geo: Geometry) -> None:
     if ds.get("fp16", {}).get("enabled"):
         raise ValueError(f"ds_config {cfg.ds_config}: fp16.enabled is not supported (its loss scaling "
                          f"would scale the per-example gradients before clipping); use bf16.enabled")
-    if cfg.backend == "deepspeed":
-        from trainer.job.deepspeed_backend import check_config
-    else:
-        from trainer.job.fsdp2_backend import check_config
-    check_config(cfg, geo)
