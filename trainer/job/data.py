@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from data.wids_index import INDEX_NAME
 from trainer.common.config import JobConfig
 from trainer.common.inputs import transform
 from trainer.job.distributed import Distributed
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
 SYNTHETIC_MARKER = ".synthetic"  # beside shards that _write_synthetic wrote
 
 
