@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from data import read_samples
-from data.decode import (MAX_DECODED_BYTES, MAX_IMAGE_PIXELS, MAX_METADATA_BYTES, BadSample, decode_image,
-                         decode_metadata, to_rgb)
+from data.decode import (MAX_DECODED_BYTES, MAX_IMAGE_PIXELS, BadSample, decode_image,
+                         to_rgb)
 from data.loader import SAMPLED, PoissonReader
 from data.shard_sets import index_shard_set
-from data.tar_index import TarIndex, indexed_sample_count
+from data.tar_index import TarIndex
 from data.transform import ImageTextTransform
 
 
@@ -129,18 +129,6 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_not_below_the_target():
     full = decode_image(_jpeg(7, size=512))
     reduced = decode_image(_jpeg(7, size=512), draft_size=100)
     assert full.size == (512, 512) and reduced.size == (128, 128) and reduced.mode == "RGB"
-
-
-@pytest.mark.parametrize("data, reason", [
-    (b"[1, 2]", "metadata not an object"),
-    (b"{not json", "undecodable metadata"),
-    (b'{"k": "\xff"}', "undecodable metadata"),
-    (b'{"k": "' + b"x" * MAX_METADATA_BYTES + b'"}', "metadata too large"),
-])
-def test_metadata_decoder_accepts_only_bounded_json_objects(data, reason):
-    assert decode_metadata(b'{"py/object": "os.system", "n": 1}') == {"py/object": "os.system", "n": 1}
-    with pytest.raises(BadSample, match=reason):
-        decode_metadata(data)
 
 
 def _tokenize(text, length=16):
@@ -406,7 +394,7 @@ def test_index_may_only_name_shards_inside_its_folder(tmp_path, url):
     url = str(tmp_path / "outside" / "o.tar") if url == "ABSOLUTE" else url
     index = tmp_path / "data" / "index.json"
     index.write_text(json.dumps({"shardlist": [{"url": "inside/./ok.tar", "nsamples": 1}, {"url": url, "nsamples": 1}]}))
-    for open_index in (TarIndex, indexed_sample_count, index_shard_set):
+    for open_index in (TarIndex, index_shard_set):
         with pytest.raises(ValueError, match="not a relative path inside"):
             open_index(index)
     index.write_text(json.dumps({"shardlist": [{"url": "inside/./ok.tar", "nsamples": 1}]}))

@@ -14,7 +14,7 @@ from data.loader import PoissonReader
 from data.shards import ShardLimits, write_shards
 from data.sources import Example
 from data.decode import BadSample
-from data.tar_index import TarIndex, indexed_sample_count
+from data.tar_index import TarIndex
 from data.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTextTransform
 
 TEXT_LENGTH = 12
@@ -80,7 +80,7 @@ def test_poisson_reader_yields_exactly_the_sampled_examples(shards):
     index, _ = shards
     source = Bernoulli()
     reader = PoissonReader(index, source, TRANSFORM)
-    assert reader.num_examples == NUM_EXAMPLES == indexed_sample_count(index)
+    assert reader.num_examples == NUM_EXAMPLES == len(TarIndex(index))
     for step in range(5):
         batches = list(reader.micro_batches(step))
         expected = source.step_batches(step)
