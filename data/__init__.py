@@ -1,4 +1,4 @@
-"""Data: synthetic captioned scenes, shard writing, safe decoding, streaming and Poisson readers.
+"""Data: synthetic captioned scenes, shard writing, safe decoding, the Poisson reader.
 
 Imports neither `models` nor `privacy`: the trainer injects the tokenizer and
 the Poisson batch source.

@@ -1,8 +1,10 @@
-"""Safe decoding of shard members: images, UTF-8 captions and JSON, nothing else.
+"""Safe decoding of shard members: images and UTF-8 captions, nothing else.
 
 webdataset's default decoders unpickle `.pyd`/`.pickle` and torch.load `.pth`
 members; shards come from outside, so this module is the only decoder and it
-knows three kinds of member. Everything else is ignored unread. Each check
+knows two kinds of member. A JSON member (metadata, as img2dataset writes) is
+read, within its size bound, but never decoded; everything else is ignored
+unread. Each check
 raises `BadSample` with a short reason; readers skip the sample and count the
 reason (see `SkipCounter`).
 
@@ -13,7 +15,6 @@ animated WebP or PNG gives its first frame, and no later frame is decoded.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import warnings
 from collections import Counter
@@ -153,19 +154,6 @@ def decode_caption(data: bytes) -> str:
     if not text:
         raise BadSample("empty caption")
     return text
-
-
-def decode_metadata(data: bytes) -> dict:
-    """JSON object metadata (plain json.loads: no object hooks)."""
-    if len(data) > MAX_METADATA_BYTES:
-        raise BadSample("metadata too large")
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exn:
-        raise BadSample("undecodable metadata") from exn
-    if not isinstance(value, dict):
-        raise BadSample("metadata not an object")
-    return value
 
 
 def decode_sample(members: dict[str, bytes], draft_size: int | None = None,

@@ -1,8 +1,8 @@
-"""The two training readers: streaming (shuffled shards) and Poisson (random access).
+"""The training reader: Poisson batches by random access into tar shards.
 
-Both yield `Batch(images [b, 3, H, W] float, tokens [b, text_length] long)`,
-skip bad samples (so a batch can be smaller than asked), count them in
-`skipped_reasons`, and have
+It yields `Batch(images [b, 3, H, W] float, tokens [b, text_length] long)`,
+skips bad samples (so a batch can be smaller than asked), counts them in
+`skipped_reasons`, and has
 `state_dict()` / `load_state_dict()` such that a new reader loaded with a state
 yields exactly what the saved one would have yielded next. The state is per
 rank: save each rank's reader state.
@@ -10,20 +10,17 @@ rank: save each rank's reader state.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from data.decode import BadSample, SkipCounter, decode_sample
 from data.tar_index import TarIndex
-from data.tar_samples import RawSample, iter_samples
+from data.tar_samples import RawSample
 from data.transform import ImageTextTransform
 
 
@@ -45,11 +42,10 @@ class BatchSource(Protocol):
 
 @dataclass
 class _Tagged:
-    """A worker's output: a batch (or None) plus where it came from and what it skipped."""
+    """A worker's output: a batch (or None) plus which micro-batch it is and what it skipped."""
 
     batch: Batch | None
     skipped: SkipCounter
-    worker: int = 0
     step: int = 0
     micro: int = 0
     num_micro: int = 0
@@ -93,10 +89,6 @@ def _loader(dataset, num_workers: int, **kwargs) -> DataLoader:
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     return DataLoader(dataset, num_workers=num_workers, collate_fn=_as_is, **kwargs)
-
-
-# ----------------------------------------------------------------------------
-# Poisson: random access, batches given by the injected batch source
 
 
 @dataclass(frozen=True)
@@ -237,164 +229,3 @@ class PoissonReader:
             **extra,
         )
         return iter(loader)
-
-
-# ----------------------------------------------------------------------------
-# Streaming: shards split by node and worker, shuffled, epoch after epoch
-
-
-@dataclass
-class _EpochStream(IterableDataset):
-    """One epoch of this rank's shards. Logical worker w = (loader worker id +
-    rotation) mod W reads shards w, w+W, ... (as wds.split_by_worker) and
-    yields items: raw chunks of batch_size samples decoded into batches, then
-    one report of what the tail skipped. The first `skip[w]` items are dropped
-    undecoded (resume)."""
-
-    shards: list[str]
-    transform: ImageTextTransform
-    batch_size: int
-    shuffle_buffer: int
-    seed: int
-    epoch: int
-    rank: int
-    skip: list[int]
-    rotation: int = 0
-    captions: bool = True
-
-    def __iter__(self) -> Iterator[_Tagged]:
-        info = get_worker_info()
-        workers = info.num_workers if info else 1
-        worker = ((info.id if info else 0) + self.rotation) % workers
-        skipped = SkipCounter()
-        samples = iter_samples(self.shards[worker::workers], skipped)
-        if self.shuffle_buffer > 1:
-            seed = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)[0]
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(int(seed)))(samples)
-        for number, chunk in enumerate(self._chunks(samples)):
-            if number >= self.skip[worker]:
-                batch = None
-                if chunk is not None:
-                    words = [(self.epoch, self.rank, worker, number, i) for i in range(len(chunk))]
-                    batch = _decode_all(chunk, self.transform, skipped, words, self.captions)
-                yield _Tagged(batch, SkipCounter(skipped), worker=worker)
-            skipped.clear()  # what was skipped up to here is reported (or was, before the checkpoint)
-
-    def _chunks(self, samples: Iterator[RawSample]) -> Iterator[list[RawSample] | None]:
-        chunk = []
-        for sample in samples:
-            chunk.append(sample)
-            if len(chunk) == self.batch_size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-        yield None  # the tail report
-
-
-class StreamingReader:
-    """Shuffled streaming over tar shards for non-private or warm-up training.
-
-    Each epoch the shard list is permuted (or, with `resampled`, drawn with
-    replacement) from (seed, epoch), identically on all ranks; rank r takes
-    shards r, r+world_size, ... (as wds.split_by_node); each loader worker a
-    disjoint share of those (as wds.split_by_worker); samples pass a shuffle
-    buffer seeded by (seed, epoch, rank, worker). Batches are cut from raw
-    samples, then bad ones dropped: a batch can be smaller than batch_size, and
-    one with no good sample is not yielded. Iteration never ends: epochs
-    follow each other. The state is (epoch, items each worker delivered, whose
-    turn is next): resuming skips the delivered items without decoding them and
-    restarts the worker round-robin at the same worker, so the batch sequence
-    continues exactly. Resume with the same shards, world size and num_workers.
-    `captions=False` (ViP) reads samples that are an image alone.
-    """
-
-    def __init__(
-        self,
-        urls: Sequence[str | Path],
-        transform: ImageTextTransform,
-        *,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        shuffle_buffer: int = 1000,
-        shard_shuffle: bool = True,
-        resampled: bool = False,
-        captions: bool = True,
-    ):
-        self.urls = [str(u) for u in urls]
-        self.captions = captions
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if len(self.urls) < world_size * max(1, num_workers):
-            raise ValueError(
-                f"{len(self.urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers: "
-                "write more, smaller shards (--max-count) or use fewer workers"
-            )
-        self.transform = transform
-        self.batch_size = batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.shard_shuffle, self.resampled = shard_shuffle, resampled
-        self.skipped_reasons = SkipCounter()
-        self._workers = max(1, num_workers)
-        self.epoch = 0
-        self._delivered = [0] * self._workers
-        self._next_worker = 0
-
-    @property
-    def skipped(self) -> int:
-        return self.skipped_reasons.total
-
-    def epoch_shards(self, epoch: int) -> list[str]:
-        """This rank's shards in `epoch`, in reading order before the worker split."""
-        rng = np.random.default_rng([self.seed, epoch])
-        count = len(self.urls)
-        if self.resampled:
-            order = rng.integers(0, count, size=count)
-        elif self.shard_shuffle:
-            order = rng.permutation(count)
-        else:
-            order = np.arange(count)
-        return [self.urls[i] for i in order][self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            stream = _EpochStream(
-                self.epoch_shards(self.epoch), self.transform, self.batch_size, self.shuffle_buffer,
-                self.seed, self.epoch, self.rank, list(self._delivered), self._next_worker, self.captions,
-            )
-            for tagged in _loader(stream, self.num_workers, batch_size=None):
-                self._delivered[tagged.worker] += 1
-                self._next_worker = (tagged.worker + 1) % self._workers
-                self.skipped_reasons.update(tagged.skipped)
-                if tagged.batch is not None and len(tagged.batch.tokens):
-                    yield tagged.batch
-            self.epoch += 1
-            self._delivered = [0] * self._workers
-            self._next_worker = 0
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "delivered": list(self._delivered),
-            "next_worker": self._next_worker,
-            "world_size": self.world_size,
-            "skipped_reasons": dict(self.skipped_reasons),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["delivered"]) != self._workers or state["world_size"] != self.world_size:
-            raise ValueError(
-                f"state was saved with {len(state['delivered'])} workers and world size {state['world_size']}; "
-                f"this reader has {self._workers} and {self.world_size}: resume with the same num_workers and ranks"
-            )
-        self.epoch = int(state["epoch"])
-        self._delivered = [int(n) for n in state["delivered"]]
-        self._next_worker = int(state["next_worker"])
-        self.skipped_reasons = SkipCounter(state.get("skipped_reasons", {}))

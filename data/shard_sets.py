@@ -44,11 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from data.offset_tables import NO_TABLE, OFFSETS_SUFFIX, read_blocks, scan_shards, table_path, write_table
-from data.wids_index import read_shard_list, refuse_duplicates
+from data.wids_index import INDEX_NAME, read_shard_list, refuse_duplicates
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
 FORMS = ("a folder of .tar shards (with or without index.json), a glob ('laion/*.tar') "
          "or a brace pattern ('laion/{00000..23380}.tar')")
 

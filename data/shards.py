@@ -26,10 +26,10 @@ import webdataset as wds
 
 from data.offset_tables import scan_sample_offsets, table_path, write_table
 from data.sources import Example
+from data.wids_index import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile pads the archive to a multiple of this on close
 

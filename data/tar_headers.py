@@ -7,7 +7,7 @@ or a non-numeric ``GNU.sparse.map`` raises ValueError from deep inside it; its
 pax parsing takes time quadratic in the header's size, and pax and GNU long
 names are read whole into memory, whatever their size.
 
-So the index scan, the random-access reader and the streaming reader all read
+So the index scan, the random-access reader and the sequential one (iter_samples) all read
 headers here: 512-byte blocks, the checksum, octal or base-256 sizes, the type
 flag, ustar prefixes, pax records (``path`` and ``size``) and GNU long names.
 What cannot be part of a well-formed archive raises ``UnreadableTar``: a negative

@@ -186,11 +186,6 @@ def _compression(path: str) -> str | None:
         return None  # the scan reports an unreadable shard
 
 
-def indexed_sample_count(index_path: str | Path) -> int:
-    """Number of samples a wids index lists: the `num_examples` of the Poisson sampler."""
-    return len(TarIndex(index_path))
-
-
 _hinted = False
 
 

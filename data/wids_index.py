@@ -18,6 +18,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+INDEX_NAME = "index.json"  # a shard folder's index, as data.write_shards and `widsindex create` name it
+
 
 def read_shard_list(index_path: str | Path) -> list[tuple[str, int]]:
     """(shard path, sample count the index claims) of each shard, in order.

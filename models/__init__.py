@@ -30,15 +30,21 @@ REGISTRY: dict[str, tuple[type[nn.Module], object]] = {
 }
 
 
-def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered model, with any config field overridden (``img_size=64``...)."""
+def model_config(name: str, **overrides):
+    """The config ``create_model(name, **overrides)`` builds from (``img_size``, ``patch_size``...)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}")
-    cls, config = REGISTRY[name]
+    config = REGISTRY[name][1]
     fields = {f.name for f in dataclasses.fields(config)}
     if unknown := sorted(set(overrides) - fields):
         raise ValueError(f"{name} has no setting {', '.join(unknown)}; settings: {', '.join(sorted(fields))}")
-    return cls(dataclasses.replace(config, **overrides))
+    return dataclasses.replace(config, **overrides)
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model, with any config field overridden (``img_size=64``...)."""
+    config = model_config(name, **overrides)
+    return REGISTRY[name][0](config)
 
 
 def from_original_layout(model: nn.Module, sd: dict) -> dict:
@@ -53,6 +59,6 @@ def to_original_layout(model: nn.Module, sd: dict) -> dict:
 
 __all__ = [
     "REGISTRY", "DPCap", "DPCapConfig", "ViP", "ViPConfig",
-    "create_model", "convert_upstream_state_dict", "to_upstream_state_dict",
+    "create_model", "model_config", "convert_upstream_state_dict", "to_upstream_state_dict",
     "convert_mae_state_dict", "to_mae_state_dict", "from_original_layout", "to_original_layout",
 ]

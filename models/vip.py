@@ -31,7 +31,7 @@ class ViPConfig:
     decoder_depth: int = 4
     decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
-    # targets: per-patch normalised pixels (MAE's norm_pix_loss; SPEC); False: the pixels as
+    # targets: per-patch normalised pixels (MAE's norm_pix_loss, as ViP trains); False: the pixels as
     # given, which is what ViP-MAE's released pre-training command trains on
     norm_pix_loss: bool = True
 

@@ -12,8 +12,8 @@
    examples, as Swin's window attention has (``B x windows``), is handled as k
    consecutive rows per example only where that grouping is PROVED from the
    operators that made the layer's input, down to tensors the engine already
-   holds as one row per example (the outputs of layers with ``b`` rows, as it
-   holds every layer's rows since issue 3). The proof tracks, for each tensor,
+   holds as one row per example (the outputs of layers with ``b`` rows: it
+   holds every layer's rows). The proof tracks, for each tensor,
    one dimension along which index ``r`` belongs to example ``r // k`` and
    nothing else varies by example; each operator below maps that through
    (views and reshapes by their shapes, permutes, pads, rolls and slices off

@@ -87,7 +87,7 @@ def test_the_engine_frees_what_its_sums_do_not_need():
     """Tensor bytes alive when the engine's backward returns, against the peak of
     a plain forward and backward of the same batch: measured 0.65x here (layer
     norms' inputs, Gram matrices and output gradients the sums do not need are
-    freed inside the backward; 2.1x when they are kept). The issue's bound is 1.2x."""
+    freed inside the backward; 2.1x when they are kept). The engine's target is at most 1.2x."""
     torch.manual_seed(0)
     model = TinyViT(img=32, patch=4, dim=64, heads=4)  # 65 tokens: activations dominate
     generator = torch.Generator().manual_seed(0)

@@ -1,5 +1,5 @@
 """Fuzzing the shard readers: structured mutations of real shards, written by the project's
-own writer, against the index scan, the random-access reader and the streaming reader.
+own writer, against the index scan, the random-access reader and the sequential one (iter_samples).
 
 Mutations: sizes (negative and huge base-256, huge or non-octal octal), type flags,
 names (long, dotless, binary), inserted pax headers (long paths up to and over the cap,

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data.loader import PoissonReader, StreamingReader
+from data.loader import PoissonReader
 from data.shards import ShardLimits, write_shards
 from data.sources import Example
 from data.decode import BadSample
-from data.tar_index import TarIndex, indexed_sample_count
+from data.tar_index import TarIndex
 from data.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTextTransform
 
 TEXT_LENGTH = 12
@@ -80,7 +80,7 @@ def test_poisson_reader_yields_exactly_the_sampled_examples(shards):
     index, _ = shards
     source = Bernoulli()
     reader = PoissonReader(index, source, TRANSFORM)
-    assert reader.num_examples == NUM_EXAMPLES == indexed_sample_count(index)
+    assert reader.num_examples == NUM_EXAMPLES == len(TarIndex(index))
     for step in range(5):
         batches = list(reader.micro_batches(step))
         expected = source.step_batches(step)
@@ -158,76 +158,6 @@ def test_poisson_reader_refuses_indices_outside_the_dataset(shards):
         list(PoissonReader(index, OutOfRange(), TRANSFORM).micro_batches(0))
 
 
-def _one_epoch(reader):
-    stream, seen = iter(reader), []
-    while True:
-        batch = next(stream)
-        if reader.epoch > 0:
-            return seen
-        seen += _captions(batch)
-
-
-def test_streaming_splits_shards_disjointly_across_ranks_and_workers(shards):
-    _, urls = shards
-    per_rank = []
-    for rank in range(2):
-        reader = StreamingReader(urls, TRANSFORM, batch_size=3, seed=1, rank=rank, world_size=2, num_workers=2,
-                                 shuffle_buffer=5)
-        per_rank.append(_one_epoch(reader))
-    everything = per_rank[0] + per_rank[1]
-    assert sorted(everything) == sorted(f"s{i}" for i in range(NUM_EXAMPLES))
-    assert set(per_rank[0]).isdisjoint(per_rank[1]) and per_rank[0] and per_rank[1]
-    shards_0, shards_1 = (StreamingReader(urls, TRANSFORM, batch_size=3, rank=r, world_size=2).epoch_shards(0)
-                          for r in range(2))
-    assert sorted(shards_0 + shards_1) == urls
-
-
-def test_resampled_epochs_draw_shards_with_replacement_deterministically(shards):
-    _, urls = shards
-    reader = StreamingReader(urls, TRANSFORM, batch_size=4, seed=2, resampled=True)
-    drawn = [reader.epoch_shards(epoch) for epoch in range(6)]
-    assert drawn == [reader.epoch_shards(epoch) for epoch in range(6)]
-    assert all(len(d) == len(urls) and set(d) <= set(urls) for d in drawn)
-    assert any(len(set(d)) < len(urls) for d in drawn)
-
-
-def test_streaming_reshuffles_each_epoch(shards):
-    _, urls = shards
-    reader = StreamingReader(urls, TRANSFORM, batch_size=4, seed=3, shuffle_buffer=8)
-    stream = iter(reader)
-    epochs = [[], []]
-    while reader.epoch < 2:
-        batch = next(stream)
-        if reader.epoch < 2:
-            epochs[reader.epoch] += _captions(batch)
-    assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1] and len(epochs[0]) == NUM_EXAMPLES
-
-
-@pytest.mark.filterwarnings("ignore:This DataLoader will create")
-@pytest.mark.parametrize("num_workers, stop_after", [(0, 4), (2, 3), (2, 9), (3, 13), (3, 16)])
-def test_streaming_resumes_exactly(shards, num_workers, stop_after):
-    _, urls = shards
-
-    def make():
-        return StreamingReader(urls, TRANSFORM, batch_size=3, seed=7, num_workers=num_workers, shuffle_buffer=6)
-
-    uninterrupted = iter(make())
-    reference = [next(uninterrupted) for _ in range(stop_after + 10)]
-    interrupted = make()
-    stream = iter(interrupted)
-    for _ in range(stop_after):
-        next(stream)
-    state = interrupted.state_dict()
-    resumed = make()
-    resumed.load_state_dict(state)
-    continued = iter(resumed)
-    for want in reference[stop_after:]:
-        got = next(continued)
-        assert _captions(got) == _captions(want) and torch.equal(got.images, want.images)
-    with pytest.raises(ValueError, match="num_workers"):
-        StreamingReader(urls, TRANSFORM, batch_size=3, num_workers=num_workers + 2).load_state_dict(state)
-
-
 def test_pinning_a_batch_keeps_where_it_came_from(monkeypatch):
     """DataLoader(pin_memory=True) pins what the workers send through this method (it
     needs a GPU, so page-locking itself is stood in for here)."""
@@ -242,9 +172,9 @@ def test_pinning_a_batch_keeps_where_it_came_from(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
     batch = Batch(torch.rand(2, 3, 8, 8), torch.ones(2, TEXT_LENGTH, dtype=torch.long))
-    tagged = _Tagged(batch, SkipCounter({"missing image": 1}), worker=1, step=4, micro=2, num_micro=3)
+    tagged = _Tagged(batch, SkipCounter({"missing image": 1}), step=4, micro=2, num_micro=3)
     out = tagged.pin_memory()
-    assert (out.worker, out.step, out.micro, out.num_micro) == (1, 4, 2, 3) and out.skipped == tagged.skipped
+    assert (out.step, out.micro, out.num_micro) == (4, 2, 3) and out.skipped == tagged.skipped
     assert torch.equal(out.batch.images, batch.images) and torch.equal(out.batch.tokens, batch.tokens)
     assert [t is u for t, u in zip(pinned, batch)] == [True, True]
     empty = _Tagged(None, SkipCounter())

@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def brute_force_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
-    """SPEC section 6 written out with exact binomial sums (math.comb), nothing shared with scipy."""
+    """The one-run p-value (Steinke, Nasr and Jagielski 2023) written out with exact binomial
+    sums (math.comb), nothing shared with scipy."""
     p = math.exp(eps) / (1 + math.exp(eps))
 
     def at_least(k: int) -> float:

@@ -10,7 +10,10 @@ import sys
 import pytest
 
 from test_trainer_worker import REPO
-from trainer.common.config import PRESETS, learning_rate, load_config
+import models
+from trainer.common.config import PRESETS, JobConfig, ModelConfig, learning_rate, load_config
+from trainer.common.heldout import HeldOut
+from trainer.common.inputs import transform
 from trainer.job.distributed import launcher_env
 from trainer.job.geometry import geometry
 from trainer.job.optim import lr_factor
@@ -21,6 +24,47 @@ from trainer.job.validation import validate
 def test_every_preset_validates(name):
     cfg = load_config(name)
     validate(cfg, world_size=8, allow_non_private=True)
+
+
+def test_default_says_which_preset_it_is(caplog):
+    """``default`` is default_cpu without CUDA (default_gpu with it), and the log says so."""
+    with caplog.at_level("INFO", logger="trainer.common.config"):
+        cfg = load_config("default")
+    assert "--config default: default_cpu on this machine (CUDA not available)" in caplog.text
+    assert cfg.to_dict() == load_config("default_cpu").to_dict()
+
+
+def test_no_preset_is_named_like_a_model_and_the_old_name_says_the_new(tmp_path):
+    assert not set(PRESETS) & set(models.REGISTRY)
+    with pytest.raises(ValueError, match="--config vip_base: the preset is now called vip_stage2"):
+        load_config("vip_base")
+    (tmp_path / "job.json").write_text(json.dumps({"preset": "vip_base"}))
+    with pytest.raises(ValueError, match="preset vip_base: the preset is now called vip_stage2"):
+        load_config(str(tmp_path / "job.json"))
+
+
+@pytest.mark.parametrize("name, overrides, zero_shot", [
+    ("default", [], True), ("dpcap_own", [], True), ("vip_own", [], False), ("vip_stage2", [], False),
+    ("default", ["model.name=vip_base"], False), ("vip_own", ["model.name=dpcap_nano"], True),
+    ("default", ["eval.zero_shot=false"], False),
+])
+def test_zero_shot_follows_the_model_unless_set(name, overrides, zero_shot):
+    """ViP has no text side: its jobs need no eval.zero_shot=false (explicit true is refused)."""
+    cfg = load_config(name, overrides)
+    assert cfg.eval.zero_shot is zero_shot
+    validate(cfg, world_size=64, allow_non_private=True)
+    with pytest.raises(ValueError, match="eval.zero_shot must be true, false or null"):
+        load_config(name, ["eval.zero_shot=maybe"])
+
+
+def test_img_size_is_the_override_else_the_models_own():
+    small = load_config("vip_own")
+    assert small.img_size == 32 == HeldOut.of(small).img_size == transform(small, None).img_size
+    for name in ("dpcap_nano", "vip_base"):
+        cfg = JobConfig(model=ModelConfig(name=name))
+        assert cfg.img_size == models.REGISTRY[name][1].img_size == transform(cfg, None).img_size
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        JobConfig(model=ModelConfig(name="resnet")).img_size
 
 
 def test_dpcap_paper_recipe():
@@ -70,7 +114,7 @@ def test_overrides_and_files(tmp_path):
     (["privacy.tan_reference_batch=16"], "tan_reference_batch"),
     (["optim.warmup_steps=1000"], "warmup_steps"),
     (["privacy.accountant=gdp"], "rdp or pld"),
-    (["model.name=vip_base"], "eval.zero_shot"),
+    (["model.name=vip_base", "eval.zero_shot=true"], "eval.zero_shot needs a DP-Cap"),
     (["privacy.bogus=1"], "unknown config key"),
     (["steps=many"], "steps must be a int"),
 ])

@@ -162,8 +162,8 @@ def test_every_ds_config_is_accepted_by_deepspeed(path):
     assert config.train_batch_size == config.train_micro_batch_size_per_gpu * config.gradient_accumulation_steps
 
 
-CLUSTER = {"default": 1, "default_gpu": 1, "dpcap_base_tan64": 16, "vip_stage1": 64, "vip_stage2": 64, "vip_base": 64,
-           "dpcap_own": 1, "vip_own": 1}
+CLUSTER = {"default": 1, "default_cpu": 1, "default_gpu": 1, "dpcap_base_tan64": 16, "vip_stage1": 64,
+           "vip_stage2": 64, "dpcap_own": 1, "vip_own": 1}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -13,7 +13,7 @@ from test_trainer_worker import TINY_MODEL, save_like_trainer
 from trainer import evaluate, export
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.config import load_config
-from trainer.common.evaluation import label_text
+from trainer.common.evaluation import label_text, summary_lines
 from trainer.common.inputs import image_file_pixels, transform
 from trainer.common.probing import folder_data, run_probe
 from trainer.common.weights import load_trained_model
@@ -128,3 +128,24 @@ def test_one_folder_is_split_by_file_name_hash(tmp_path):
     (tmp_path / "one" / "lonely" / "a.jpg").write_bytes((tmp_path / "c" / "red_square" / "img_000.jpg").read_bytes())
     with pytest.raises(ValueError, match="each class needs 2 images"):
         folder_data(tmp_path / "one", cfg)
+
+
+def test_summary_lines_say_every_part_of_an_evaluation():
+    """Held-out zero-shot and probes, then eval.data's zero-shot, probe and k-shot lines, in
+    that order (the job's summary and python -m trainer.evaluate print these)."""
+    results = {
+        "zero_shot": {"colour": {"accuracy": 0.5, "classes": 8}}, "eval_examples": 300,
+        "probe": {"shape": {"accuracy": 0.25, "classes": 6, "train": 150, "test": 150}},
+        "eval_data": {"data": "classes/", "classes": 3, "chance": 1 / 3, "train_examples": 15,
+                      "test_examples": 15, "zero_shot": {"trie": {"accuracy": 0.6}, "loss": {"accuracy": 0.4}},
+                      "linear_probe": {"top1": 0.8667},
+                      "few_shot": {"1": {"mean": 0.547, "std": 0.195, "trials": [0.5] * 5}}},
+    }
+    where = "3 classes, chance 0.333; 15 train / 15 test images of classes/"
+    assert summary_lines(results) == [
+        "zero-shot colour: accuracy 0.500 (8 classes, chance 0.125; 300 held-out images)",
+        "linear probe shape: top-1 0.250 (6 classes, chance 0.167; 150 train / 150 test held-out images)",
+        f"zero-shot on your classes: accuracy 0.600 (trie), 0.400 (loss) ({where})",
+        f"linear probe on your classes: top-1 0.867 ({where})",
+        "  1-shot: 0.547 +- 0.195 over 5 trials",
+    ]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainer.common.heldout import HeldOut
-from trainer.common.probing import SYNTHETIC, check_shots, folder_data, run_probe, summary_lines, synthetic_data
+from trainer.common.probing import SYNTHETIC, check_shots, folder_data, probe_lines, run_probe, synthetic_data
 from trainer.common.weights import add_model_arguments, load_trained_model, locate, pick_device
 
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results = {"checkpoint": args.checkpoint, "model": cfg.model.name, "data": args.data,
                "pool": args.pool, "l2": args.l2, "seed": args.seed, **results}
-    print("\n".join(summary_lines(results)))
+    print("\n".join(probe_lines(results)))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -90,12 +90,6 @@ def _summary_text(s: dict[str, Any]) -> str:
         lines.append(f"--init weights: trained privately to epsilon = {init['epsilon_rdp']:.3f} (RDP) at delta = "
                      f"{init['delta']:.3g} on their own data; the model's total privacy cost composes that "
                      f"with this run's epsilon")
-    for task, r in s.get("zero_shot", {}).items():
-        lines.append(f"zero-shot {task}: accuracy {r['accuracy']:.3f} ({r['classes']} classes, "
-                     f"chance {1 / r['classes']:.3f}; {s['eval_examples']} held-out images)")
-    for task, r in s.get("probe", {}).items():
-        lines.append(f"linear probe {task}: top-1 {r['accuracy']:.3f} ({r['classes']} classes, chance "
-                     f"{1 / r['classes']:.3f}; {r['train']} train / {r['test']} test held-out images)")
     lines += summary_lines(s)
     if "results_file" in s:
         lines.append(f"evaluation results: {s['results_file']}")

@@ -1,4 +1,4 @@
-"""From canary scores to a statistical lower bound on epsilon (SPEC section 6).
+"""From canary scores to a statistical lower bound on epsilon.
 
 Three estimators, all one-sided (a high score means "the canary was in"):
 

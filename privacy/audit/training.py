@@ -12,12 +12,12 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from privacy.audit.ranks import run_ranks
 from privacy.sampling import PoissonSampler
+from privacy.seeds import derived_seeds
 
 # (model, max_grad_norm, noise_multiplier, expected_batch_size, seed, reducer) -> engine
 EngineFactory = Callable[..., object]
@@ -52,8 +52,8 @@ class Mechanism:
 
 def _seeds(seed: int) -> tuple[int, int]:
     """(sampler seed, engine noise seed) of one run, independent streams of ``seed``."""
-    words = np.random.SeedSequence(seed).generate_state(2, np.uint64) & np.uint64(2**63 - 1)
-    return int(words[0]), int(words[1])
+    sampler_seed, engine_seed = derived_seeds(seed, count=2)
+    return sampler_seed, engine_seed
 
 
 def train_private(engine_factory: EngineFactory, model: nn.Module, dataset: tuple[Tensor, ...],

@@ -301,7 +301,8 @@ def row_norm_products(gram_a: Tensor, gram_g: Tensor) -> Tensor:
 
 # cuBLAS runs a [T, T] product whose T is not a multiple of 8 on an old, slow kernel:
 # on an H100 the Gram bmm of ViT-B's 197 tokens took ~23 ms per step for ~1.2 ms of work,
-# and padding to 208 tokens lifted a book-keeping probe from 0.62x to 0.68x (SPEC section 4)
+# and padding to 208 tokens lifted a book-keeping probe from 0.62x to 0.68x of the
+# non-private step's throughput
 TOKEN_MULTIPLE = 16
 
 

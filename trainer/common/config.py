@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
@@ -111,7 +114,9 @@ class EvalConfig:
     """The end-of-job evaluation: on held-out synthetic images when training on synthetic
     data, and on ``data``, a folder of your classes, whatever the training data."""
 
-    zero_shot: bool = True  # DP-Cap: zero-shot accuracy (synthetic tasks; eval.data's classes)
+    # zero-shot accuracy (synthetic tasks; eval.data's classes): a captioner's (DP-Cap) only, as ViP
+    # has no text side; None follows the model (load_config sets it: on for DP-Cap, off for ViP)
+    zero_shot: bool | None = None
     probe: bool = True  # either model: linear probe of the encoder (and k-shot probes on eval.data)
     tasks: list[str] = field(default_factory=lambda: ["colour", "shape", "object"])  # synthetic tasks
     batch_size: int = 64
@@ -162,6 +167,16 @@ class JobConfig:
         return Path(self.metrics.log_dir) if self.metrics.log_dir else self.run_dir / "tb"
 
     @property
+    def img_size(self) -> int:
+        """The model's input side in pixels: ``model.overrides.img_size``, else the model's own
+        default (``models.model_config``); what the data, the held-out images and the model agree on."""
+        if "img_size" in self.model.overrides:
+            return self.model.overrides["img_size"]
+        from models import model_config
+
+        return model_config(self.model.name).img_size
+
+    @property
     def is_captioner(self) -> bool:
         return self.model.name.startswith("dpcap")
 
@@ -180,12 +195,19 @@ def _ds(name: str) -> dict[str, Any]:
     return _parsed_tree(lambda: json.loads(path.read_text()), f"ds_config {path}")
 
 
-def default() -> JobConfig:
-    """The ./launch.sh job: a small DP-Cap on synthetic captions, private, minutes on a CPU."""
+def default_for_this_machine() -> JobConfig:
+    """The ``default`` preset (./launch.sh's job): :func:`default_gpu` where CUDA is available,
+    else :func:`default_cpu`; the log says which. Name either preset for the same job everywhere."""
     import torch
 
-    if torch.cuda.is_available():
-        return default_gpu()
+    gpu = torch.cuda.is_available()
+    logger.info("--config default: %s on this machine (CUDA %s)", "default_gpu" if gpu else "default_cpu",
+                "available" if gpu else "not available")
+    return default_gpu() if gpu else default_cpu()
+
+
+def default_cpu() -> JobConfig:
+    """A small DP-Cap on synthetic captions, private, minutes on a CPU."""
     return JobConfig(
         name="default",
         ds_config="default.json",  # B = 512, micro-batches of 128
@@ -206,7 +228,7 @@ def default() -> JobConfig:
 
 
 def default_gpu() -> JobConfig:
-    """The ./launch.sh job on a GPU: a larger DP-Cap, larger images and batch."""
+    """The default job on a GPU: a larger DP-Cap, larger images and batch."""
     return JobConfig(
         name="default",
         ds_config="default_gpu.json",
@@ -267,7 +289,6 @@ def vip_stage1() -> JobConfig:
         privacy=PrivacyConfig(enabled=False),
         optim=OptimConfig(blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500),
         checkpoint=CheckpointConfig(every_steps=500),
-        eval=EvalConfig(zero_shot=False),
     )
 
 
@@ -283,14 +304,14 @@ def vip_stage2() -> JobConfig:
         privacy=PrivacyConfig(noise_multiplier=0.5, max_grad_norm=0.1),
         optim=OptimConfig(blr=1.5e-5, betas=(0.9, 0.95), weight_decay=0.005, warmup_steps=1000),
         checkpoint=CheckpointConfig(every_steps=200, keep_last=3),
-        eval=EvalConfig(zero_shot=False),
     )
 
 
 def dpcap_own() -> JobConfig:
-    """The default job's DP-Cap (minutes on a CPU) on your captioned shards: N from their
-    index, the full BERT vocabulary, epsilon 8 (PLD); add eval.data=FOLDER to judge it."""
-    cfg = default()
+    """The default job's DP-Cap (default_cpu's, minutes on a CPU; default_gpu's where CUDA is
+    available) on your captioned shards: N from their index, the full BERT vocabulary,
+    epsilon 8 (PLD); add eval.data=FOLDER to judge it."""
+    cfg = default_for_this_machine()
     cfg.name = "dpcap_own"
     cfg.data = DataConfig(source="shards", text_length=cfg.data.text_length, num_workers=cfg.data.num_workers)
     return cfg
@@ -311,7 +332,6 @@ def vip_own() -> JobConfig:
         optim=OptimConfig(lr=2e-3, warmup_steps=40, weight_decay=0.005),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
         metrics=MetricsConfig(log_every=10, pld_every=50),
-        eval=EvalConfig(zero_shot=False),
     )
 
 
@@ -320,7 +340,8 @@ def _paper(model: str) -> Callable[[], JobConfig]:
 
 
 PRESETS: dict[str, Callable[[], JobConfig]] = {
-    "default": default,
+    "default": default_for_this_machine,
+    "default_cpu": default_cpu,
     "default_gpu": default_gpu,
     **{f"{m}_paper": _paper(m) for m in
        ("dpcap_nano", "dpcap_tiny", "dpcap_small", "dpcap_base", "dpcap_large")},
@@ -328,10 +349,11 @@ PRESETS: dict[str, Callable[[], JobConfig]] = {
     "dpcap_base_tan64": dpcap_paper_tan64,
     "vip_stage1": vip_stage1,
     "vip_stage2": vip_stage2,
-    "vip_base": vip_stage2,
     "dpcap_own": dpcap_own,
     "vip_own": vip_own,
 }
+# presets renamed so that no preset is called like a model (``vip_base`` is also models' name)
+RENAMED_PRESETS = {"vip_base": "vip_stage2"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -344,6 +366,8 @@ def load_config(name_or_file: str, overrides: list[str] = ()) -> JobConfig:
     """
     if name_or_file in PRESETS:
         cfg = PRESETS[name_or_file]()
+    elif name_or_file in RENAMED_PRESETS and not Path(name_or_file).is_file():
+        raise ValueError(_renamed(name_or_file, "--config"))
     elif Path(name_or_file).is_file():
         cfg = _from_file(Path(name_or_file))
     else:
@@ -362,7 +386,23 @@ def load_config(name_or_file: str, overrides: list[str] = ()) -> JobConfig:
     for key, value in parsed:
         if key.startswith("ds."):
             _set(cfg, key, value)
+    _follow_model(cfg)
     return cfg
+
+
+def _renamed(preset: str, where: str) -> str:
+    new = RENAMED_PRESETS[preset]
+    return (f"{where} {preset}: the preset is now called {new} ({preset} names the model; "
+            f"--config {new}, or model.name={preset} in another preset)")
+
+
+def _follow_model(cfg: JobConfig) -> None:
+    """Settings whose default depends on the model, once the model is known (after overrides)."""
+    if cfg.eval.zero_shot is None:
+        cfg.eval.zero_shot = cfg.is_captioner
+    elif not isinstance(cfg.eval.zero_shot, bool):
+        raise ValueError(f"eval.zero_shot must be true, false or null (the model's default), got "
+                         f"{cfg.eval.zero_shot!r}")
 
 
 def _from_file(path: Path) -> JobConfig:
@@ -379,6 +419,8 @@ def _from_file(path: Path) -> JobConfig:
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     raw = dict(raw)
     preset = raw.pop("preset", None)
+    if preset in RENAMED_PRESETS:
+        raise ValueError(_renamed(preset, f"{path}: preset"))
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"{path}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     cfg = PRESETS[preset]() if preset else JobConfig()

@@ -22,7 +22,7 @@ from torch import nn
 
 from trainer.common.config import EvalConfig
 from trainer.common.heldout import HeldOut
-from trainer.common.probing import ProbeData, check_shots, run_probe, synthetic_data
+from trainer.common.probing import ProbeData, check_shots, probe_lines, run_probe, synthetic_data
 
 PROMPT = "a"  # synthetic captions begin "a <size> <colour> <shape> ..."
 METHODS = ("trie", "loss")
@@ -81,10 +81,11 @@ def caption_examples(model: nn.Module, tokenizer, device: torch.device, heldout:
 
 
 @torch.no_grad()
-def probe_accuracy(model: nn.Module, device: torch.device, section: EvalConfig, heldout: HeldOut, task: str,
-                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def heldout_probe(model: nn.Module, device: torch.device, section: EvalConfig, heldout: HeldOut, task: str,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The full linear probe of the encoder (mean-pooled features, both model families) on
-    the held-out images of ``task``: the first half trains it, the second tests it."""
+    the held-out images of ``task``: the first half trains it, the second tests it
+    (:func:`trainer.common.probing.run_probe`, no k-shot)."""
     data = synthetic_data(heldout, task, heldout.count)
     with _Evaluating(model):
         result = run_probe(model, data, shots=[], trials=1, pool="mean", batch_size=section.batch_size,
@@ -209,7 +210,7 @@ def evaluate(model: nn.Module, tokenizer, device: torch.device, section: EvalCon
                                                              dtype) for task in section.tasks}
             results["eval_examples"] = heldout.count
         if section.probe:
-            results["probe"] = {task: probe_accuracy(model, device, section, heldout, task, dtype)
+            results["probe"] = {task: heldout_probe(model, device, section, heldout, task, dtype)
                                 for task in section.tasks}
     if folder is not None and (section.zero_shot or section.probe):
         own: dict[str, Any] = {"data": section.data, "classes": len(folder.classes),
@@ -231,20 +232,24 @@ def captions_markdown(captions: list[dict[str, str]]) -> str:
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-    """The eval.data results in a few lines (the job's summary, python -m trainer.evaluate)."""
+    """:func:`evaluate`'s results in a few lines (the job's summary, python -m trainer.evaluate):
+    zero-shot and probes on the held-out synthetic images, then on eval.data."""
+    lines = [f"zero-shot {task}: accuracy {r['accuracy']:.3f} ({r['classes']} classes, chance "
+             f"{1 / r['classes']:.3f}; {results['eval_examples']} held-out images)"
+             for task, r in results.get("zero_shot", {}).items()]
+    lines += [f"linear probe {task}: top-1 {r['accuracy']:.3f} ({r['classes']} classes, chance "
+              f"{1 / r['classes']:.3f}; {r['train']} train / {r['test']} test held-out images)"
+              for task, r in results.get("probe", {}).items()]
     own = results.get("eval_data")
     if not own:
-        return []
+        return lines
     where = (f"{own['classes']} classes, chance {own['chance']:.3f}; {own['train_examples']} train / "
              f"{own['test_examples']} test images of {own['data']}")
-    lines = []
     if "zero_shot" in own:
         scores = ", ".join(f"{own['zero_shot'][m]['accuracy']:.3f} ({m})" for m in METHODS if m in own["zero_shot"])
         lines.append(f"zero-shot on your classes: accuracy {scores} ({where})")
     if "linear_probe" in own:
-        lines.append(f"linear probe on your classes: top-1 {own['linear_probe']['top1']:.3f} ({where})")
-        lines += [f"  {k}-shot: {s['mean']:.3f} +- {s['std']:.3f} over {len(s['trials'])} trials"
-                  for k, s in own["few_shot"].items()]
+        lines += probe_lines(own, "linear probe on your classes", where, indent="  ")
     return lines
 
 

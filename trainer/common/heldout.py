@@ -28,7 +28,7 @@ class HeldOut:
     @classmethod
     def of(cls, cfg: JobConfig) -> HeldOut:
         return cls(seed=cfg.data.seed, count=cfg.data.heldout_examples,
-                   img_size=cfg.model.overrides.get("img_size", 224), to_pixels=transform(cfg, None))
+                   img_size=cfg.img_size, to_pixels=transform(cfg, None))
 
     def scenes(self, count: int) -> list:
         from data import synthetic

@@ -76,7 +76,7 @@ def transform(cfg: JobConfig, tokenizer, *, training: bool = False) -> ImageText
     length = cfg.data.text_length
     tokenize = (lambda s: [0] * length) if tokenizer is None else (lambda s: tokenizer.encode(s, length))
     augment = CropFlip(seed=cfg.seed) if training and cfg.data.augment else None
-    return ImageTextTransform(cfg.model.overrides.get("img_size", 224), tokenize, length, augment)
+    return ImageTextTransform(cfg.img_size, tokenize, length, augment)
 
 
 def image_file_pixels(file: Path, to_pixels: ImageTextTransform) -> torch.Tensor:

@@ -250,9 +250,14 @@ def run_probe(model: nn.Module, data: ProbeData, *, shots: Sequence[int], trials
     return results
 
 
-def summary_lines(r: dict[str, Any]) -> list[str]:
-    lines = [f"linear probe: top-1 {r['linear_probe']['top1']:.3f} ({r['classes']} classes, "
-             f"chance {r['chance']:.3f}, {r['train_examples']} train / {r['test_examples']} test)"]
-    for k, s in r["few_shot"].items():
-        lines.append(f"{k}-shot: {s['mean']:.3f} +- {s['std']:.3f} over {len(s['trials'])} trials")
-    return lines
+def probe_lines(r: dict[str, Any], heading: str = "linear probe", where: str | None = None,
+                indent: str = "") -> list[str]:
+    """:func:`run_probe`'s results in a few lines: the full probe after ``heading``, with
+    ``where`` (default: classes, chance and split sizes) in brackets, then one line per k
+    (indented by ``indent``). ``python -m trainer.probe`` prints them; the evaluation's
+    summary uses them for ``eval.data``."""
+    where = where or (f"{r['classes']} classes, chance {r['chance']:.3f}, {r['train_examples']} train / "
+                      f"{r['test_examples']} test")
+    return [f"{heading}: top-1 {r['linear_probe']['top1']:.3f} ({where})",
+            *(f"{indent}{k}-shot: {s['mean']:.3f} +- {s['std']:.3f} over {len(s['trials'])} trials"
+              for k, s in r["few_shot"].items())]

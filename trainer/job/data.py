@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from data.wids_index import INDEX_NAME
 from trainer.common.config import JobConfig
 from trainer.common.inputs import transform
 from trainer.job.distributed import Distributed
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
 SYNTHETIC_MARKER = ".synthetic"  # beside shards that _write_synthetic wrote
 
 
@@ -116,7 +116,7 @@ def _write_synthetic(cfg: JobConfig, folder: Path, d: Distributed | None) -> Non
                              f"data.source=synthetic writes shards there. To train on the shards in it, use "
                              f"data.source=shards (e.g. --config dpcap_own); for synthetic data, name an empty "
                              f"or new folder")
-        size = cfg.model.overrides.get("img_size", 224)
+        size = cfg.img_size
         logger.info("writing %d synthetic examples (%dx%d) to %s", cfg.data.num_examples, size, size, folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SYNTHETIC_MARKER).write_text("synthetic shards written by the trainer (data.source=synthetic)\n")
