@@ -29,9 +29,10 @@ import time
 import traceback
 from pathlib import Path
 
-from test_data_tar_headers import BLOCK, base256, extended, pax_record, with_checksum
+from data.tar_headers import BLOCK
+from tests.helpers.processes import REPO
+from tests.helpers.tars import base256, extended, pax_record, with_checksum
 
-REPO = Path(__file__).resolve().parent.parent
 CASE_SECONDS = 2.0  # a case reads two 10 KB shards a few times: milliseconds
 EXTRA_MEMORY = 1 << 30  # what the cases may add to the process's address space, all together
 MAX_FAILURES = 25  # then stop: a broken reader would otherwise time out case after case

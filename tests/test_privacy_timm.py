@@ -18,7 +18,7 @@ from torch import nn
 
 from privacy import PrivacyEngine
 from privacy.convert import replace_batchnorm
-from tests.privacy_helpers import clipped_mean, flat_norms, per_example_grads, relative_error
+from tests.helpers.privacy import clipped_mean, flat_norms, per_example_grads, relative_error
 
 timm = pytest.importorskip("timm")
 

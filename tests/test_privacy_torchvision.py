@@ -17,7 +17,7 @@ from torch import nn
 
 from privacy import PrivacyEngine
 from privacy.convert import replace_batchnorm
-from tests.privacy_helpers import assert_engine_matches_reference
+from tests.helpers.privacy import assert_engine_matches_reference
 
 tvm = pytest.importorskip("torchvision.models")
 

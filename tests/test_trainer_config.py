@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_trainer_worker import REPO
+from tests.helpers.processes import REPO
 from trainer.common.config import PRESETS, learning_rate, load_config
 from trainer.job.distributed import launcher_env
 from trainer.job.geometry import geometry

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_trainer_worker import REPO
+from tests.helpers.processes import REPO
 
 TRAINER = REPO / "trainer"
 
