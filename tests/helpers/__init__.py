@@ -10,9 +10,13 @@ that each test module can be read, run and renamed alone:
 - jobs: starting that worker and reading what it saved
 - noise: checks that a run's gradients carry its noise once per coordinate
 - checkpoints: a checkpoint as the trainer writes it, from one process
-- samples: hand-made images, byte tokenizers and captions read back, for the data tests
+- payloads: pickles that would run code when loaded, for the refusals of untrusted files
+- cli: the command-line tools in a fresh process; the tiny default job
+- samples: random images, a byte tokenizer and the captions read back, for the data tests
 - tars: tar headers crafted byte by byte
+- shards: shards as other tools (img2dataset) write them
 - photos: small real-looking pictures of coloured shapes, a class folder of them
-- privacy: small models of every supported layer and torch.func references
+- privacy: small models of every supported layer, classifiers' losses and batches,
+  torch.func references
 - broken_engines: privacy engines broken on purpose, for the audit
 """
