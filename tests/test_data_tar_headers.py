@@ -22,7 +22,8 @@ import pytest
 from data.tar_headers import MAX_EXTENDED_HEADER
 from tests.helpers.processes import PY, REPO, kill_group, output_by_deadline, start_in_own_group
 from tests.helpers.samples import FixedBatches, batch_captions, byte_tokens
-from tests.helpers.tars import archive, extended, member, member_header, pax_record, pointing_back_at_itself, sample
+from tests.helpers.tars import (archive, dotted_path, extended, member, member_header, pax_record,
+                                pointing_back_at_itself, sample)
 
 # address space of a scenario process, and of a dry run (torch and all): a header loop that
 # grows memory dies, not the machine
@@ -55,8 +56,9 @@ def _scenario_read_all(folder: str) -> dict:
 def _run_scenario(name: str, folder: Path, timeout: float) -> subprocess.CompletedProcess:
     """The scenario in a fresh process; it must finish by the deadline (a hang is a failure)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = start_in_own_group([PY, __file__, name, str(folder)], env=env)  # with the indexing processes it starts
-    out, err = output_by_deadline(proc, timeout, f"scenario {name} still running after {timeout} s: a reader is stalled")
+    proc = start_in_own_group([PY, __file__, name, str(folder)], env=env)  # killed with the indexing processes
+    stalled = f"scenario {name} still running after {timeout} s: a reader is stalled"
+    out, err = output_by_deadline(proc, timeout, stalled)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -136,21 +138,16 @@ def _limit_memory() -> None:
 
 # ---------------------------------------------------------------- 2: time and memory linear in the header
 
-def _dotted_path(length: int) -> bytes:
-    """The name that makes a backtracking split take quadratic time: dots, then a slash."""
-    return b"." * (length - 1) + b"/"
-
-
 def test_long_names_and_pax_headers_cost_linear_time(tmp_path):
     """A 64 KiB name of dots took the member-name regex ~13 s (quadratic: an hour at 1 MB),
     and each loop splits it; 60 KiB of digits in a pax header are quadratic in CPython's
     own pax parsing. Each shard holds one such member between good samples."""
     limit = MAX_EXTENDED_HEADER
     (tmp_path / "a_long_pax.tar").write_bytes(archive(
-        sample("p0", 0), extended(b"x", pax_record(b"path", _dotted_path(limit - 20))), member_header("x.jpg", 0),
+        sample("p0", 0), extended(b"x", pax_record(b"path", dotted_path(limit - 20))), member_header("x.jpg", 0),
         sample("p1", 1)))
     (tmp_path / "b_long_gnu.tar").write_bytes(archive(
-        sample("n0", 2), extended(b"L", _dotted_path(limit)), member_header("y.jpg", 0), sample("n1", 3)))
+        sample("n0", 2), extended(b"L", dotted_path(limit)), member_header("y.jpg", 0), sample("n1", 3)))
     (tmp_path / "c_digits.tar").write_bytes(archive(
         sample("d0", 4), extended(b"x", b"1" * (limit - 4096)), member_header("z.jpg", 0), sample("d1", 5)))
     seen = _results(_run_scenario("read_all", tmp_path, timeout=30))

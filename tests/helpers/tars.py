@@ -53,6 +53,11 @@ def extended(kind: bytes, payload: bytes) -> bytes:
     return member_header("././@Extended", len(payload), kind) + padded(payload)
 
 
+def dotted_path(length: int) -> bytes:
+    """The name that makes a backtracking split take quadratic time: dots, then a slash."""
+    return b"." * (length - 1) + b"/"
+
+
 def archive(*parts: bytes) -> bytes:
     return b"".join(parts) + bytes(2 * BLOCK)
 
