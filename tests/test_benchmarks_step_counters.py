@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.step_counters import count_step, phase
 from privacy import PrivacyEngine
-from tests.privacy_helpers import OddLayers, TinyDecoder, TinyViT, decoder_batch, odd_batch, vit_batch
+from tests.helpers.privacy import OddLayers, TinyDecoder, TinyViT, decoder_batch, odd_batch, vit_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 

@@ -29,9 +29,10 @@ import time
 import traceback
 from pathlib import Path
 
-from test_data_tar_headers import BLOCK, base256, extended, pax_record, with_checksum
+from data.tar_headers import BLOCK
+from tests.helpers.processes import REPO
+from tests.helpers.tars import base256, dotted_path, extended, pax_record, with_checksum
 
-REPO = Path(__file__).resolve().parent.parent
 CASE_SECONDS = 2.0  # a case reads two 10 KB shards a few times: milliseconds
 EXTRA_MEMORY = 1 << 30  # what the cases may add to the process's address space, all together
 MAX_FAILURES = 25  # then stop: a broken reader would otherwise time out case after case
@@ -71,10 +72,6 @@ def _insert(data: bytes, at: int, piece: bytes) -> bytes:
     return data[:at] + piece + data[at:]
 
 
-def _dots(length: int) -> bytes:
-    return b"." * (length - 1) + b"/"
-
-
 SIZE_FIELDS = [
     base256(-1), base256(-BLOCK), base256(-2 * BLOCK), base256(-(2**87)), base256(2**87 - 1), base256(2**40),
     base256(0), base256(7), b"77777777777\0", b"00000000000\0", b"1\0", b"777\0", b"abc\0", b"1_0\0", b"8\0",
@@ -85,7 +82,8 @@ NAMES = [
     b"noextension", b"a.b.c.JPG", b"dir/", b"/abs.jpg", b".jpg", b"x/.txt", b"\xff\xfe.jpg", b"a\nb.jpg",
     b"." * 99, b"/" * 99, b"../x.jpg", b"x" * 100, b"000000001.jpg", b"000000001.txt", b"k.pyd", b"k.JSON",
 ]
-LONG_PATHS = [_dots(1024), _dots(16 * 1024), _dots(60 * 1024), b"p/" * 30000 + b"x.jpg", b"q.jpg" + b"\0" * 8]
+LONG_PATHS = [dotted_path(1024), dotted_path(16 * 1024), dotted_path(60 * 1024), b"p/" * 30000 + b"x.jpg",
+              b"q.jpg" + b"\0" * 8]
 PAX_PAYLOADS = (
     [pax_record(b"path", path) for path in LONG_PATHS]
     + [pax_record(b"path", b"u" * (64 * 1024) + b".jpg")]  # over the cap with its record
@@ -97,7 +95,7 @@ PAX_PAYLOADS = (
         (b"numblocks", b"-1"), (b"offset", b"a"))]
     + [pax_record(b"hdrcharset", b"BINARY") + pax_record(b"path", b"\xff.jpg"), pax_record(b"linkpath", b"x" * 9000)]
 )
-GNU_PAYLOADS = [b"short.jpg\0", b"noterminator.txt", _dots(60 * 1024), b"n" * (64 * 1024 + 1), b"\0" * 600,
+GNU_PAYLOADS = [b"short.jpg\0", b"noterminator.txt", dotted_path(60 * 1024), b"n" * (64 * 1024 + 1), b"\0" * 600,
                 b"0000000001.jpg\0"]
 
 

@@ -21,23 +21,8 @@ from data.loader import SAMPLED, PoissonReader
 from data.shard_sets import index_shard_set
 from data.tar_index import TarIndex
 from data.transform import ImageTextTransform
-
-
-class _WritesMarker:
-    """Unpickling this runs code that creates a file: the proof that something was unpickled."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _jpeg(seed: int, size: int = 16) -> bytes:
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, format="JPEG")
-    return buffer.getvalue()
+from tests.helpers.payloads import WritesMarker
+from tests.helpers.samples import FixedBatches, batch_captions, byte_tokens, encoded, jpeg
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -73,21 +58,21 @@ def _write_tar(path, members):
 def hostile(tmp_path):
     """A shard with 3 good samples among every kind of bad one, and its truncated copy."""
     marker = tmp_path / "EXECUTED"
-    payload = pickle.dumps(_WritesMarker(str(marker)))
+    payload = pickle.dumps(WritesMarker(str(marker)))
     members = [
-        ("good0.jpg", _jpeg(0)), ("good0.txt", b"good zero"),
+        ("good0.jpg", jpeg(0)), ("good0.txt", b"good zero"),
         ("garbage.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg"), ("garbage.txt", b"caption"),
-        ("latin1.jpg", _jpeg(1)), ("latin1.txt", "caf\xe9".encode("latin-1")),
-        ("empty.jpg", _jpeg(2)), ("empty.txt", b"  \n"),
-        ("huge.jpg", _jpeg(3)), ("huge.txt", b"x" * (10 * 2**20)),
-        ("nocaption.jpg", _jpeg(4)),
+        ("latin1.jpg", jpeg(1)), ("latin1.txt", "caf\xe9".encode("latin-1")),
+        ("empty.jpg", jpeg(2)), ("empty.txt", b"  \n"),
+        ("huge.jpg", jpeg(3)), ("huge.txt", b"x" * (10 * 2**20)),
+        ("nocaption.jpg", jpeg(4)),
         ("bomb.png", _png_claiming(60000, 60000)), ("bomb.txt", b"bomb"),
-        ("good1.jpg", _jpeg(5)), ("good1.pyd", payload), ("good1.txt", b"good one"),
+        ("good1.jpg", jpeg(5)), ("good1.pyd", payload), ("good1.txt", b"good one"),
         ("onlypickle.pickle", payload), ("onlypickle.pth", payload),
         ("exe.exe", b"MZ\x90\x00"), ("exe.txt", b"program"),
         ("symlink.jpg", (tarfile.SYMTYPE, "/etc/passwd")), ("symlink.txt", b"followed a symlink"),
         ("hardlink.jpg", (tarfile.LNKTYPE, "good0.jpg")), ("hardlink.txt", b"followed a hard link"),
-        ("good2.jpg", _jpeg(6)), ("good2.json", b'{"k": 1}'), ("good2.txt", "good two \u00e9".encode()),
+        ("good2.jpg", jpeg(6)), ("good2.json", b'{"k": 1}'), ("good2.txt", "good two \u00e9".encode()),
     ]
     shard = tmp_path / "hostile.tar"
     _write_tar(shard, members)
@@ -126,14 +111,11 @@ def test_truncated_and_missing_tars_end_only_themselves(hostile, tmp_path):
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_but_not_below_the_target():
-    full = decode_image(_jpeg(7, size=512))
-    reduced = decode_image(_jpeg(7, size=512), draft_size=100)
+    full = decode_image(jpeg(7, size=512))
+    reduced = decode_image(jpeg(7, size=512), draft_size=100)
     assert full.size == (512, 512) and reduced.size == (128, 128) and reduced.mode == "RGB"
 
 
-def _tokenize(text, length=16):
-    ids = list(text.encode())[:length]
-    return ids + [0] * (length - len(ids))
 
 
 class _AllAtOnce:
@@ -147,7 +129,7 @@ class _AllAtOnce:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_the_poisson_reader_survives_hostile_shards(hostile, num_workers):
     shard, _, marker, num_keys = hostile
-    transform = ImageTextTransform(8, _tokenize, 16)
+    transform = ImageTextTransform(8, byte_tokens, 16)
     index = shard.parent / "index.json"
     index.write_text(json.dumps({"wids_version": 1, "shardlist": [{"url": "hostile.tar", "nsamples": num_keys}]}))
     poisson = PoissonReader(index, _AllAtOnce(num_keys), transform, num_workers=num_workers)
@@ -164,18 +146,12 @@ def test_the_poisson_reader_survives_hostile_shards(hostile, num_workers):
 
 # ---- images stored in other modes, animated, or claiming too many pixels ----
 
-def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 def _palette_with_transparent_index() -> bytes:
     """Left half palette index 0 (transparent), right half index 1 (opaque orange)."""
     image = Image.new("P", (8, 8), 0)
     image.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
     image.paste(1, (4, 0, 8, 8))
-    return _encoded(image, "PNG", transparency=0)
+    return encoded(image, "PNG", transparency=0)
 
 
 def _sixteen_bit(values, colour_type: int) -> bytes:
@@ -187,18 +163,18 @@ def _sixteen_bit(values, colour_type: int) -> bytes:
 WHITE = (255, 255, 255)
 # (how it is stored, bytes, pixel at (0, 0), pixel at (7, 7)); transparency shows as white
 NON_RGB_IMAGES = [
-    ("L", lambda: _encoded(Image.new("L", (8, 8), 100), "PNG"), (100,) * 3, (100,) * 3),
-    ("1", lambda: _encoded(Image.new("1", (8, 8), 1), "PNG"), WHITE, WHITE),
-    ("LA transparent", lambda: _encoded(Image.new("LA", (8, 8), (100, 0)), "PNG"), WHITE, WHITE),
-    ("LA opaque", lambda: _encoded(Image.new("LA", (8, 8), (100, 255)), "PNG"), (100,) * 3, (100,) * 3),
+    ("L", lambda: encoded(Image.new("L", (8, 8), 100), "PNG"), (100,) * 3, (100,) * 3),
+    ("1", lambda: encoded(Image.new("1", (8, 8), 1), "PNG"), WHITE, WHITE),
+    ("LA transparent", lambda: encoded(Image.new("LA", (8, 8), (100, 0)), "PNG"), WHITE, WHITE),
+    ("LA opaque", lambda: encoded(Image.new("LA", (8, 8), (100, 255)), "PNG"), (100,) * 3, (100,) * 3),
     ("P with a transparent index", _palette_with_transparent_index, WHITE, (200, 100, 50)),
-    ("L with tRNS", lambda: _encoded(Image.new("L", (8, 8), 100), "PNG", transparency=100), WHITE, WHITE),
-    ("RGBA transparent red", lambda: _encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"), WHITE, WHITE),
-    ("RGBA half red", lambda: _encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 128)), "PNG"), (255, 127, 127),
+    ("L with tRNS", lambda: encoded(Image.new("L", (8, 8), 100), "PNG", transparency=100), WHITE, WHITE),
+    ("RGBA transparent red", lambda: encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"), WHITE, WHITE),
+    ("RGBA half red", lambda: encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 128)), "PNG"), (255, 127, 127),
      (255, 127, 127)),
-    ("RGBA WebP transparent", lambda: _encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "WEBP", lossless=True),
+    ("RGBA WebP transparent", lambda: encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "WEBP", lossless=True),
      WHITE, WHITE),
-    ("CMYK JPEG red", lambda: _encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=100),
+    ("CMYK JPEG red", lambda: encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=100),
      (255, 0, 0), (255, 0, 0)),
     ("I;16 grey 40000", lambda: _sixteen_bit([40000], 0), (156,) * 3, (156,) * 3),  # 40000 >> 8
     ("16-bit RGB", lambda: _sixteen_bit([65535, 32768, 255], 2), (255, 128, 0), (255, 128, 0)),
@@ -226,7 +202,7 @@ def _animation(fmt: str) -> tuple[bytes, int]:
     sizes kept): decoding every frame fails, decoding the first does not."""
     frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
     options = {"lossless": True} if fmt == "WEBP" else {}
-    data = bytearray(_encoded(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0, **options))
+    data = bytearray(encoded(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0, **options))
     frame_chunk = b"ANMF" if fmt == "WEBP" else b"fdAT"
     at = data.rfind(frame_chunk)
     if fmt == "WEBP":  # RIFF: tag, little-endian size, 16 bytes of frame header, the frame's VP8L chunk header
@@ -252,14 +228,14 @@ def test_animated_images_give_their_first_frame_and_decode_no_other(fmt):
 
 
 def _jpeg_claiming(width: int, height: int) -> bytes:
-    data = bytearray(_jpeg(0, size=8))
+    data = bytearray(jpeg(0, size=8))
     at = data.find(b"\xff\xc0")  # baseline frame header: length, precision, height, width
     data[at + 5:at + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
 def _webp_claiming(width: int, height: int) -> bytes:
-    data = bytearray(_encoded(Image.new("RGB", (8, 8), (1, 2, 3)), "WEBP", lossless=True))
+    data = bytearray(encoded(Image.new("RGB", (8, 8), (1, 2, 3)), "WEBP", lossless=True))
     at = data.find(b"VP8L") + 9  # after the tag, size and signature: 14 bits width - 1, 14 bits height - 1
     bits = int.from_bytes(data[at:at + 4], "little") & ~((1 << 28) - 1)
     data[at:at + 4] = (bits | (width - 1) | ((height - 1) << 14)).to_bytes(4, "little")
@@ -278,13 +254,13 @@ def test_pixel_count_bombs_are_refused_from_their_header(data):
 def test_odd_images_among_good_samples_lose_nothing_else(tmp_path):
     """Every case above in one shard, between good samples, through both readers:
     the convertible ones come through, the rest are counted by reason."""
-    members = [("good0.jpg", _jpeg(0)), ("good0.txt", b"good0")]
+    members = [("good0.jpg", jpeg(0)), ("good0.txt", b"good0")]
     for number, (_, data, _, _) in enumerate(NON_RGB_IMAGES):
         members += [(f"mode{number:02d}.png", data()), (f"mode{number:02d}.txt", b"mode")]
     members += [("anim.webp", _animation("WEBP")[0]), ("anim.txt", b"anim"),
-                ("gif.jpg", _encoded(Image.new("RGB", (8, 8)), "GIF")), ("gif.txt", b"gif"),
+                ("gif.jpg", encoded(Image.new("RGB", (8, 8)), "GIF")), ("gif.txt", b"gif"),
                 ("bomb.jpg", _jpeg_claiming(65000, 65000)), ("bomb.txt", b"bomb"),
-                ("good1.jpg", _jpeg(1)), ("good1.txt", b"good1")]
+                ("good1.jpg", jpeg(1)), ("good1.txt", b"good1")]
     _write_tar(tmp_path / "odd.tar", members)
     keys = len(members) // 2
     converted = ["good0"] + ["mode"] * len(NON_RGB_IMAGES) + ["anim", "good1"]
@@ -295,33 +271,19 @@ def test_odd_images_among_good_samples_lose_nothing_else(tmp_path):
     assert dict(reader.skipped_reasons) == expected_skips
 
     (tmp_path / "index.json").write_text(json.dumps({"shardlist": [{"url": "odd.tar", "nsamples": keys}]}))
-    transform = ImageTextTransform(8, _tokenize, 16)
-    poisson = PoissonReader(tmp_path / "index.json", _Fixed([list(range(keys))]), transform)
+    transform = ImageTextTransform(8, byte_tokens, 16)
+    poisson = PoissonReader(tmp_path / "index.json", FixedBatches([list(range(keys))]), transform)
     (batch,) = poisson.micro_batches(0)
-    assert _decoded_captions(batch) == converted and dict(poisson.skipped_reasons) == expected_skips
+    assert batch_captions(batch) == converted and dict(poisson.skipped_reasons) == expected_skips
 
 
 # ---- archives: compressed "tars", and indexes that lie ----
-
-class _Fixed:
-    """A batch source giving the same micro-batches at every step."""
-
-    def __init__(self, micro_batches):
-        self.micro_batches = micro_batches
-
-    def step_batches(self, step):
-        return self.micro_batches
-
-
-def _decoded_captions(batch) -> list[str]:
-    return [bytes(t for t in row.tolist() if t).decode() for row in batch.tokens]
-
 
 def _plain_tar(folder, name: str, captions: list[str]) -> bytes:
     """A shard `name` with one good sample per caption; returns its bytes."""
     stem = name.split(".")[0]
     _write_tar(folder / name, [(n, d) for i, c in enumerate(captions)
-                               for n, d in ((f"{stem}{i}.jpg", _jpeg(i)), (f"{stem}{i}.txt", c.encode()))])
+                               for n, d in ((f"{stem}{i}.jpg", jpeg(i)), (f"{stem}{i}.txt", c.encode()))])
     return (folder / name).read_bytes()
 
 
@@ -353,17 +315,17 @@ def test_compressed_shards_are_refused_unread_by_every_reader(tmp_path, kind):
     reader = read_samples(shards)
     assert [caption for _, caption in reader] == ["a0", "a1", "b0", "b1"] and dict(reader.skipped_reasons) == refused
 
-    transform = ImageTextTransform(8, _tokenize, 16)
+    transform = ImageTextTransform(8, byte_tokens, 16)
     shardlist = [{"url": path.name, "nsamples": 2} for path in shards]
     (tmp_path / "index.json").write_text(json.dumps({"shardlist": shardlist}))
-    poisson = PoissonReader(tmp_path / "index.json", _Fixed([list(range(6))]), transform)
+    poisson = PoissonReader(tmp_path / "index.json", FixedBatches([list(range(6))]), transform)
     (batch,) = poisson.micro_batches(0)
-    assert _decoded_captions(batch) == ["a0", "a1", "b0", "b1"]
+    assert batch_captions(batch) == ["a0", "a1", "b0", "b1"]
     assert dict(poisson.skipped_reasons) == {"compressed shard, not a plain tar": 2}  # both samples it lists
 
 
 def test_a_tar_whose_first_name_starts_like_a_compressed_stream_is_still_read(tmp_path):
-    _write_tar(tmp_path / "s.tar", [("BZh91AY.jpg", _jpeg(0)), ("BZh91AY.txt", b"not bzip2")])
+    _write_tar(tmp_path / "s.tar", [("BZh91AY.jpg", jpeg(0)), ("BZh91AY.txt", b"not bzip2")])
     assert [caption for _, caption in read_samples([tmp_path / "s.tar"])] == ["not bzip2"]
 
 
@@ -373,11 +335,12 @@ def test_index_claiming_more_samples_than_a_shard_holds(tmp_path, caplog):
     _plain_tar(tmp_path, "b.tar", ["b0", "b1"])
     shardlist = [{"url": "a.tar", "nsamples": 5}, {"url": "b.tar", "nsamples": 2}]
     (tmp_path / "index.json").write_text(json.dumps({"shardlist": shardlist}))
-    poisson = PoissonReader(tmp_path / "index.json", _Fixed([[0, 1, 2, 3, 4, 5, 6]]), ImageTextTransform(8, _tokenize, 16))
+    poisson = PoissonReader(tmp_path / "index.json", FixedBatches([[0, 1, 2, 3, 4, 5, 6]]),
+                            ImageTextTransform(8, byte_tokens, 16))
     assert poisson.num_examples == 7
     with caplog.at_level("WARNING", logger="data.tar_index"):
         (batch,) = poisson.micro_batches(0)
-    assert _decoded_captions(batch) == ["a0", "a1", "b0", "b1"]
+    assert batch_captions(batch) == ["a0", "a1", "b0", "b1"]
     assert dict(poisson.skipped_reasons) == {"sample missing from shard": 3}
     assert "a.tar holds 2 samples, its index says 5" in caplog.text
 
@@ -457,7 +420,8 @@ def test_poisson_log_lines_never_name_the_drawn_sample(hostile, monkeypatch, cap
     index.write_text(json.dumps({"shardlist": [{"url": "hostile.tar", "nsamples": num_keys},
                                                {"url": "truncated.tar", "nsamples": len(kept)}]}))
     monkeypatch.setattr(data.decode, "_SEEN_IN_PROCESS", Counter())  # every reason's first skip is logged
-    reader = PoissonReader(index, _Fixed([list(range(num_keys + len(kept)))]), ImageTextTransform(8, _tokenize, 16))
+    reader = PoissonReader(index, FixedBatches([list(range(num_keys + len(kept)))]),
+                           ImageTextTransform(8, byte_tokens, 16))
     with caplog.at_level("WARNING", logger="data.decode"):
         list(reader.micro_batches(0))
     lines = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]

@@ -1,5 +1,6 @@
 """Readers: Poisson reads exactly the sampled indices, streaming splits disjointly, both resume exactly."""
 
+import functools
 import io
 import json
 import os
@@ -16,18 +17,10 @@ from data.sources import Example
 from data.decode import BadSample
 from data.tar_index import TarIndex
 from data.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTextTransform
+from tests.helpers.samples import batch_captions, byte_tokens
 
 TEXT_LENGTH = 12
 NUM_EXAMPLES = 40
-
-
-def _tokenize(text):
-    ids = list(text.encode())[:TEXT_LENGTH]
-    return ids + [0] * (TEXT_LENGTH - len(ids))
-
-
-def _captions(batch) -> list[str]:
-    return [bytes(t for t in row.tolist() if t).decode() for row in batch.tokens]
 
 
 def _examples():
@@ -43,7 +36,7 @@ def shards(tmp_path_factory):
     return index, sorted(str(p) for p in out.glob("*.tar"))
 
 
-TRANSFORM = ImageTextTransform(8, _tokenize, TEXT_LENGTH)
+TRANSFORM = ImageTextTransform(8, functools.partial(byte_tokens, length=TEXT_LENGTH), TEXT_LENGTH)
 
 
 class Bernoulli:
@@ -84,7 +77,7 @@ def test_poisson_reader_yields_exactly_the_sampled_examples(shards):
     for step in range(5):
         batches = list(reader.micro_batches(step))
         expected = source.step_batches(step)
-        assert [_captions(b) for b in batches] == [[f"s{i}" for i in micro] for micro in expected]
+        assert [batch_captions(b) for b in batches] == [[f"s{i}" for i in micro] for micro in expected]
         for batch, micro in zip(batches, expected):  # pixels belong to the same examples
             grey = torch.tensor([((i * 6) % 256) / 255 for i in micro])
             assert torch.allclose(batch.images[:, 0, 0, 0], (grey - IMAGENET_MEAN[0]) / IMAGENET_STD[0], atol=1e-5)
@@ -106,7 +99,7 @@ def test_poisson_reader_is_deterministic_with_workers_and_resumes_exactly(shards
     assert reference[2] == [] and len(reference[0]) > 1
     abandoned = PoissonReader(index, Bernoulli(), TRANSFORM)
     next(abandoned.micro_batches(0))  # stop mid-step: asking for the step again restarts it
-    assert [_captions(b) for b in abandoned.micro_batches(0)] == [_captions(b) for b in reference[0]]
+    assert [batch_captions(b) for b in abandoned.micro_batches(0)] == [batch_captions(b) for b in reference[0]]
     for step, batches in {**first, **rest}.items():
         assert len(batches) == len(reference[step])
         for got, want in zip(batches, reference[step]):

@@ -17,6 +17,7 @@ from data.offset_tables import read_blocks, scan_sample_offsets, table_path, wri
 from data.shards import ShardLimits, write_shards
 from data.sources import Example
 from data.tar_index import TarIndex
+from tests.helpers.samples import index_captions
 
 COUNT = 7  # per shard, two shards
 REPO = Path(__file__).resolve().parent.parent
@@ -27,11 +28,6 @@ def shards(tmp_path):
     examples = (Example(Image.new("RGB", (8, 8), (i, i, i)), f"caption {i}") for i in range(2 * COUNT))
     index_path = write_shards(examples, tmp_path, ShardLimits(max_count=COUNT))
     return index_path, [tmp_path / "shard-000000.tar", tmp_path / "shard-000001.tar"]
-
-
-def _captions(index_path):
-    index = TarIndex(index_path)
-    return [index.members(i)["txt"].decode() for i in range(len(index))]
 
 
 def test_writer_saves_the_offsets_a_scan_finds_and_the_reader_maps_them(shards):
@@ -73,7 +69,7 @@ def test_tables_that_do_not_fit_are_ignored(shards, damage, caplog):
     else:
         table.write_bytes(os.urandom(table.stat().st_size))
     with caplog.at_level("WARNING"):
-        assert _captions(index_path) == [f"caption {i}" for i in range(2 * COUNT)]  # scanned instead
+        assert index_captions(TarIndex(index_path)) == [f"caption {i}" for i in range(2 * COUNT)]  # scanned instead
     assert "ignoring" in caplog.text
 
 

@@ -9,8 +9,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import webdataset as wds
-from PIL import Image
 
 from data import shard_sets
 from data.loader import PoissonReader
@@ -18,23 +16,18 @@ from data.offset_tables import scan_sample_offsets, scan_shards
 from data.shard_sets import cached_index, index_shard_set, merge_parts, resolve, scan_part
 from data.tar_index import TarIndex
 from data.transform import ImageTextTransform
+from tests.helpers.samples import encoded, index_captions, random_image
+from tests.helpers.shards import write_like_img2dataset
 
 
 def _image(i: int, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(i).integers(0, 255, (12, 12, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
+    return encoded(random_image(i, size=12), fmt)
 
 
 def _shard_writer(folder, count: int, per_shard: int) -> list[str]:
-    """LAION-style shards as img2dataset writes them (webdataset.ShardWriter: key.jpg, key.txt,
-    key.json); the captions, in order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i in range(count):
-            sink.write({"__key__": f"{i:09d}", "jpg": _image(i, "JPEG"), "txt": f"photo {i}",
-                        "json": json.dumps({"url": f"http://x/{i}", "similarity": 0.3}).encode()})
+    """LAION-style shards as img2dataset writes them; the captions, in order."""
+    write_like_img2dataset(folder, ((_image(i, "JPEG"), f"photo {i}", {"url": f"http://x/{i}", "similarity": 0.3})
+                                    for i in range(count)), per_shard)
     return [f"photo {i}" for i in range(count)]
 
 
@@ -44,10 +37,6 @@ def _tar(path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-
-
-def _captions(index: TarIndex) -> list[str]:
-    return [index.members(i)["txt"].decode() for i in range(len(index))]
 
 
 def _tar_index(found) -> TarIndex:
@@ -61,7 +50,7 @@ def test_shard_writer_folder_is_indexed_once_beside_the_shards_then_found(tmp_pa
     assert cached_index(shards) is None
     found = index_shard_set(tmp_path / "laion", processes=2)
     assert found.counts == [10, 10, 5] and found.index_path == tmp_path / "laion" / "index.json"
-    assert _captions(_tar_index(found)) == captions
+    assert index_captions(_tar_index(found)) == captions
     # the index is a wids index: webdataset's own reader agrees with it
     import wids
 
@@ -71,7 +60,7 @@ def test_shard_writer_folder_is_indexed_once_beside_the_shards_then_found(tmp_pa
     stamp = found.offsets_path.stat().st_mtime_ns
     again = index_shard_set(tmp_path / "laion")  # a second run: read, not rebuilt
     assert again.counts == found.counts and found.offsets_path.stat().st_mtime_ns == stamp
-    assert _captions(TarIndex(again.index_path)) == captions  # now a folder with an index.json
+    assert index_captions(TarIndex(again.index_path)) == captions  # now a folder with an index.json
 
 
 def test_member_orders_and_names_other_tools_write(tmp_path):
@@ -91,7 +80,7 @@ def test_member_orders_and_names_other_tools_write(tmp_path):
     found = index_shard_set(folder)
     assert found.counts == [3, 1]
     index = _tar_index(found)
-    assert _captions(index) == ["txt first", "json between", "same stem, other folder", "webp"]
+    assert index_captions(index) == ["txt first", "json between", "same stem, other folder", "webp"]
     assert set(index.members(1)) == {"jpg", "json", "txt"} and set(index.members(2)) == {"png", "txt"}
     assert set(index.members(3)) == {"webp", "txt"}
 
@@ -127,7 +116,7 @@ def test_brace_patterns_globs_gaps_and_a_read_only_folder(tmp_path, monkeypatch,
 
     found = index_shard_set(str(tmp_path / "laion" / "{00000..00003}.tar"))
     assert found.index_path.parent == tmp_path / "laion" and found.index_path.name.startswith("index-")
-    assert _captions(_tar_index(found)) == kept
+    assert index_captions(_tar_index(found)) == kept
     # another pattern is another shard list, hence another index
     other = index_shard_set(str(tmp_path / "laion" / "{00000..00001}.tar"))
     assert other.index_path != found.index_path and other.counts == [10, 10]
@@ -141,7 +130,7 @@ def test_brace_patterns_globs_gaps_and_a_read_only_folder(tmp_path, monkeypatch,
     fallback = tmp_path / "run" / "shard_index"
     moved = index_shard_set(str(tmp_path / "laion" / "*.tar"), fallback)
     assert moved.index_path.parent == fallback and not list((tmp_path / "laion").glob("index*"))
-    assert _captions(_tar_index(moved)) == kept
+    assert index_captions(_tar_index(moved)) == kept
     assert cached_index(resolve(str(tmp_path / "laion" / "*.tar")), fallback) == moved
 
     with pytest.raises(ValueError, match="no .tar files match"):

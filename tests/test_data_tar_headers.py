@@ -14,80 +14,20 @@ import resource
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from data.tar_headers import BLOCK, MAX_EXTENDED_HEADER
+from data.tar_headers import MAX_EXTENDED_HEADER
+from tests.helpers.processes import PY, REPO, kill_group, output_by_deadline, start_in_own_group
+from tests.helpers.samples import FixedBatches, batch_captions, byte_tokens
+from tests.helpers.tars import (archive, dotted_path, extended, member, member_header, pax_record,
+                                pointing_back_at_itself, sample)
 
-REPO = Path(__file__).resolve().parent.parent
-PY = sys.executable
 # address space of a scenario process, and of a dry run (torch and all): a header loop that
 # grows memory dies, not the machine
 MEMORY_LIMIT, DRY_RUN_MEMORY_LIMIT = 2 << 30, 8 << 30
-
-
-# ---------------------------------------------------------------- crafting tars by hand
-
-def with_checksum(header: bytes) -> bytes:
-    header = bytearray(header[:148] + b" " * 8 + header[156:])
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
-
-
-def member_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.type = size, kind
-    return info.tobuf(tarfile.USTAR_FORMAT)
-
-
-def base256(value: int) -> bytes:
-    """A 12-byte base-256 size field (GNU): 0x80 then the value, or 0xff then its two's complement."""
-    return (b"\x80" + value.to_bytes(11, "big")) if value >= 0 else (b"\xff" + (256**11 + value).to_bytes(11, "big"))
-
-
-def with_field(header: bytes, start: int, value: bytes, checksum: bool = True) -> bytes:
-    header = header[:start] + value + header[start + len(value):]
-    return with_checksum(header) if checksum else header
-
-
-def padded(data: bytes) -> bytes:
-    return data + bytes(-len(data) % BLOCK)
-
-
-def member(name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> bytes:
-    return member_header(name, len(data), kind) + padded(data)
-
-
-def pax_record(key: bytes, value: bytes) -> bytes:
-    """One "LENGTH KEY=VALUE\\n" record, its length counting its own digits."""
-    body = b" " + key + b"=" + value + b"\n"
-    length = len(body) + 1
-    while len(str(length)) + len(body) != length:
-        length += 1
-    return str(length).encode() + body
-
-
-def extended(kind: bytes, payload: bytes) -> bytes:
-    """A pax (x, g) or GNU long name/link (L, K) header and its payload."""
-    return member_header("././@Extended", len(payload), kind) + padded(payload)
-
-
-def archive(*parts: bytes) -> bytes:
-    return b"".join(parts) + bytes(2 * BLOCK)
-
-
-def sample(key: str, number: int) -> bytes:
-    from test_data_hostile import _jpeg
-
-    return member(f"{key}.jpg", _jpeg(number)) + member(f"{key}.txt", f"caption {key}".encode())
-
-
-def pointing_back_at_itself() -> bytes:
-    """A member whose base-256 size is -512: the next header is itself."""
-    return with_field(member_header("loop.jpg", 0), 124, base256(-BLOCK))
 
 
 # ---------------------------------------------------------------- scenarios, run in a fresh process
@@ -116,14 +56,9 @@ def _scenario_read_all(folder: str) -> dict:
 def _run_scenario(name: str, folder: Path, timeout: float) -> subprocess.CompletedProcess:
     """The scenario in a fresh process; it must finish by the deadline (a hang is a failure)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([PY, __file__, name, str(folder)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the scenario and the indexing processes it started
-        proc.communicate()
-        pytest.fail(f"scenario {name} still running after {timeout} s: a reader is stalled")
+    proc = start_in_own_group([PY, __file__, name, str(folder)], env=env)  # killed with the indexing processes
+    stalled = f"scenario {name} still running after {timeout} s: a reader is stalled"
+    out, err = output_by_deadline(proc, timeout, stalled)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -156,14 +91,8 @@ def test_the_dry_run_over_a_folder_holding_it_returns_with_n(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [PY, "-m", "trainer.train", "--config", "vip_own", f"data.shards={folder}", "ds.train_batch_size=2",
            "ds.train_micro_batch_size_per_gpu=2", "steps=50", "--dry-run"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_limit_memory)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the dry run is stalled")
+    proc = start_in_own_group(cmd, cwd=tmp_path, env=env, preexec_fn=_limit_memory)
+    out, err = output_by_deadline(proc, 300, "the dry run is stalled")
     assert proc.returncode == 0, err[-3000:]
     assert "data: N = 3 examples (shards)" in out
     assert f"unreadable shard {folder / 'b.tar'}" in err
@@ -178,24 +107,18 @@ def test_a_dead_indexing_process_is_an_error_not_a_wait(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     code = ("import sys; from data.offset_tables import scan_shards; "
             f"scan_shards([{str(tmp_path / 'a.tar')!r}, {str(tmp_path / 'b.tar')!r}], processes=2)")
-    proc = subprocess.Popen([PY, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        workers = _children(proc.pid, count=2)
-        os.kill(workers[0], signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the indexing waits forever for its dead process")
+    proc = start_in_own_group([PY, "-c", code], env=env)
+    workers = _children(proc, count=2)
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = output_by_deadline(proc, 60, "the indexing waits forever for its dead process")
     assert proc.returncode != 0
     assert "ValueError: a header-reading process died (killed for lack of memory?)" in err
     assert str(tmp_path / "a.tar") in err
 
 
-def _children(pid: int, count: int, timeout: float = 60) -> list[int]:
-    """The first ``count`` child processes of ``pid`` once they exist."""
-    deadline = time.monotonic() + timeout
+def _children(proc: subprocess.Popen, count: int, timeout: float = 60) -> list[int]:
+    """The first ``count`` child processes of ``proc`` once they exist."""
+    pid, deadline = proc.pid, time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -205,7 +128,8 @@ def _children(pid: int, count: int, timeout: float = 60) -> list[int]:
             time.sleep(0.5)  # let them reach the shards
             return children
         time.sleep(0.05)
-    raise subprocess.TimeoutExpired(f"children of {pid}", timeout)
+    kill_group(proc)
+    pytest.fail(f"{count} indexing processes never started")
 
 
 def _limit_memory() -> None:
@@ -214,21 +138,16 @@ def _limit_memory() -> None:
 
 # ---------------------------------------------------------------- 2: time and memory linear in the header
 
-def _dotted_path(length: int) -> bytes:
-    """The name that makes a backtracking split take quadratic time: dots, then a slash."""
-    return b"." * (length - 1) + b"/"
-
-
 def test_long_names_and_pax_headers_cost_linear_time(tmp_path):
     """A 64 KiB name of dots took the member-name regex ~13 s (quadratic: an hour at 1 MB),
     and each loop splits it; 60 KiB of digits in a pax header are quadratic in CPython's
     own pax parsing. Each shard holds one such member between good samples."""
     limit = MAX_EXTENDED_HEADER
     (tmp_path / "a_long_pax.tar").write_bytes(archive(
-        sample("p0", 0), extended(b"x", pax_record(b"path", _dotted_path(limit - 20))), member_header("x.jpg", 0),
+        sample("p0", 0), extended(b"x", pax_record(b"path", dotted_path(limit - 20))), member_header("x.jpg", 0),
         sample("p1", 1)))
     (tmp_path / "b_long_gnu.tar").write_bytes(archive(
-        sample("n0", 2), extended(b"L", _dotted_path(limit)), member_header("y.jpg", 0), sample("n1", 3)))
+        sample("n0", 2), extended(b"L", dotted_path(limit)), member_header("y.jpg", 0), sample("n1", 3)))
     (tmp_path / "c_digits.tar").write_bytes(archive(
         sample("d0", 4), extended(b"x", b"1" * (limit - 4096)), member_header("z.jpg", 0), sample("d1", 5)))
     seen = _results(_run_scenario("read_all", tmp_path, timeout=30))
@@ -277,7 +196,6 @@ def test_malformed_pax_headers_end_their_shard_at_indexing_and_when_read(tmp_pat
     from data.offset_tables import table_path, write_table
     from data.shard_sets import index_shard_set
     from data.transform import ImageTextTransform
-    from test_data_hostile import _decoded_captions, _Fixed, _tokenize
 
     folder = tmp_path / "shards"
     folder.mkdir()
@@ -299,11 +217,12 @@ def test_malformed_pax_headers_end_their_shard_at_indexing_and_when_read(tmp_pat
                                                                   {"url": "b.tar", "nsamples": 3}]}))
     write_table(table_path(shipped / "index.json"), [([0, len(sample("a0", 0))], len(good)),
                                                      (b_offsets, len((shipped / "b.tar").read_bytes()))])
-    reader = PoissonReader(shipped / "index.json", _Fixed([list(range(5))]), ImageTextTransform(8, _tokenize, 16))
+    reader = PoissonReader(shipped / "index.json", FixedBatches([list(range(5))]),
+                           ImageTextTransform(8, byte_tokens, 16))
     for _ in range(2):  # the same step again, as after a resume
         reader.load_state_dict({"next_step": 0})
         (batch,) = reader.micro_batches(0)
-        assert _decoded_captions(batch) == ["caption a0", "caption a1", "caption b2"]
+        assert batch_captions(batch) == ["caption a0", "caption a1", "caption b2"]
     assert dict(reader.skipped_reasons) == {"unreadable shard": 2}  # b0 is read up to the break, b1 from it
 
 

@@ -3,21 +3,16 @@
 import json
 import tarfile
 
-import numpy as np
 import pytest
 import wids
 from wids.wids import compute_file_md5sum, compute_num_samples
-from PIL import Image
 
 from data import read_samples
 from data.decode import SkipCounter
 from data.shards import ShardLimits, write_shards
 from data.sources import folder_examples, synthetic_examples, table_examples
 from data.write_shards import main
-
-
-def _image(seed: int, size: int = 24) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+from tests.helpers.samples import random_image
 
 
 def _shard_paths(index_path):
@@ -28,11 +23,11 @@ def _shard_paths(index_path):
 def test_folder_source_pairs_images_with_captions_and_skips_the_rest(tmp_path):
     src = tmp_path / "images"
     (src / "sub").mkdir(parents=True)
-    _image(0).save(src / "a.jpg")
+    random_image(0, size=24).save(src / "a.jpg")
     (src / "a.txt").write_text("first caption")
-    _image(1).save(src / "sub" / "b.png")
+    random_image(1, size=24).save(src / "sub" / "b.png")
     (src / "sub" / "b.txt").write_text("second caption\n")
-    _image(2).save(src / "c.jpg")  # no caption
+    random_image(2, size=24).save(src / "c.jpg")  # no caption
     (src / "d.jpg").write_bytes(b"not an image")
     (src / "d.txt").write_text("broken image")
     skips = SkipCounter()
@@ -50,7 +45,7 @@ def test_table_sources_with_configurable_columns(tmp_path, suffix):
     rows = [("img0.png", "a caption, with comma"), ("nested/img1.jpg", "another one"), ("missing.jpg", "gone")]
     (tmp_path / "nested").mkdir()
     for i, (name, _) in enumerate(rows[:2]):
-        _image(i).save(tmp_path / name)
+        random_image(i, size=24).save(tmp_path / name)
     table = tmp_path / f"pairs{suffix}"
     if suffix == ".jsonl":
         table.write_text("".join(json.dumps({"file": n, "text": c}) + "\n" for n, c in rows) + "not json\n")
@@ -68,7 +63,7 @@ def test_table_sources_with_configurable_columns(tmp_path, suffix):
 
 
 def test_csv_with_byte_order_mark_and_default_columns(tmp_path):
-    _image(0).save(tmp_path / "a.png")
+    random_image(0, size=24).save(tmp_path / "a.png")
     table = tmp_path / "pairs.csv"
     table.write_bytes("path,caption\na.png,from a spreadsheet\n".encode("utf-8-sig"))
     skips = SkipCounter()

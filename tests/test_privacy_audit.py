@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -32,9 +31,8 @@ from privacy.audit.runner import Plan, audit_point, verdict
 from privacy.audit.tight import bayes_error, family_epsilon, guesses_in
 from privacy.audit.training import Mechanism, train_private
 from privacy.sampling import PoissonSampler
-from tests.broken_engines import BROKEN_ENGINES, MISCALIBRATED
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.broken_engines import BROKEN_ENGINES, MISCALIBRATED
+from tests.helpers.processes import REPO
 
 
 # --------------------------------------------------------------------------- one-run estimator
@@ -385,7 +383,7 @@ def test_many_runs_catch_a_leak_on_one_rank():
 
 def test_load_engine_explains_bad_specs():
     assert load_engine("privacy.engine:PrivacyEngine") is PrivacyEngine
-    assert load_engine("tests.broken_engines:SkipClipping") is BROKEN_ENGINES["SkipClipping"]
+    assert load_engine("tests.helpers.broken_engines:SkipClipping") is BROKEN_ENGINES["SkipClipping"]
     for spec, message in [("privacy.engine", "MODULE:NAME"), ("no_such_module:X", "cannot import"),
                           ("privacy.engine:Nope", "no callable"), ("privacy.audit.runner:Plan", "lacks")]:
         with pytest.raises(ValueError, match=message):
@@ -394,7 +392,7 @@ def test_load_engine_explains_bad_specs():
 
 def test_contract_command_writes_audit_json(tmp_path):
     out = tmp_path / "audit"
-    command = [sys.executable, "-m", "privacy.audit", "--engine", "tests.broken_engines:NoiseDividedTwice",
+    command = [sys.executable, "-m", "privacy.audit", "--engine", "tests.helpers.broken_engines:NoiseDividedTwice",
                "--epsilon", "1", "--out", str(out), "--canaries", "200", "--runs", "8", "--steps", "5",
                "--population", "20", "--epsilons", "", "--sigmas", "3", "--confidence", "0.95"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -11,7 +11,7 @@ from torch import nn
 
 from privacy import PrivacyEngine
 from privacy.convert import replace_batchnorm
-from tests.privacy_helpers import clipped_mean, flat_norms, per_example_grads, relative_error, step_in_micro_batches
+from tests.helpers.privacy import clipped_mean, flat_norms, per_example_grads, relative_error, step_in_micro_batches
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import privacy.clipping as clipping_module
 from privacy import PrivacyEngine
-from tests.privacy_helpers import TinyDecoder, decoder_batch, per_example_grads
+from tests.helpers.privacy import TinyDecoder, decoder_batch, per_example_grads
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 

@@ -11,7 +11,7 @@ from privacy import AddedParameter, PrivacyEngine
 from privacy.engine import check_matmul_precision
 from privacy.rules.base import ClipFactors, Context, ghost_sq_norm, gram, operand, padded_tokens
 from privacy.rules.linear import linear_prepare
-from tests.privacy_helpers import (
+from tests.helpers.privacy import (
     OddLayers,
     TinyDecoder,
     TinyViT,

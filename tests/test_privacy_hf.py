@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privacy import PrivacyEngine
-from tests.privacy_helpers import assert_engine_matches_reference
+from tests.helpers.privacy import assert_engine_matches_reference, classification_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,11 +61,7 @@ MODELS = {
 def build(name: str):
     builder, width, size = MODELS[name]
     torch.manual_seed(0)
-    model = Classifier(builder(), width)
-    generator = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(BATCH, 3, size, size, generator=generator),
-              torch.randint(0, CLASSES, (BATCH,), generator=generator))
-    return model, inputs
+    return Classifier(builder(), width), classification_batch(BATCH, size, CLASSES)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privacy import PrivacyEngine
-from tests.privacy_helpers import assert_engine_matches_reference
+from tests.helpers.privacy import assert_engine_matches_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 

@@ -12,7 +12,7 @@ from privacy.install import Installation, find_targets
 from privacy.rules import DEFAULT_RULES
 from privacy.rules.base import Context
 from privacy.step import NoiseGenerators, StepSums, add_noise, noise_generator, scale_grad
-from tests.privacy_helpers import flat_norms, per_example_grads
+from tests.helpers.privacy import flat_norms, per_example_grads
 
 CPU = torch.device("cpu")
 

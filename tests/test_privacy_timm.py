@@ -13,12 +13,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from privacy import PrivacyEngine
 from privacy.convert import replace_batchnorm
-from tests.privacy_helpers import clipped_mean, flat_norms, per_example_grads, relative_error
+from tests.helpers.privacy import (PerExampleLoss, classification_batch, clipped_mean, flat_norms, per_example_grads,
+                                   relative_error)
 
 timm = pytest.importorskip("timm")
 
@@ -46,28 +45,13 @@ CONVERTED = ("resnet18", "regnetx_002")
 CLASSES, BATCH, SPLITS, EXPECTED_BATCH = 5, 6, (1, 2, 3), 7.5
 
 
-class PerExampleLoss(nn.Module):
-    """As benchmarks.suite.PerExampleCrossEntropy, but in the logits' own dtype
-    (that one casts to fp32, which would round the float64 reference)."""
-
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, images, labels):
-        return F.cross_entropy(self.classifier(images), labels, reduction="none")
-
-
 def build(name: str):
     overrides, size = MODELS[name]
     torch.manual_seed(0)
     classifier = timm.create_model(name, pretrained=False, num_classes=CLASSES, **overrides)
     if name in CONVERTED:
         assert replace_batchnorm(classifier)
-    generator = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(BATCH, 3, size, size, generator=generator),
-              torch.randint(0, CLASSES, (BATCH,), generator=generator))
-    return PerExampleLoss(classifier), inputs
+    return PerExampleLoss(classifier), classification_batch(BATCH, size, CLASSES)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -12,27 +12,17 @@ the engine's arithmetic is the same in both modes.
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from privacy import PrivacyEngine
 from privacy.convert import replace_batchnorm
-from tests.privacy_helpers import assert_engine_matches_reference
+from tests.helpers.privacy import PerExampleLoss, assert_engine_matches_reference, classification_batch
 
 tvm = pytest.importorskip("torchvision.models")
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
 CLASSES, BATCH = 5, 6
-
-
-class PerExampleLoss(nn.Module):
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, images, labels):
-        return F.cross_entropy(self.classifier(images), labels, reduction="none")
 
 
 def swin(version: int):
@@ -92,10 +82,7 @@ def build(name: str):
     classifier = builder()
     if batchnorm:
         assert replace_batchnorm(classifier)
-    generator = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(BATCH, 3, size, size, generator=generator),
-              torch.randint(0, CLASSES, (BATCH,), generator=generator))
-    return PerExampleLoss(classifier).eval(), inputs
+    return PerExampleLoss(classifier).eval(), classification_batch(BATCH, size, CLASSES)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from privacy import PrivacyEngine
-from tests.privacy_helpers import OddLayers, TinyViT, clipped_mean, flat_norms, relative_error
+from tests.helpers.privacy import OddLayers, TinyViT, clipped_mean, flat_norms, relative_error
 
 VIEWS = 3
 

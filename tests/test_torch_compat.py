@@ -3,15 +3,13 @@ and no other module calls an API that only some supported torch versions have.""
 
 import ast
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.helpers.processes import REPO
 from trainer.common import torch_compat
-
-REPO = Path(__file__).resolve().parent.parent
 VERSION_DEPENDENT = {"reduce_scatter_single", "all_gather_single", "reduce_scatter_tensor", "all_gather_into_tensor"}
 
 

@@ -13,15 +13,15 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from test_trainer_faults import REAL, _start_rank
-from test_trainer_worker import PY, REPO, free_port, run_jobs, run_worker, tiny_config, worker_command
+from tests.helpers.jobs import run_jobs, run_worker, start_rank, worker_command
+from tests.helpers.processes import PY, REPO, free_port, kill_group, output_by_deadline
+from tests.helpers.standin import TINY_DPCAP_ON_SHARDS, tiny_config
 from trainer.common.checkpoints import CheckpointError, read_meta
 
 NOISY = {"privacy.noise_multiplier": 1.0, "privacy.secret_seed": None, "steps": 2, "checkpoint.every_steps": 2}
@@ -33,15 +33,15 @@ def _two_ranks(tmp: Path, configs: list[dict], overrides=((), ())) -> list[str]:
     procs = []
     for rank, cfg in enumerate(configs):
         (tmp / f"rank{rank}.json").write_text(json.dumps(cfg))
-        procs.append(_start_rank(rank, 2, port, tmp / f"rank{rank}.json", tmp / "out.pt", overrides[rank]))
+        procs.append(start_rank(rank, 2, port, tmp / f"rank{rank}.json", tmp / "out.pt", overrides[rank]))
+
+    def kill_waiting_ranks():
+        for p in procs:
+            if p.poll() is None:
+                kill_group(p)
+
     for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            pytest.fail("a rank waited instead of failing")
+        _, err = output_by_deadline(proc, 300, "a rank waited instead of failing", kill=kill_waiting_ranks)
         assert proc.returncode != 0, err[-3000:]
         errors.append(err)
     assert not (tmp / "out.pt").exists()
@@ -86,7 +86,7 @@ def test_ranks_reading_different_shards_stop_naming_the_shard_list(tmp_path):
     for name, seed in (("s0", 0), ("s1", 1)):
         write_shards(synthetic_examples(96, seed, 32), tmp_path / name)
     configs = [tiny_config(tmp_path / "run", steps=2) for _ in range(2)]
-    errors = _two_ranks(tmp_path, configs, [[*REAL, f"data.shards={tmp_path / s}"] for s in ("s0", "s1")])
+    errors = _two_ranks(tmp_path, configs, [[*TINY_DPCAP_ON_SHARDS, f"data.shards={tmp_path / s}"] for s in ("s0", "s1")])
     for err in errors:
         message = _message(err)
         assert "rank 1 has shard list and counts (hash)" in message and "data.num_examples" not in message, message

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from test_trainer_worker import TINY_MODEL, save_like_trainer
+from tests.helpers.checkpoints import save_like_trainer
+from tests.helpers.standin import TINY_MODEL
 from trainer import caption
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.config import load_config

@@ -6,67 +6,20 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_trainer_worker import (REPO, SIGMA, TINY_MODEL, flat, gate_files, run_jobs, run_worker, tiny_config,
-                                 worker_command)
+from tests.helpers.jobs import paused_pids, run_jobs, run_worker, start_worker, worker_command
+from tests.helpers.noise import SIGMA, flat
+from tests.helpers.processes import REPO, kill_job, output_by_deadline
+from tests.helpers.standin import NOISY_CHECKPOINTED, TINY_MODEL, tiny_config
+from tests.helpers.worker import gate_files
 from trainer.common.checkpoints import read_meta
 from trainer.job.checkpoint import Checkpointer
 
-NOISY = {"privacy.noise_multiplier": 1.0, "privacy.secret_seed": 7, "steps": 8, "checkpoint.every_steps": 2}
 SECRET = {"privacy.secret_seed": None}  # the production path: a fresh secret seed, kept in the checkpoints
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.1)
-
-
-def paused_pids(out: Path, world: int, proc: subprocess.Popen) -> list[int]:
-    """Wait until every rank of the worker run writing ``out`` (started with pause_at=STEP)
-    waits at its gate, having finished STEP steps; their pids, by rank."""
-    pids = []
-    for rank in range(world):
-        paused, _ = gate_files(out, rank)
-        _wait_for(paused, proc)
-        pids.append(int(paused.read_text()))
-    return pids
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def kill_job(proc: subprocess.Popen, pids: list[int], timeout: float = 60) -> None:
-    """SIGKILL the whole job, as a scheduler does: the launcher's process group and every rank
-    (torchrun and the deepspeed launcher start ranks outside it; killed alone, the launcher
-    would leave them training on and writing checkpoints), and wait until all are gone."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in pids:
-        if _running(pid):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + timeout
-    while any(map(_running, pids)):
-        assert time.monotonic() < deadline, f"ranks {pids} outlived SIGKILL"
-        time.sleep(0.05)
-
-
-def _start(world: int, folder: Path, cfg: dict, overrides: list[str], launcher: str = "torchrun") -> subprocess.Popen:
-    (folder / "c.json").write_text(json.dumps(cfg))
-    return subprocess.Popen(worker_command(world, folder / "c.json", folder / "out.pt", overrides, launcher),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
 
 
 def test_sigkill_midway_then_resume_restores_the_secret_seed_and_is_bitwise_identical(tmp_path):
@@ -76,15 +29,15 @@ def test_sigkill_midway_then_resume_restores_the_secret_seed_and_is_bitwise_iden
     other noise and other batches from step 5 on.)"""
     run = tmp_path / "run"
     run.mkdir()
-    cfg = tiny_config(run, **{**NOISY, **SECRET})
-    proc = _start(2, run, cfg, ["pause_at=5"])
+    cfg = tiny_config(run, **{**NOISY_CHECKPOINTED, **SECRET})
+    proc = start_worker(2, run, cfg, ["pause_at=5"])
     kill_job(proc, paused_pids(run / "out.pt", 2, proc))
     assert not (run / "out.pt").exists()
     done = Checkpointer(run / "ckpt", 2, 0).latest()
     assert done is not None and done.name == "step_00000004"
     secret = read_meta(done)["engine"]["seed"]
-    out = run_jobs(2, tmp_path, [("again", cfg, []),
-                                 ("ref", tiny_config(tmp_path / "ref", **{**NOISY, "privacy.secret_seed": secret}), [])])
+    ref_cfg = tiny_config(tmp_path / "ref", **{**NOISY_CHECKPOINTED, "privacy.secret_seed": secret})
+    out = run_jobs(2, tmp_path, [("again", cfg, []), ("ref", ref_cfg, [])])
     resumed, ref = out["again"], out["ref"]
     assert resumed["resumed_from"] == str(done)
     for key, value in ref["params"].items():
@@ -163,18 +116,16 @@ def test_a_damaged_checkpoint_is_named_kept_and_the_previous_one_is_a_rename_awa
 def _signal_at_step_two(tmp_path: Path, world: int, signum: int, rank: int) -> dict:
     """Send ``signum`` to one rank while every rank waits before its third step; the run
     should finish that step, save, and exit 0. Returns what rank 0 saved."""
-    proc = _start(world, tmp_path, tiny_config(tmp_path, steps=50), ["pause_at=2"],
-                  launcher="python" if world == 1 else "torchrun")
+    proc = start_worker(world, tmp_path, tiny_config(tmp_path, steps=50), ["pause_at=2"],
+                        launcher="python" if world == 1 else "torchrun")
     pids = paused_pids(tmp_path / "out.pt", world, proc)
     os.kill(pids[rank], signum)
     # the handler runs as soon as the signal arrives (at the rank's next bytecode), long
     # before the step the open gate lets run ends at the next stop check
     gate_files(tmp_path / "out.pt", 0)[1].touch()
-    try:  # one step and a save: seconds
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        kill_job(proc, pids)
-        pytest.fail(f"{world} ranks did not exit within 120 s of signal {signum} to rank {rank}")
+    # one step and a save: seconds
+    _, err = output_by_deadline(proc, 120, f"{world} ranks did not exit within 120 s of signal {signum} to rank {rank}",
+                                kill=lambda: kill_job(proc, pids))
     assert proc.returncode == 0, err[-3000:]
     return torch.load(tmp_path / "out.pt", weights_only=True)
 
@@ -256,10 +207,10 @@ def test_shards_read_by_loader_workers_resume_exactly(tmp_path):
     then resumed to 4 == 4 steps at once with the checkpoint's secret, bit for bit."""
     real = [*TINY_MODEL, "model.name=dpcap_nano", f"data.shards={tmp_path / 'shards'}", "data.num_workers=2",
             "data.augment=true", "data.text_length=16", "ds.train_micro_batch_size_per_gpu=16"]
-    resumed = tiny_config(tmp_path / "resumed", **{**NOISY, **SECRET})
+    resumed = tiny_config(tmp_path / "resumed", **{**NOISY_CHECKPOINTED, **SECRET})
     run_worker(1, tmp_path, resumed, [*real, "steps=2"], launcher="python", name="half")
     secret = read_meta(tmp_path / "resumed" / "ckpt" / "step_00000002")["engine"]["seed"]
-    whole = tiny_config(tmp_path / "whole", **{**NOISY, "privacy.secret_seed": secret})
+    whole = tiny_config(tmp_path / "whole", **{**NOISY_CHECKPOINTED, "privacy.secret_seed": secret})
     out = run_jobs(1, tmp_path, [("again", resumed, [*real, "steps=4"]), ("whole", whole, [*real, "steps=4"])],
                    launcher="python")
     assert out["whole"]["resumed_from"] is None and out["again"]["resumed_from"].endswith("step_00000002")
@@ -282,14 +233,14 @@ def _as_flat_layout(meta: dict) -> dict:
 def test_a_checkpoint_of_the_flat_layout_resumes_bit_for_bit(tmp_path):
     """A checkpoint written before meta.json was keyed by component is read as if written now:
     resumed, the run ends where an uninterrupted one ends, bit for bit, on the same ledger."""
-    cfg = tiny_config(tmp_path, **{**NOISY, "steps": 2})
+    cfg = tiny_config(tmp_path, **{**NOISY_CHECKPOINTED, "steps": 2})
     run_worker(1, tmp_path, cfg, launcher="python", name="first")
     step = tmp_path / "ckpt" / "step_00000002"
     meta = json.loads((step / "meta.json").read_text())
     assert meta["format"] == 2 and set(meta) >= {"train_state", "privacy", "engine", "reader", "metrics"}
     (step / "meta.json").write_text(json.dumps(_as_flat_layout(meta)))
     out = run_jobs(1, tmp_path, [("again", cfg, ["steps=4"]),
-                                 ("ref", tiny_config(tmp_path / "ref", **{**NOISY, "steps": 4}), [])], "python")
+                                 ("ref", tiny_config(tmp_path / "ref", **{**NOISY_CHECKPOINTED, "steps": 4}), [])], "python")
     resumed, ref = out["again"], out["ref"]
     assert resumed["resumed_from"] == str(step)
     for key, value in ref["params"].items():

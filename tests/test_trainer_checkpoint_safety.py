@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch.distributed.checkpoint as dcp
 
-from test_trainer_checkpoint import kill_job, paused_pids
-from test_trainer_worker import (PY, REPO, TinyCaptioner, free_port, gate_files, run_worker, tiny_config,
-                                 worker_command)
+from tests.helpers.jobs import paused_pids, run_worker, start_worker, worker_command
+from tests.helpers.processes import PY, REPO, free_port, kill_job
+from tests.helpers.standin import TinyCaptioner, tiny_config
+from tests.helpers.worker import gate_files
 from trainer.common.checkpoints import (DCP_METADATA, META, CheckpointError, ModelOptimizerState, load_dcp,
                                         read_dcp_metadata, read_meta)
 from trainer.job.checkpoint import RUN_ID, Checkpointer
@@ -33,20 +34,13 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _start_paused(folder: Path, cfg: dict, pause_at: int) -> subprocess.Popen:
-    (folder / "c.json").write_text(json.dumps(cfg))
-    return subprocess.Popen(worker_command(1, folder / "c.json", folder / "out.pt", [f"pause_at={pause_at}"],
-                                           "python"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
 def test_a_second_job_on_the_same_run_is_refused_until_the_first_ends_or_dies(tmp_path):
     """Job A holds the folder, paused mid-run: a second submit (`python -m trainer.train` on 2
     ranks) is refused on both ranks, naming A; A ends cleanly and releases the folder. A job
     killed with SIGKILL leaves its lock behind: the next job takes it over (its pid is gone)."""
     cfg = tiny_config(tmp_path, steps=4, **{"checkpoint.every_steps": 1})
     ckpt = tmp_path / "ckpt"
-    first = _start_paused(tmp_path, cfg, pause_at=2)
+    first = start_worker(1, tmp_path, cfg, ["pause_at=2"], "python")
     (pid,) = paused_pids(tmp_path / "out.pt", 1, first)
     holder = json.loads((ckpt / LOCK).read_text())
     assert holder["pid"] == pid and holder["host"] == socket.gethostname()
@@ -69,7 +63,7 @@ def test_a_second_job_on_the_same_run_is_refused_until_the_first_ends_or_dies(tm
     # killed: the lock stays, and is stale at once on this host
     (tmp_path / "out.pt.go").unlink()
     (tmp_path / "out.pt.paused0").unlink()
-    killed = _start_paused(tmp_path, {**cfg, "steps": 6}, pause_at=5)
+    killed = start_worker(1, tmp_path, {**cfg, "steps": 6}, ["pause_at=5"], "python")
     kill_job(killed, paused_pids(tmp_path / "out.pt", 1, killed))
     assert json.loads((ckpt / LOCK).read_text())["pid"] != pid
     (tmp_path / "again.json").write_text(json.dumps({**cfg, "steps": 6}))
@@ -230,9 +224,9 @@ def test_dcp_storage_paths_outside_the_folder_are_refused_before_any_read(dcp_ch
 DEEPSPEED_JOB = """
 import json, os, sys
 from pathlib import Path
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-from test_trainer_untrusted import _craft_torch_file
-from test_trainer_worker import TinyCaptioner, tiny_data
+sys.path[:0] = [sys.argv[1]]
+from tests.helpers.payloads import craft_torch_file
+from tests.helpers.standin import TinyCaptioner, tiny_data
 from trainer.common.config import load_config
 from trainer.job import deepspeed_backend
 from trainer.job.trainer import Trainer
@@ -254,7 +248,7 @@ out = {"synced": synced}
 check = deepspeed_backend.check_deepspeed_files
 def check_then_swap(folder):
     check(folder)
-    _craft_torch_file(folder / "mp_rank_00_model_states.pt", marker)
+    craft_torch_file(folder / "mp_rank_00_model_states.pt", marker)
 deepspeed_backend.check_deepspeed_files = check_then_swap
 try:
     job(2)

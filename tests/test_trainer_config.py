@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from test_trainer_worker import REPO
 import models
+from tests.helpers.processes import REPO
 from trainer.common.config import PRESETS, JobConfig, ModelConfig, learning_rate, load_config
 from trainer.common.heldout import HeldOut
 from trainer.common.inputs import transform

@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
-from test_trainer_checkpoint import NOISY, kill_job, paused_pids
-from test_trainer_worker import (REPO, SIGMA, TinyCaptioner, assert_noised_once_per_coordinate, flat, run_jobs,
-                                 run_worker, tiny_config, worker_command)
+from tests.helpers.jobs import paused_pids, run_jobs, run_worker, start_worker
+from tests.helpers.noise import SIGMA, assert_noised_once_per_coordinate, flat
+from tests.helpers.processes import REPO, kill_job
+from tests.helpers.standin import NOISY_CHECKPOINTED, TinyCaptioner, tiny_config
 from trainer.common.config import PRESETS, load_config
 from trainer.job.deepspeed_backend import cpu_allreduce_buffer
 from trainer.job.validation import validate
@@ -58,7 +59,7 @@ def runs(tmp_path_factory):
     for stage in (1, 2, 3):
         jobs.append((f"bf16_{stage}", tiny_config(tmp / f"bf16_{stage}"),
                      [*_stage_config(stage), "capture=grads", "ds.bf16.enabled=true", "steps=2"]))
-    jobs.append(("kill_ref", tiny_config(tmp / "kill_ref", **NOISY), _stage_config(2)))
+    jobs.append(("kill_ref", tiny_config(tmp / "kill_ref", **NOISY_CHECKPOINTED), _stage_config(2)))
     jobs.append(("plain", tiny_config(tmp / "plain"), [*_stage_config(2), *NON_PRIVATE]))
     before = _cpu_allreduce_buffers()
     done = run_jobs(2, tmp, jobs, launcher="deepspeed")
@@ -133,12 +134,8 @@ def test_sigkill_midway_then_resume_under_deepspeed_is_bitwise_identical(tmp_pat
     """ZeRO-2, noise on: killed after step 5 (its last checkpoint at step 4), resumed from the engine's own
     checkpoint and meta.json, it ends where the uninterrupted run ends, bit for bit."""
     ref = runs["kill_ref"]
-    cfg = tiny_config(tmp_path, **NOISY)
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(worker_command(2, tmp_path / "c.json", tmp_path / "out.pt",
-                                           ["pause_at=5", *_stage_config(2)], launcher="deepspeed"),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cfg = tiny_config(tmp_path, **NOISY_CHECKPOINTED)
+    proc = start_worker(2, tmp_path, cfg, ["pause_at=5", *_stage_config(2)], launcher="deepspeed")
     kill_job(proc, paused_pids(tmp_path / "out.pt", 2, proc))
     assert not (tmp_path / "out.pt").exists()
     step = tmp_path / "ckpt" / "step_00000004"

@@ -10,8 +10,11 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from test_trainer_worker import (SIGMA, TinyCaptioner, assert_noised_once_per_coordinate, free_port, run_jobs,
-                                 run_worker, tiny_config)
+from tests.helpers.jobs import WORKER, run_jobs, run_worker
+from tests.helpers.noise import SIGMA, assert_noised_once_per_coordinate
+from tests.helpers.processes import PY, REPO, free_port
+from tests.helpers.standin import TinyCaptioner, tiny_config, tiny_data
+from tests.helpers.worker import THEN
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,6 @@ def test_two_simulated_nodes_reach_the_same_parameters_as_one_rank(tmp_path, one
     import json
     import subprocess
 
-    from test_trainer_worker import REPO, PY, THEN
-
     (tmp_path / "hostfile").write_text("node-a slots=2\nnode-b slots=2\n")
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(tiny_config(tmp_path / "fsdp2")))
@@ -74,7 +75,7 @@ def test_two_simulated_nodes_reach_the_same_parameters_as_one_rank(tmp_path, one
             "backend=deepspeed", "ds.zero_optimization.stage=3", "ds.zero_optimization.stage3_param_persistence_threshold=0"]
     nodes = [subprocess.Popen([str(Path(PY).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"),
                                "--no_ssh", "--node_rank", str(node), "--master_addr", "127.0.0.1",
-                               "--master_port", port, str(REPO / "tests" / "test_trainer_worker.py"), *jobs],
+                               "--master_port", port, str(WORKER), *jobs],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
@@ -179,8 +180,6 @@ def _clipped_sum(model: nn.Module, batch, reducer=None) -> tuple[nn.Module, dict
 def _bf16_worker(rank: int, world: int, port: int, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    from test_trainer_worker import tiny_data
-
     from trainer.job.distributed import init_distributed
     from trainer.job.fsdp2_backend import FSDPGradReducer, parallelize
 
@@ -202,8 +201,6 @@ def test_bf16_fsdp_clipped_gradient_matches_fp32_single_process():
     """bf16 parameters (FSDP2 mixed precision) on 2 ranks: fp32 sharded gradients equal
     to the fp32 single-process clipped sum within bf16 rounding; the update direction
     is the same, not merely finite."""
-    from test_trainer_worker import tiny_data
-
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = mp.start_processes(_bf16_worker, args=(2, free_port(), q), nprocs=2, join=False,

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from test_trainer_own_data import write_class_folder
-from test_trainer_worker import TINY_MODEL, save_like_trainer
+from tests.helpers.checkpoints import save_like_trainer
+from tests.helpers.photos import write_class_folder
+from tests.helpers.standin import TINY_MODEL
 from trainer import evaluate, export
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.config import load_config

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from test_trainer_worker import REPO, TINY_MODEL, save_like_trainer
+from tests.helpers.checkpoints import save_like_trainer
+from tests.helpers.processes import REPO
+from tests.helpers.standin import TINY_MODEL
 from trainer import export
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.config import load_config

@@ -13,22 +13,18 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
-import pytest
 import torch
 
-from test_trainer_checkpoint import _running, kill_job, paused_pids
-from test_trainer_worker import (PY, REPO, THEN, TINY_MODEL, free_port, gate_files, tiny_config,
-                                 worker_command)
+from tests.helpers.jobs import launch_jobs, paused_pids, start_rank, start_worker
+from tests.helpers.processes import (PY, REPO, free_port, kill_job, output_by_deadline, running, start_in_own_group,
+                                     wait_for_file)
+from tests.helpers.standin import TINY_DPCAP_ON_SHARDS, tiny_config
+from tests.helpers.worker import gate_files
 from trainer.common.checkpoints import complete_checkpoints
 
 STEPS, EVERY = 6, 2
-# the real (tiny) DP-Cap on webdataset shards, so that the shards' index is part of the run
-REAL = [*TINY_MODEL, "model.name=dpcap_nano", "data.text_length=16", "ds.train_micro_batch_size_per_gpu=16",
-        "data.source=shards", "data.num_examples=0"]
 NOISY = {"privacy.noise_multiplier": 1.0, "privacy.secret_seed": 7, "steps": STEPS,
          "checkpoint.every_steps": EVERY, "checkpoint.keep_last": 2}
 
@@ -54,15 +50,6 @@ def _write_shards(folder: Path) -> None:
     write_shards(synthetic_examples(96, 0, 32), folder)
 
 
-def _launch(tmp: Path, jobs: list[tuple[str, dict, list[str]]]) -> subprocess.CompletedProcess:
-    args = []
-    for name, cfg, overrides in jobs:
-        (tmp / f"{name}.json").write_text(json.dumps(cfg))
-        args += [THEN] * bool(args) + [str(tmp / f"{name}.json"), str(tmp / f"{name}.pt"), *overrides]
-    return subprocess.run(worker_command(1, Path(args[0]), Path(args[1]), args[2:], "python"), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-
-
 def _latest_step(ckpt: Path) -> int:
     done = complete_checkpoints(ckpt)
     return int(done[-1].name.split("_")[1]) if done else 0
@@ -77,7 +64,7 @@ def test_sigkill_at_ten_random_points_then_resume_is_bitwise_the_uninterrupted_r
     for backend in ("fsdp2", "deepspeed"):
         points = [p for p in _points() if p[0] == backend]
         ref_cfg = tiny_config(tmp_path / f"ref_{backend}", **NOISY, backend=backend)
-        jobs = [(f"ref_{backend}", ref_cfg, [*REAL, f"data.shards={shards}"])]
+        jobs = [(f"ref_{backend}", ref_cfg, [*TINY_DPCAP_ON_SHARDS, f"data.shards={shards}"])]
         for i, (_, phase, step) in enumerate([*points, (backend, None, 0)]):
             run = tmp_path / f"{backend}_{i}"
             if phase is not None:
@@ -88,8 +75,8 @@ def test_sigkill_at_ten_random_points_then_resume_is_bitwise_the_uninterrupted_r
                     for tar in shards.glob("*.tar"):
                         shutil.copy(tar, data)
                 cfg = tiny_config(run, **NOISY, backend=backend)
-                jobs.append((f"kill_{i}", cfg, [*REAL, f"data.shards={data}", f"kill_at={phase}:{step}"]))
-            proc = _launch(tmp_path, jobs)
+                jobs.append((f"kill_{i}", cfg, [*TINY_DPCAP_ON_SHARDS, f"data.shards={data}", f"kill_at={phase}:{step}"]))
+            proc = launch_jobs(1, tmp_path, jobs, "python")
             if phase is not None:
                 assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
                 # no complete checkpoint lost: the last one saved before the kill is there
@@ -111,15 +98,6 @@ def test_sigkill_at_ten_random_points_then_resume_is_bitwise_the_uninterrupted_r
                 jobs = [(f"resume_{i}", cfg, jobs[-1][2][:-1])]
 
 
-def _start_rank(rank: int, world: int, port: int, config: Path, out: Path, extra=()) -> subprocess.Popen:
-    """One rank started by hand, as Slurm's srun starts them (no launcher watching the others)."""
-    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    return subprocess.Popen([PY, str(REPO / "tests" / "test_trainer_worker.py"), str(config), str(out), *extra],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
 def test_a_hung_rank_fails_the_others_within_the_collective_timeout(tmp_path):
     """Rank 1 stops (SIGSTOP: alive, sockets open, never answering) before step 3; rank 0 waits at
     the step's collective for collective_timeout_s = 10 s, then fails instead of waiting torch's
@@ -127,22 +105,16 @@ def test_a_hung_rank_fails_the_others_within_the_collective_timeout(tmp_path):
     cfg = tiny_config(tmp_path, steps=50, collective_timeout_s=10)
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     port = free_port()
-    ranks = [_start_rank(r, 2, port, tmp_path / "c.json", tmp_path / "out.pt", ["pause_at=2"]) for r in (0, 1)]
+    ranks = [start_rank(r, 2, port, tmp_path / "c.json", tmp_path / "out.pt", ["pause_at=2"]) for r in (0, 1)]
     try:
         pids = []
         for rank, proc in enumerate(ranks):
             paused, go = gate_files(tmp_path / "out.pt", rank)
-            deadline = time.monotonic() + 300
-            while not paused.exists():
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-                time.sleep(0.1)
+            wait_for_file(paused, proc)
             pids.append(int(paused.read_text()))
         os.kill(pids[1], signal.SIGSTOP)
         go.touch()
-        try:
-            _, err = ranks[0].communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            pytest.fail("rank 0 still waits for the hung rank 1 after 120 s")
+        _, err = output_by_deadline(ranks[0], 120, "rank 0 still waits for the hung rank 1 after 120 s")
         assert ranks[0].returncode != 0
         assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
     finally:
@@ -156,21 +128,15 @@ def test_one_rank_killed_ends_the_job_naming_the_rank(tmp_path):
     """SIGKILL to rank 1 of 2 (torchrun) while both wait before step 3: rank 0 does not train on
     alone nor wait; the job exits, and its report names rank 1."""
     cfg = tiny_config(tmp_path, steps=50, collective_timeout_s=30)
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(worker_command(2, tmp_path / "c.json", tmp_path / "out.pt", ["pause_at=2"]),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_worker(2, tmp_path, cfg, ["pause_at=2"])
     pids = paused_pids(tmp_path / "out.pt", 2, proc)
     os.kill(pids[1], signal.SIGKILL)
     gate_files(tmp_path / "out.pt", 0)[1].touch()
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        kill_job(proc, pids)
-        pytest.fail("the job outlived its killed rank 1 by 120 s")
+    _, err = output_by_deadline(proc, 120, "the job outlived its killed rank 1 by 120 s",
+                                kill=lambda: kill_job(proc, pids))
     assert proc.returncode != 0
     assert "rank      : 1" in err or "[rank1]" in err or "rank 1" in err, err[-3000:]
-    assert not _running(pids[0])
+    assert not running(pids[0])
 
 
 HUNG_READ = """
@@ -196,12 +162,6 @@ list(reader.micro_batches(0))
 
 
 def test_a_data_loader_worker_that_hangs_fails_the_rank_after_worker_timeout_s(tmp_path):
-    proc = subprocess.Popen([PY, "-c", HUNG_READ, str(tmp_path / "shards")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail("the reader still waits for its hung worker after 120 s")
+    proc = start_in_own_group([PY, "-c", HUNG_READ, str(tmp_path / "shards")], cwd=REPO)
+    _, err = output_by_deadline(proc, 120, "the reader still waits for its hung worker after 120 s")
     assert proc.returncode != 0 and "DataLoader timed out after 3.0 seconds" in err, err[-3000:]

@@ -9,38 +9,13 @@ from pathlib import Path
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from test_trainer_worker import REPO, TINY_MODEL
-
-TINY_JOB = ["steps=3", "optim.warmup_steps=1", "data.num_examples=300", "data.heldout_examples=12", "ds.train_batch_size=32",
-            "ds.train_micro_batch_size_per_gpu=16", "model.overrides.depth=1",
-            "model.overrides.decoder_depth=1", "model.overrides.embed_dim=32",
-            "model.overrides.num_heads=2", "model.overrides.decoder_embed_dim=32",
-            "model.overrides.decoder_num_heads=2", "metrics.log_every=1", "metrics.num_captions=2",
-            "checkpoint.every_steps=0"]
-
-
-def _cli(cwd: Path, module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", module, *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
-
-def _train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return _cli(cwd, "trainer.train", "--config", "default", *TINY_JOB, *args)
-
-
-def _params(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    out = tmp / f"{step_dir.parent.parent.name}.pt"
-    dcp_to_torch_save(step_dir, out)
-    return torch.load(out, weights_only=True)["app"]["model"]
-
+from tests.helpers.cli import TINY_JOB, checkpoint_params, run_cli, train_tiny_default
+from tests.helpers.processes import REPO
+from tests.helpers.standin import TINY_MODEL
 
 def test_default_job_in_miniature_then_init_from_an_upstream_checkpoint(tmp_path):
-    proc = _train(tmp_path, "name=mini")
+    proc = train_tiny_default(tmp_path, "name=mini")
     text = proc.stdout
     assert "trained 3/3 steps" in text and "epsilon = " in text and "zero-shot colour: accuracy" in text
     assert "linear probe shape: top-1 " in text and "(6 classes, chance 0.167; 6 train / 6 test" in text
@@ -56,16 +31,16 @@ def test_default_job_in_miniature_then_init_from_an_upstream_checkpoint(tmp_path
     # --init with the same weights in the original DP-Cap layout, trained with lr 0
     import models
 
-    ours = _params(step, tmp_path)
+    ours = checkpoint_params(step, tmp_path)
     upstream = models.to_upstream_state_dict(ours)
     torch.save({"model": upstream}, tmp_path / "upstream.pth")
-    _train(tmp_path, "name=init", "optim.lr=0.0", "steps=1", "--init", str(tmp_path / "upstream.pth"))
-    again = _params(tmp_path / "runs/init/checkpoints/step_00000001", tmp_path)
+    train_tiny_default(tmp_path, "name=init", "optim.lr=0.0", "steps=1", "--init", str(tmp_path / "upstream.pth"))
+    again = checkpoint_params(tmp_path / "runs/init/checkpoints/step_00000001", tmp_path)
     for key, value in ours.items():
         assert torch.equal(again[key], value), key
     # and from our own checkpoint folder (DCP, weights only: a fresh run at step 0)
-    _train(tmp_path, "name=init2", "optim.lr=0.0", "steps=1", "--init", str(tmp_path / "runs/mini/checkpoints"))
-    again = _params(tmp_path / "runs/init2/checkpoints/step_00000001", tmp_path)
+    train_tiny_default(tmp_path, "name=init2", "optim.lr=0.0", "steps=1", "--init", str(tmp_path / "runs/mini/checkpoints"))
+    again = checkpoint_params(tmp_path / "runs/init2/checkpoints/step_00000001", tmp_path)
     for key, value in ours.items():
         assert torch.equal(again[key], value), key
 
@@ -75,19 +50,19 @@ def test_vip_stage_one_then_private_stage_two_from_it_then_a_probe(tmp_path):
     stage initialised from it (its preset's --init), then a linear probe of its encoder."""
     tiny = [*TINY_MODEL, "data.num_examples=200", "ds.train_batch_size=32", "ds.train_micro_batch_size_per_gpu=16",
             "data.num_workers=0", "optim.warmup_steps=1", "checkpoint.every_steps=0"]
-    one = _cli(tmp_path, "trainer.train", "--config", "vip_stage1", *tiny, "steps=3", "--allow-non-private")
+    one = run_cli(tmp_path, "trainer.train", "--config", "vip_stage1", *tiny, "steps=3", "--allow-non-private")
     assert "trained 3/3 steps" in one.stdout and "NONE (non-private run)" in one.stdout
     assert "linear probe colour: top-1 " in one.stdout and "linear probe object: top-1 " in one.stdout
     # lr 0: stage two starts from, and keeps, stage one's weights
-    two = _cli(tmp_path, "trainer.train", "--config", "vip_stage2", *tiny, "steps=1", "optim.lr=0.0",
+    two = run_cli(tmp_path, "trainer.train", "--config", "vip_stage2", *tiny, "steps=1", "optim.lr=0.0",
                "data.shards=runs/vip_stage1/shards")
     assert "trained 1/1 steps" in two.stdout and "epsilon = " in two.stdout
-    first = _params(tmp_path / "runs/vip_stage1/checkpoints/step_00000003", tmp_path)
-    second = _params(tmp_path / "runs/vip_stage2/checkpoints/step_00000001", tmp_path)
+    first = checkpoint_params(tmp_path / "runs/vip_stage1/checkpoints/step_00000003", tmp_path)
+    second = checkpoint_params(tmp_path / "runs/vip_stage2/checkpoints/step_00000001", tmp_path)
     assert first.keys() == second.keys()
     for key, value in first.items():
         assert torch.equal(second[key], value), key
-    probe = _cli(tmp_path, "trainer.probe", "runs/vip_stage2/checkpoints", "--data", "synthetic:colour",
+    probe = run_cli(tmp_path, "trainer.probe", "runs/vip_stage2/checkpoints", "--data", "synthetic:colour",
                  "--examples", "80", "--shots", "1", "--trials", "2", "--device", "cpu")
     assert probe.stdout.startswith("linear probe: top-1 ") and "(8 classes, chance 0.125" in probe.stdout
 
@@ -117,7 +92,7 @@ def test_the_deepspeed_launcher_runs_the_real_job_under_zero3_then_export_reads_
     checkpoint that trainer.export reads, and that backend fsdp2 refuses to resume."""
     import json
 
-    from test_trainer_worker import free_port
+    from tests.helpers.processes import free_port
 
     from trainer import export
 

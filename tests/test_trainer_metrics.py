@@ -6,10 +6,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from test_trainer_worker import TinyCaptioner, run_worker, tiny_config, tiny_data
 from privacy.accounting import epsilon_of_segments
 from privacy.sampling import PoissonSampler
-from tests.privacy_helpers import flat_norms, per_example_grads
+from tests.helpers.jobs import run_worker
+from tests.helpers.privacy import flat_norms, per_example_grads
+from tests.helpers.standin import TinyCaptioner, tiny_config, tiny_data
 from trainer.common.checkpoints import read_meta
 from trainer.job.checkpoint import Checkpointer
 

@@ -11,39 +11,17 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
-from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from test_trainer_worker import PY, REPO, free_port
+from tests.helpers.photos import COLOURS, SHAPES, photo, write_class_folder
+from tests.helpers.processes import PY, REPO, free_port
+from tests.helpers.samples import encoded
+from tests.helpers.shards import write_like_img2dataset
+from tests.helpers.standin import TINY_MODEL
 
-COLOURS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 160, 60)}
-SHAPES = ("square", "circle", "triangle")
-TINY = ["model.overrides.img_size=32", "model.overrides.patch_size=8", "model.overrides.embed_dim=32",
-        "model.overrides.depth=1", "model.overrides.num_heads=2", "model.overrides.decoder_embed_dim=32",
-        "model.overrides.decoder_depth=1", "model.overrides.decoder_num_heads=2"]
 # what a third-party warning flood looks like in our output
 NOISE = ("absl", "failed to converge", "FutureWarning", "UserWarning", "Setting accelerator to CPU",
          "No CUDA runtime", "built successfully")
-
-
-def photo(colour: str, shape: str, seed: int, size: int = 48) -> Image.Image:
-    """A small real-looking picture: a coloured shape on a textured, lit background."""
-    rng = np.random.default_rng(seed)
-    ground = rng.integers(90, 200, 3)
-    ramp = np.linspace(0.7, 1.2, size)[:, None, None] * ground
-    pixels = np.clip(ramp + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
-    x, y, r = rng.integers(14, size - 14), rng.integers(14, size - 14), rng.integers(8, 13)
-    fill = tuple(int(c) for c in np.clip(np.array(COLOURS[colour]) + rng.normal(0, 15, 3), 0, 255))
-    if shape == "square":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-    elif shape == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-    else:
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-    return image
 
 
 def captioned_examples(count: int, seed: int = 0):
@@ -55,35 +33,16 @@ def captioned_examples(count: int, seed: int = 0):
 
 
 def write_shard_writer_shards(folder: Path, count: int, per_shard: int) -> None:
-    """How img2dataset writes LAION: webdataset.ShardWriter, key.jpg + key.txt + key.json."""
-    import io
-
-    folder.mkdir(parents=True)
-    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i, (image, text) in enumerate(captioned_examples(count)):
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=90)
-            sink.write({"__key__": f"{i:09d}", "jpg": buffer.getvalue(), "txt": text,
-                        "json": json.dumps({"key": f"{i:09d}", "status": "success"}).encode()})
-
-
-def write_class_folder(root: Path, per_class: int, seed: int = 7) -> list[str]:
-    """root/<colour>_square/*.jpg: one class per colour (folder names with "_", as people name them)."""
-    classes = []
-    for c, colour in enumerate(COLOURS):
-        name = f"{colour}_square"
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            photo(colour, "square", seed * 1000 + c * 100 + i).save(root / name / f"img_{i:03d}.jpg", quality=92)
-        classes.append(name)
-    return classes
+    """How img2dataset writes LAION, the pictures captioned "a photo of a red circle" and the like."""
+    write_like_img2dataset(folder, ((encoded(image, "JPEG", quality=90), text, {"key": f"{i:09d}", "status": "success"})
+                                    for i, (image, text) in enumerate(captioned_examples(count))), per_shard)
 
 
 def test_laion_style_shards_on_two_ranks_then_evaluation_on_your_classes(tmp_path):
     write_shard_writer_shards(tmp_path / "laion", 96, per_shard=40)  # 00000..00002
     write_class_folder(tmp_path / "classes", per_class=6)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = ["--config", "dpcap_own", "data.shards=laion/{00000..00002}.tar", "eval.data=classes", *TINY,
+    args = ["--config", "dpcap_own", "data.shards=laion/{00000..00002}.tar", "eval.data=classes", *TINY_MODEL,
             "steps=2", "ds.train_batch_size=32", "ds.train_micro_batch_size_per_gpu=16", "optim.warmup_steps=1",
             "data.num_workers=1", "eval.shots=[1,5]", "eval.trials=2", "metrics.num_captions=2",
             "checkpoint.every_steps=0", "metrics.progress=false"]
@@ -105,7 +64,7 @@ def test_laion_style_shards_on_two_ranks_then_evaluation_on_your_classes(tmp_pat
     assert "1-shot: " in out and "5-shot" not in out
     assert "5-shot probe skipped: eval.shots 5: class 'blue_square' has only 3 training examples" in err
     results_file = tmp_path / "runs/dpcap_own/tb/eval_step_00000002.json"
-    assert f"evaluation results: runs/dpcap_own/tb/eval_step_00000002.json" in out
+    assert "evaluation results: runs/dpcap_own/tb/eval_step_00000002.json" in out
     r = json.loads(results_file.read_text())
     own = r["eval_data"]
     assert r["step"] == 2 and r["model"] == "dpcap_nano" and r["train_data"] == "laion/{00000..00002}.tar"

@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from test_trainer_job import _params, _train
-from test_trainer_worker import REPO, TINY_MODEL, save_like_trainer
 from data import synthetic
+from tests.helpers.checkpoints import save_like_trainer
+from tests.helpers.cli import checkpoint_params, train_tiny_default
+from tests.helpers.processes import REPO
+from tests.helpers.standin import TINY_MODEL
 from trainer import probe
 from trainer.common import probing
 from trainer.common.heldout import HeldOut
@@ -102,7 +104,7 @@ def _probe_cli(*args: str) -> subprocess.CompletedProcess:
 def dpcap_run(tmp_path_factory):
     """A one-step DP-Cap job of the real trainer: its checkpoint folder."""
     cwd = tmp_path_factory.mktemp("dpcap")
-    _train(cwd, "name=probe", "steps=1", "metrics.num_captions=0", "eval.zero_shot=false")
+    train_tiny_default(cwd, "name=probe", "steps=1", "metrics.num_captions=0", "eval.zero_shot=false")
     return cwd / "runs/probe/checkpoints"
 
 
@@ -116,7 +118,7 @@ def _expected_probe(step, tmp_path, examples: int, shots, trials: int) -> dict:
     (tmp_path / "job.json").write_text(json.dumps(json.loads((step / "meta.json").read_text())["config"]))
     cfg = load_config(str(tmp_path / "job.json"))
     model = build_model(cfg, build_tokenizer(cfg))
-    model.load_state_dict(_params(step, tmp_path))
+    model.load_state_dict(checkpoint_params(step, tmp_path))
     images, labels, _ = HeldOut.of(cfg).task("colour", examples)
     with torch.no_grad():
         features = torch.cat([model.eval().features(batch)[:, 1:].mean(1) for batch in images.split(64)])
@@ -156,7 +158,7 @@ def test_cli_on_a_dpcap_checkpoint_and_the_same_weights_in_the_original_layout(d
     import models
 
     step = dpcap_run / "step_00000001"
-    torch.save({"model": models.to_upstream_state_dict(_params(step, tmp_path))}, tmp_path / "dpcap.pth")
+    torch.save({"model": models.to_upstream_state_dict(checkpoint_params(step, tmp_path))}, tmp_path / "dpcap.pth")
     config = tmp_path / "config.json"
     config.write_text(json.dumps(json.loads((step / "meta.json").read_text())["config"]))
     assert probe.main([str(tmp_path / "dpcap.pth"), "--config", str(config), "--examples", "160",

@@ -13,40 +13,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from test_data_hostile import _WritesMarker
-from test_trainer_worker import REPO, TINY_MODEL, TinyCaptioner, run_jobs, save_like_trainer, tiny_config
+from tests.helpers.checkpoints import save_like_trainer
+from tests.helpers.jobs import run_jobs
+from tests.helpers.payloads import WritesMarker, assert_live, craft_torch_file
+from tests.helpers.processes import REPO
+from tests.helpers.standin import TINY_MODEL, TinyCaptioner, tiny_config
 from trainer import caption, evaluate, export, probe
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.checkpoints import DCP_METADATA, read_dcp_metadata
 from trainer.common.config import load_config
 
 
-def _live(marker: Path, load) -> None:
-    """The payload runs when loaded without protection: the test can fail."""
-    load()
-    assert marker.exists(), "the payload did not run: the refusals below would prove nothing"
-    marker.unlink()
-
-
 def _craft_dcp(step: Path, marker: Path) -> None:
     """A real DCP metadata with a payload among its fields."""
     metadata = read_dcp_metadata(step)
-    metadata.storage_meta.modules = [_WritesMarker(str(marker))]
+    metadata.storage_meta.modules = [WritesMarker(str(marker))]
     (step / DCP_METADATA).write_bytes(pickle.dumps(metadata))
-    _live(marker, lambda: pickle.loads((step / DCP_METADATA).read_bytes()))
-
-
-def _craft_torch_file(path: Path, marker: Path, real: dict | None = None) -> None:
-    """A torch.save file with a payload beside its (real) content."""
-    if real is None:
-        import deepspeed  # noqa: F401  (DeepSpeed's own classes are in its files)
-
-        real = torch.load(path, map_location="cpu", weights_only=False)
-    torch.save({**real, "note": _WritesMarker(str(marker))}, path)
-    _live(marker, lambda: torch.load(path, map_location="cpu", weights_only=False))
+    assert_live(marker, lambda: pickle.loads((step / DCP_METADATA).read_bytes()))
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +52,8 @@ def crafted(tmp_path_factory):
     meta["train_state"]["backend"] = "deepspeed"
     (ds_step / "meta.json").write_text(json.dumps(meta))
     (ds_step / "deepspeed").mkdir()
-    _craft_torch_file(ds_step / "weights.pt", marker, {"model": model.state_dict()})
-    _craft_torch_file(tmp / "weights.pth", marker, {"model": model.state_dict()})
+    craft_torch_file(ds_step / "weights.pt", marker, {"model": model.state_dict()})
+    craft_torch_file(tmp / "weights.pth", marker, {"model": model.state_dict()})
     (tmp / "config.json").write_text(json.dumps(cfg.to_dict()))
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -104,8 +89,8 @@ def test_the_tools_refuse_every_crafted_checkpoint(crafted, capsys):
 
 ATTEMPTS = """
 import json, sys
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-from test_trainer_worker import TinyCaptioner, tiny_data
+sys.path[:0] = [sys.argv[1]]
+from tests.helpers.standin import TinyCaptioner, tiny_data
 from trainer.common.config import load_config
 from trainer.job.trainer import Trainer
 out = {}
@@ -132,9 +117,9 @@ def test_resume_and_init_refuse_every_crafted_checkpoint(tmp_path):
              launcher="python")
     dcp_step, ds_step = (tmp_path / name / "ckpt" / "step_00000001" for name in ("fsdp2", "deepspeed"))
     _craft_dcp(dcp_step, marker)
-    _craft_torch_file(ds_step / "deepspeed" / "mp_rank_00_model_states.pt", marker)
-    _craft_torch_file(ds_step / "weights.pt", marker)
-    _craft_torch_file(tmp_path / "weights.pth", marker, {"model": TinyCaptioner().state_dict()})
+    craft_torch_file(ds_step / "deepspeed" / "mp_rank_00_model_states.pt", marker)
+    craft_torch_file(ds_step / "weights.pt", marker)
+    craft_torch_file(tmp_path / "weights.pth", marker, {"model": TinyCaptioner().state_dict()})
     fresh = {"checkpoint.dir": str(tmp_path / "fresh")}
     attempts = [
         ("resume DCP", "fsdp2", ["steps=2"], "refusing"),

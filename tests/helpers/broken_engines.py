@@ -5,8 +5,8 @@ libraries have, through the public interface only (constructor arguments,
 public methods, the model and reducer it is given), so they keep working
 whatever the engine's internals become. Audit one with
 
-    python -m privacy.audit --engine tests.broken_engines:SkipClipping --out /tmp/audit
-    python -m privacy.audit --sampler tests.broken_engines:OversampledPoisson --out /tmp/audit
+    python -m privacy.audit --engine tests.helpers.broken_engines:SkipClipping --out /tmp/audit
+    python -m privacy.audit --sampler tests.helpers.broken_engines:OversampledPoisson --out /tmp/audit
 
 The first five are grossly broken; the last three are the small
 miscalibrations (20 to 50 percent) that only a tight audit catches.

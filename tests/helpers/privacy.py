@@ -126,6 +126,25 @@ class OddLayers(nn.Module):
         return (self.out(x).squeeze(1) - targets) ** 2
 
 
+class PerExampleLoss(nn.Module):
+    """A classifier's per-example cross-entropy: as benchmarks.suite.PerExampleCrossEntropy, but
+    in the logits' own dtype (that one casts to fp32, which would round the float64 reference)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images, labels):
+        return F.cross_entropy(self.classifier(images), labels, reduction="none")
+
+
+def classification_batch(batch: int, size: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random RGB images of ``size`` x ``size`` pixels and their labels, from seed 1."""
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, 3, size, size, generator=generator),
+            torch.randint(0, classes, (batch,), generator=generator))
+
+
 def vit_batch(b, generator):
     return torch.randn(b, 3, 16, 16, generator=generator), torch.randint(0, 10, (b,), generator=generator)
 
