@@ -28,7 +28,6 @@ torch.compile breaks the graph at every wrapped layer.
 
 import logging
 import math
-import os
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +37,7 @@ from privacy.install import Installation, Target
 from privacy.reducer import GradReducer, LocalReducer
 from privacy.rules import DEFAULT_RULES, Rule
 from privacy.rules.base import FP32, Context, LayerPlan
+from privacy.seeds import draw_secret_seed
 from privacy.step import NoiseGenerators, StepSums, add_noise, scale_grad
 
 __all__ = ["PrivacyEngine", "check_matmul_precision"]
@@ -45,8 +45,6 @@ __all__ = ["PrivacyEngine", "check_matmul_precision"]
 logger = logging.getLogger(__name__)
 
 
-def _random_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") & (2**63 - 1)
 
 
 class PrivacyEngine:
@@ -108,7 +106,7 @@ class PrivacyEngine:
         self.rules = dict(DEFAULT_RULES if rules is None else rules)
         self.two_pass = bool(two_pass)
         self.reuse_memory = float(reuse_memory)
-        self._seed = _random_seed() if seed is None else seed
+        self._seed = draw_secret_seed() if seed is None else seed
         self._step = 0
         self._install = Installation(model, self.rules)
         self._sums = StepSums(self._install.shapes)

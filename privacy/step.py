@@ -11,11 +11,11 @@ seeded with (seed, noise stream, k, device index): a resumed run never reuses
 noise, and ranks with distinct streams draw independent noise.
 """
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from privacy.rules.base import FP32
+from privacy.seeds import derived_seed
 
 
 class StepSums:
@@ -75,10 +75,8 @@ class LayerSums:
 def noise_generator(seed: int, noise_stream: int, step: int, index: int, device: torch.device) -> torch.Generator:
     """The generator of step ``step``'s noise on the ``index``-th device a rank
     uses, from the secret ``seed`` and the rank's ``noise_stream``."""
-    words = [seed, noise_stream, step, index]
-    derived = int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) & (2**63 - 1)
     generator = torch.Generator(device=device)
-    generator.manual_seed(derived)
+    generator.manual_seed(derived_seed(seed, noise_stream, step, index))
     return generator
 
 

@@ -7,7 +7,6 @@ other than the channel: the input is kept until the backward, as autograd's own
 input in place (the same values).
 """
 
-import torch
 from torch import Tensor, nn
 
 from privacy.rules.base import FP32, Call, Prepared, Rule

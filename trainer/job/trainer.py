@@ -24,19 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 import signal
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from privacy.seeds import derived_seed, draw_secret_seed
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.checkpoints import META_FORMAT, load_model_weights, read_meta, step_folder
 from trainer.common.config import JobConfig, learning_rate
@@ -71,10 +69,6 @@ from trainer.job.validation import validate, validate_data_size
 
 logger = logging.getLogger(__name__)
 
-
-
-def _step_seed(*words: int) -> int:
-    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
 
 class Trainer:
@@ -138,7 +132,7 @@ class Trainer:
                                         noise_multiplier=self.plan.sigma,
                                         expected_batch_size=self.geo.batch_size,
                                         seed=secret, reducer=self.backend.reducer)
-            sampling_seed = _step_seed(secret, 1)
+            sampling_seed = derived_seed(secret, 1)
         else:
             sampling_seed = cfg.seed
 
@@ -234,7 +228,7 @@ class Trainer:
             logger.warning("privacy.secret_seed is set: noise and batches are reproducible by anyone who "
                            "knows it; do not release models trained this way")
             return self.cfg.privacy.secret_seed
-        seed = torch.tensor([secrets.randbits(62)], dtype=torch.int64, device=self.dist.device)
+        seed = torch.tensor([draw_secret_seed()], dtype=torch.int64, device=self.dist.device)
         dist.broadcast(seed, src=0)
         return int(seed.item())
 
@@ -269,15 +263,15 @@ class Trainer:
         uninterrupted run); any other continuation is a new branch whose secret seeds get a
         fresh salt, so that no two continuations of one checkpoint share noise or batches."""
         # rank 0's view decides for all
-        reasons, salt = from_rank0((branch_reasons(self.cfg, meta), int.from_bytes(os.urandom(8), "big") & (2**62 - 1)))
+        reasons, salt = from_rank0((branch_reasons(self.cfg, meta), draw_secret_seed()))
         if not reasons:
             return
         if not self.plan.enabled:  # nothing secret to salt: the sampling seed is the config's
             self.state.branch(reasons, None, str(path))
             return
         engine_state = self.engine.state_dict()
-        self.engine.load_state_dict({**engine_state, "seed": _step_seed(engine_state["seed"], salt)})
-        self.state.sampling_seed = _step_seed(self.state.sampling_seed, salt)
+        self.engine.load_state_dict({**engine_state, "seed": derived_seed(engine_state["seed"], salt)})
+        self.state.sampling_seed = derived_seed(self.state.sampling_seed, salt)
         self.state.branch(reasons, salt, str(path))
         if self.dist.is_main:
             logger.warning("resuming %s as a new branch (%s): a fresh secret salt is mixed into the noise and "
@@ -344,7 +338,7 @@ class Trainer:
         """One logical step: this rank's micro-batches, padded with empty ones to
         `n_micro` (the same on every rank), then the noised update."""
         # same RNG on every rank and step (ViP masking); resume-exact
-        torch.manual_seed(_step_seed(self.cfg.seed, self.step, self.dist.rank))
+        torch.manual_seed(derived_seed(self.cfg.seed, self.step, self.dist.rank))
         lr = self.peak_lr * lr_factor(self.step, self.cfg.optim.warmup_steps,
                                       self.cfg.optim.decay_steps or self.cfg.steps,
                                       self.cfg.optim.min_lr_ratio)
