@@ -12,7 +12,7 @@ import sys
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
-from test_imports import IMPORTED, PACKAGE_ROOTS, REPO
+from tests.helpers.import_graph import IMPORTED, PACKAGE_ROOTS, REPO
 
 CONFIG = configparser.ConfigParser()
 CONFIG.read(REPO / "setup.cfg")
