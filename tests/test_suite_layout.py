@@ -46,3 +46,11 @@ def test_helpers_define_no_tests():
     tests = [f"{path.relative_to(TESTS)}: {name}" for path in helpers
              for name in _tests_defined(ast.parse(path.read_text()))]
     assert tests == [], "tests in tests/helpers never run; move them to a test module:\n" + "\n".join(tests)
+
+
+def test_every_slow_module_named_exists():
+    """conftest.py marks slow modules by name: a renamed one would silently join the fast loop."""
+    from tests.conftest import SLOW_MODULES
+
+    missing = sorted(name for name in SLOW_MODULES if not (TESTS / f"{name}.py").is_file())
+    assert missing == [], f"tests/conftest.py SLOW_MODULES names no file: {missing}"
