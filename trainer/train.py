@@ -18,6 +18,7 @@ from trainer.common.evaluation import summary_lines
 from trainer.job import plan as privacy_plan
 from trainer.job.data import count_examples, prepare_shards
 from trainer.job.distributed import exit_process, launcher_env, shutdown
+from trainer.job.tasks import Classification
 from trainer.job.trainer import Trainer
 from trainer.job.validation import validate, validate_data_size
 
@@ -57,7 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             world = args.world_size or launcher_env(args.local_rank)[2]
             geo = validate(cfg, world, args.allow_non_private)
-            if cfg.data.num_examples == 0:  # left out: the shards' index says (built now if need be)
+            if cfg.data.num_examples == 0 and cfg.is_classifier:  # the folder's readable training images
+                cfg.data.num_examples = len(Classification(cfg).train)
+                logger.info("data.num_examples not set: N = %s, the readable training images of data.classes",
+                            f"{cfg.data.num_examples:,}")
+                validate_data_size(cfg, geo)
+            elif cfg.data.num_examples == 0:  # left out: the shards' index says (built now if need be)
                 cfg.data.num_examples = count_examples(prepare_shards(cfg, None))
                 logger.info("data.num_examples not set: N = %s, the number of samples the index of "
                             "data.shards lists", f"{cfg.data.num_examples:,}")
@@ -67,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.world_size is not None:
             raise ValueError("--world-size is for --dry-run; the launcher sets the world size")
         trainer = Trainer(cfg, allow_non_private=args.allow_non_private, local_rank=args.local_rank,
-                          evaluate_at_end=cfg.eval.zero_shot or cfg.eval.probe or cfg.is_captioner)
+                          evaluate_at_end=cfg.eval.zero_shot or cfg.eval.probe or cfg.is_captioner
+                          or cfg.is_classifier)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -96,6 +103,12 @@ def _summary_text(s: dict[str, Any]) -> str:
     for task, r in s.get("probe", {}).items():
         lines.append(f"linear probe {task}: top-1 {r['accuracy']:.3f} ({r['classes']} classes, chance "
                      f"{1 / r['classes']:.3f}; {r['train']} train / {r['test']} test held-out images)")
+    if "top1" in s:
+        f = s["finetune"]
+        top5 = f", top-5 {s['top5']:.4f}" if "top5" in s else ""
+        lines.append(f"fine-tuned top-1: {s['top1']:.4f}{top5} ({len(f['classes'])} classes, chance "
+                     f"{f['chance']:.3f}; {f['val_examples']} validation images of {f['data']}; finetune.layers="
+                     f"{f['layers']}{', parameter average' if f['averaged'] else ''})")
     lines += summary_lines(s)
     if "results_file" in s:
         lines.append(f"evaluation results: {s['results_file']}")

@@ -22,8 +22,10 @@ def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geomet
     p = cfg.privacy
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    if cfg.data.source not in ("synthetic", "shards"):
-        raise ValueError(f"data.source must be synthetic or shards, got {cfg.data.source!r}")
+    if cfg.data.source not in ("synthetic", "shards", "classes"):
+        raise ValueError(f"data.source must be synthetic, shards or classes, got {cfg.data.source!r}")
+    if cfg.is_classifier:
+        _check_finetune(cfg)
     if cfg.data.num_examples < 0 or (cfg.data.num_examples == 0 and cfg.data.source == "synthetic"):
         raise ValueError("data.num_examples (N, the data set size: how many synthetic examples to write) "
                          "must be set: q = B / N")
@@ -85,6 +87,23 @@ def validate_data_size(cfg: JobConfig, geo: Geometry) -> None:
                          f"protect individuals")
     if p.tan_reference_batch is not None and p.tan_reference_batch > n:
         raise ValueError("privacy.tan_reference_batch exceeds data.num_examples")
+
+
+def _check_finetune(cfg: JobConfig) -> None:
+    """A classification job (data.source=classes): its folder and the finetune section."""
+    f = cfg.finetune
+    if not cfg.data.classes:
+        raise ValueError("data.source=classes needs data.classes=FOLDER (FOLDER/train/<class>/ and "
+                         "FOLDER/val/<class>/, or FOLDER/<class>/)")
+    last = f.layers.startswith("last:") and f.layers[5:].isdigit() and int(f.layers[5:]) >= 1
+    if f.layers not in ("head", "all") and not last:
+        raise ValueError(f"finetune.layers must be head, all or last:K (K >= 1 blocks), got {f.layers!r}")
+    if f.views < 1:
+        raise ValueError(f"finetune.views must be >= 1, got {f.views}")
+    if not 0 <= f.ema < 1:
+        raise ValueError(f"finetune.ema must be in [0, 1) (0: no average), got {f.ema}")
+    if f.eval_every < 0:
+        raise ValueError(f"finetune.eval_every must be >= 0, got {f.eval_every}")
 
 
 def _check_ds_config(cfg: JobConfig, geo: Geometry) -> None:
