@@ -54,8 +54,8 @@ class Classifier(nn.Module):
         return self.head(self.encoder.features(images)[:, 1:].mean(1))
 
 
-def timm_classifier(name: str, num_classes: int, **overrides) -> nn.Module:
-    """timm's ``name`` (no weights: they come from a local file) with a head for ``num_classes``."""
+def timm_classifier(name: str, classes: int, **overrides) -> nn.Module:
+    """timm's ``name`` (no weights: they come from a local file) with a head for ``classes``."""
     import timm
 
     try:
@@ -66,7 +66,7 @@ def timm_classifier(name: str, num_classes: int, **overrides) -> nn.Module:
     if not isinstance(head, nn.Linear) or not hasattr(model, "reset_classifier"):
         raise ValueError(f"model.name=timm:{name} has no linear head to replace (get_classifier() is "
                          f"{type(head).__name__}); pick a timm classification model")
-    model.reset_classifier(num_classes)
+    model.reset_classifier(classes)
     return model
 
 
