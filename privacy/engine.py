@@ -141,9 +141,10 @@ class _MicroBatch:
     operators per layer (a GPU pays a launch for each), the sums over layers
     and the small per-example gradients of every layer in one go."""
 
-    batch: int
+    batch: int  # examples
     device: torch.device
     ctx: Context
+    views: int = 1  # consecutive loss rows per example (augmentation multiplicity)
     keep: ClipFactors | None = None  # two-pass second pass: the factors are in the gradients; 1 kept, 0 dropped
     sq_norms: list[Tensor] = field(default_factory=list)  # per layer, its parameters not in rows
     # B_iL of ghost layers by their rounding unit u + T 2^-24 (few distinct): the margins' terms
@@ -153,6 +154,11 @@ class _MicroBatch:
     sums: list = field(default_factory=list)  # the layers' accumulate(factors) for the rest
     # bare parameters' per-example gradients [b, numel], summed over their uses in the forward
     bare: dict[tuple[BareOwner, str], Tensor] = field(default_factory=dict)
+
+    @property
+    def loss_rows(self) -> int:
+        """Rows of the loss: the layers' rows are proved grouped relative to these."""
+        return self.batch * self.views
 
     def add_bare(self, owner: BareOwner, name: str, per_example: Tensor) -> None:
         flat = per_example.reshape(self.batch, -1).float()
@@ -573,8 +579,17 @@ class PrivacyEngine:
 
     # -- one micro-batch ----------------------------------------------------
 
-    def backward(self, per_example_loss: Tensor) -> None:
-        """Backward one micro-batch and add its clipped per-example gradients."""
+    def backward(self, per_example_loss: Tensor, views: int = 1) -> None:
+        """Backward one micro-batch and add its clipped per-example gradients.
+
+        ``views=K`` (augmentation multiplicity, De et al. 2022): ``per_example_loss``
+        has ``b x K`` rows, rows ``i K .. i K + K - 1`` the losses of example i's K
+        augmented views. The example's loss is the mean of its views' losses, so
+        its gradient (the mean of its views' gradients) is clipped as one: the
+        example still adds at most C, and the statistics count examples. That the
+        rows come K per example is the caller's declaration (the loss is where
+        the examples are defined); every layer's rows are then taken as K times
+        the grouping privacy.graph proves relative to the loss's rows."""
         if not self._attached:
             raise ValueError("this PrivacyEngine was detached; create a new one")
         if per_example_loss.dim() != 1:
@@ -582,25 +597,30 @@ class PrivacyEngine:
                 "per_example_loss must have shape [b] (one loss per example, not reduced), "
                 f"got {tuple(per_example_loss.shape)}"
             )
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be an int >= 1 (augmented views per example), got {views!r}")
+        if per_example_loss.shape[0] % views:
+            raise ValueError(f"per_example_loss has {per_example_loss.shape[0]} rows, not a multiple of views={views} "
+                             "(rows i*views .. i*views + views - 1 are example i's views)")
         device = per_example_loss.device
         check_matmul_precision(device.type)
         self._drop_stale_calls()
-        batch = per_example_loss.shape[0]
         self._refuse_leaks(per_example_loss)
+        loss = per_example_loss if views == 1 else per_example_loss.view(-1, views).mean(1)
+        batch = loss.shape[0]
         try:
             # an empty micro-batch still runs backward, so that every rank runs the
             # same hooks and collectives, but it has no per-example gradient to clip
             if self.two_pass and batch > 0:
                 # the original algorithm's norm pass: ghost norms for every Linear (nothing kept for a sum)
-                scale = self._pass(per_example_loss, Context(device.type, batch, keep_sum=False, reuse_memory=0.0),
+                scale = self._pass(loss, Context(device.type, batch, keep_sum=False, reuse_memory=0.0), views,
                                    retain=True)
                 keep = (scale > 0).to(FP32)
-                self._pass(per_example_loss * scale.to(per_example_loss.dtype),
-                           Context(device.type, batch, norms=False), keep=keep)
+                self._pass(loss * scale.to(loss.dtype), Context(device.type, batch, norms=False), views, keep=keep)
             else:
-                self._pass(per_example_loss, Context(device.type, batch, reuse_memory=self.reuse_memory))
+                self._pass(loss, Context(device.type, batch, reuse_memory=self.reuse_memory), views)
             if batch == 0:
-                self.per_example_norms = per_example_loss.new_zeros(0, dtype=FP32)
+                self.per_example_norms = loss.new_zeros(0, dtype=FP32)
         finally:
             self._micro = None
             self._uses.clear()
@@ -630,10 +650,12 @@ class PrivacyEngine:
             + ". Call the layers themselves (their forward is where the engine sees each use), or freeze what "
             "is not to be trained")
 
-    def _pass(self, loss: Tensor, ctx: Context, retain: bool = False, keep: Tensor | None = None) -> Tensor | None:
-        """One backward: every layer prepared as its gradient arrives; then (unless
-        this is the two-pass mode's second pass) clip factors, and the sums."""
-        micro = _MicroBatch(loss.shape[0], loss.device, ctx, keep=None if keep is None else ClipFactors(keep))
+    def _pass(self, loss: Tensor, ctx: Context, views: int, retain: bool = False,
+              keep: Tensor | None = None) -> Tensor | None:
+        """One backward of the per-example ``loss`` [b] (each the mean of ``views``
+        rows): every layer prepared as its gradient arrives; then (unless this is
+        the two-pass mode's second pass) clip factors, and the sums."""
+        micro = _MicroBatch(loss.shape[0], loss.device, ctx, views, keep=None if keep is None else ClipFactors(keep))
         self._micro = micro
         for target in self._targets:
             target.done = False
@@ -676,26 +698,29 @@ class PrivacyEngine:
         if micro.batch == 0:  # nothing to clip; the backward ran for the ranks' symmetry
             return
         rows = (grad if isinstance(grad, Tensor) else grad[0]).shape[0]
-        if rows != micro.batch:
-            self._rows_per_example(target.qualname or "model", rows, call.node, micro.batch)
+        if rows != micro.loss_rows:
+            self._rows_per_example(target.qualname or "model", rows, call.node, micro)
         if all(c.grad is not None for c in target.calls):
             with _arithmetic(micro.device):
                 self._prepare(target)
 
-    def _rows_per_example(self, label: str, rows: int, node, batch: int) -> int:
-        """k for a layer (or a bare parameter's copy) with ``rows`` = k x ``batch`` rows
-        in dim 0, where privacy.graph proves they are grouped k per example; ValueError
-        otherwise."""
-        if batch == 1:  # every row belongs to the one example
+    def _rows_per_example(self, label: str, rows: int, node, micro: _MicroBatch) -> int:
+        """k for a layer (or a bare parameter's copy) with ``rows`` = k x ``micro.batch``
+        rows in dim 0, where privacy.graph proves they are grouped k / views per loss
+        row (the loss's rows being views per example); ValueError otherwise."""
+        if micro.batch == 1:  # every row belongs to the one example
             return rows
+        loss_rows = micro.loss_rows
         why = f"{rows} is not a multiple of it"
-        if rows % batch == 0 and node is not None:
+        if rows % loss_rows == 0 and node is not None:
             try:
-                return graph.rows_per_example(node, 0, batch)
+                return graph.rows_per_example(node, 0, loss_rows) * micro.views
             except graph.Unproven as unproven:
                 why = str(unproven)
+        examples = f"{micro.batch} examples" if micro.views == 1 else \
+            f"{loss_rows} rows ({micro.views} views of each of {micro.batch} examples)"
         raise ValueError(
-            f"{label}: its output has {rows} rows in dim 0 but the loss has {batch} examples, and {why}; the "
+            f"{label}: its output has {rows} rows in dim 0 but the loss has {examples}, and {why}; the "
             "privacy engine needs each layer to keep one example per row of dim 0, or consecutive rows per example "
             "where it can prove that from the operators in between (reshapes and permutes of windows, as Swin's)"
         )
@@ -707,9 +732,9 @@ class PrivacyEngine:
         if micro is None or micro.batch == 0:  # a backward outside engine.backward, or nothing to clip
             return
         rows = grad.shape[0]
-        if rows != micro.batch:
+        if rows != micro.loss_rows:
             node, _ = use.output or (None, 0)
-            self._rows_per_example(use.label(), rows, node, micro.batch)
+            self._rows_per_example(use.label(), rows, node, micro)
         with _arithmetic(micro.device):
             per_row = grad.reshape(rows, *use.value.shape)
             for owner, name, per_example in use.per_example(sum_rows(per_row, micro.batch)):
