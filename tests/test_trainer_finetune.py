@@ -5,7 +5,6 @@ classifier with grouped views (each example's K views add at most C, against tor
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -145,12 +144,6 @@ def test_the_release_holds_the_average_in_the_parameters_places(tmp_path):
 
 # --------------------------------------------------------------------------- grouped views
 
-needs_views = pytest.mark.skipif(
-    "views" not in inspect.signature(__import__("privacy").PrivacyEngine.backward).parameters,
-    reason="waits for PrivacyEngine.backward(loss, views=K)")
-
-
-@needs_views
 def test_each_example_adds_at_most_c_of_its_views_mean_gradient(tmp_path):
     """engine.backward(loss, views=K) with noise 0: the step's gradient is the sum over examples of
     their K views' mean gradient clipped to C (torch.func's), so each example adds at most C."""

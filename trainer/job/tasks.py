@@ -205,10 +205,7 @@ class Classification:
                 torch.zeros(1, dtype=torch.long, device=device))
 
     def private_backward(self, engine, loss: torch.Tensor) -> None:
-        if self.views == 1:
-            engine.backward(loss)
-        else:
-            engine.backward(loss, views=self.views)
+        engine.backward(loss, views=self.views)
 
     def load_init(self, model: nn.Module, path: str) -> None:
         """The encoder's weights (our checkpoint folder, an exported file, the original layouts,
@@ -302,15 +299,6 @@ def for_job(cfg: JobConfig, main: bool = True):
     if cfg.is_classifier:
         return Classification(cfg, main)
     return Captioning(cfg) if cfg.is_captioner else MaskedAutoencoding(cfg)
-
-
-def check_views_supported(engine, views: int) -> None:
-    """Augmentation multiplicity needs an engine that groups an example's views."""
-    import inspect
-
-    if views > 1 and "views" not in inspect.signature(engine.backward).parameters:
-        raise ValueError(f"finetune.views={views} needs a privacy engine that groups each example's views "
-                         f"(PrivacyEngine.backward(loss, views=K)); this one does not: use finetune.views=1")
 
 
 def log_start(task, main: bool) -> None:

@@ -141,7 +141,6 @@ class Trainer:
                                         expected_batch_size=self.geo.batch_size,
                                         seed=secret, reducer=self.backend.reducer)
             sampling_seed = _step_seed(secret, 1)
-            tasks.check_views_supported(self.engine, self.task.views)
         else:
             sampling_seed = cfg.seed
 
