@@ -141,7 +141,7 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
     resume (the reader's position, the secret seeds and the average all come back)."""
     folder = write_folder(tmp_path / "images", per_class=8)
     init = _encoder_weights(tmp_path)
-    common = ["finetune.layers=last:1", "finetune.views=2", "finetune.ema=0.5", "privacy.target_epsilon=8",
+    common = ["finetune.layers=last:1", "finetune.views=2", "finetune.ema=0.5", "privacy.noise_multiplier=1.0",
               "privacy.secret_seed=11", "checkpoint.every_steps=2", "finetune.eval_every=1"]
     _finetune(tmp_path, folder, init, *common, "steps=4", "name=straight")
     _finetune(tmp_path, folder, init, *common, "steps=2", "name=resumed")
