@@ -184,3 +184,26 @@ def test_each_example_adds_at_most_c_of_its_views_mean_gradient(tmp_path):
         torch.testing.assert_close(got[n].grad, expected[n], rtol=1e-4, atol=1e-7)
     total = torch.sqrt(sum(got[n].grad.square().sum() for n in names))
     assert total <= b * C * (1 + 1e-5)
+
+
+# --------------------------------------------------------------------------- the zero-shot prompt hint
+
+def test_a_prompt_that_never_precedes_a_class_name_gets_the_captions_own_text():
+    from trainer.common.evaluation import prompt_hint
+
+    captions = ["a blurry photo of a golden retriever.", "a blurry photo of a cat", "two cats on a sofa",
+                "a close photo of a cat"]
+    hint = prompt_hint("this is a photo of a", ["golden_retriever", "cat"], captions)
+    assert "never comes before a class name in 4 training captions sampled (3 name a class)" in hint
+    assert hint.endswith('try eval.prompt="a blurry photo of a"')
+    assert prompt_hint("photo of a", ["golden_retriever", "cat"], captions) is None  # met once: no warning
+    assert prompt_hint("this is a photo of a", ["owl"], captions) is None  # no caption names a class
+
+
+def test_the_job_samples_its_training_captions_for_the_hint():
+    from data import synthetic
+    from trainer.job.data import sample_captions
+
+    cfg = load_config("default", ["data.num_examples=1000"])
+    captions = sample_captions(cfg, None, count=10)
+    assert captions == [synthetic.make_scene(cfg.data.seed, i).caption for i in range(0, 1000, 100)]

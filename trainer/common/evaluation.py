@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,36 @@ def probe_accuracy(model: nn.Module, device: torch.device, section: EvalConfig, 
 def label_text(folder_name: str) -> str:
     """A class folder's name as the words a caption would use: golden_retriever -> golden retriever."""
     return " ".join(folder_name.replace("_", " ").split())
+
+
+def prompt_hint(prompt: str, classes: Sequence[str], captions: Sequence[str]) -> str | None:
+    """A warning when ``prompt`` never comes right before a class name in the training
+    ``captions`` (a sample is enough), with the text that does: zero-shot scores each class name
+    after the prompt, and a captioner trained on captions of another style scores near chance
+    with it. None when the prompt is met, or no caption names a class."""
+    wanted = _words(prompt)
+    names = sorted({_words(label_text(c)) for c in classes}, key=len, reverse=True)
+    before: Counter = Counter()
+    for caption in map(_words, captions):
+        for name in names:
+            start = f" {caption} ".find(f" {name} ")
+            if start < 0:
+                continue
+            preceding = caption[:start].strip()
+            if preceding == wanted or preceding.endswith(f" {wanted}"):
+                return None
+            before[" ".join(preceding.split()[-6:])] += 1
+            break
+    if not before:
+        return None
+    found, count = before.most_common(1)[0]
+    return (f"eval.prompt={prompt!r} never comes before a class name in {len(captions)} training captions "
+            f"sampled ({sum(before.values())} name a class), so zero-shot may score near chance; the captions "
+            f"put {found!r} before a class name ({count} of them): try eval.prompt=\"{found}\"")
+
+
+def _words(text: str) -> str:
+    return " ".join(text.lower().replace(",", " ").replace(".", " ").split())
 
 
 def folder_plan(section: EvalConfig, data: ProbeData, tokenizer, text_length: int,

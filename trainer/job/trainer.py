@@ -49,6 +49,7 @@ from trainer.common.evaluation import (
     evaluate,
     folder_captions,
     folder_plan,
+    prompt_hint,
     write_results,
 )
 from trainer.common.heldout import HeldOut
@@ -57,7 +58,7 @@ from trainer.job import plan as privacy_plan
 from trainer.job import tasks
 from trainer.job.backend import create_backend
 from trainer.job.checkpoint import Checkpointer
-from trainer.job.data import InMemoryReader, build_reader, count_examples, prepare_shards
+from trainer.job.data import InMemoryReader, build_reader, count_examples, prepare_shards, sample_captions
 from trainer.job.distributed import Distributed, agree, from_rank0, init_distributed, launcher_env
 from trainer.job.metrics import Metrics, peak_flops
 from trainer.job.optim import lr_factor
@@ -117,7 +118,7 @@ class Trainer:
         model = (model_factory or build_model)(cfg, self.tokenizer).to(device)
         self.flops_per_example = self._count_flops(model)
         self.evaluate_at_end = evaluate_at_end
-        self._prepare_evaluation()
+        self._prepare_evaluation(index)
         self.init_privacy = None
         if cfg.init:
             try:
@@ -198,7 +199,7 @@ class Trainer:
                              f"(data.num_examples=0) to take it from the data")
         validate_data_size(cfg, self.geo)
 
-    def _prepare_evaluation(self) -> None:
+    def _prepare_evaluation(self, index) -> None:
         """What the end-of-job evaluation (and the periodic captions) will judge, checked now,
         before training: the held-out synthetic images when training on synthetic data, and
         eval.data, a folder of your classes."""
@@ -214,6 +215,10 @@ class Trainer:
                                                    cfg.data.text_length, cfg.is_captioner)
             for note in notes if self.dist.is_main else ():
                 logger.warning("eval.data: %s", note)
+            if cfg.is_captioner and cfg.eval.zero_shot and self.dist.is_main:
+                hint = prompt_hint(cfg.eval.prompt, self.eval_folder.classes, sample_captions(cfg, index))
+                if hint:
+                    logger.warning("eval.data: %s", hint)
         elif self.evaluate_at_end and self.heldout is None and self.dist.is_main:
             logger.warning("no eval.data: nothing will judge this model at the end (the synthetic tasks run "
                            "only when training on synthetic data); set eval.data=FOLDER, a folder of class "
