@@ -136,7 +136,9 @@ class FinetuneConfig:
 
     layers: str = "head"  # what trains: "head" (a linear probe), "last:K" (last K blocks + head), "all"
     views: int = 1  # augmentation multiplicity: K augmented views per example, gradients averaged before clipping
-    augment: bool = True  # random crop (60-100% of the area) and horizontal flip of each training view
+    augment: bool = True  # a random crop and horizontal flip of each training view
+    crop: float = 0.8  # the smallest crop, as a share of the image's area (the largest: all of it)
+    flip: bool = True  # false: crops only (images a mirror changes: digits, text)
     ema: float = 0.0  # decay of the parameter average that is evaluated and exported (0: none)
     eval_every: int = 0  # evaluate on the validation images every N steps (0: only at the end)
 

@@ -165,7 +165,8 @@ class Classification:
             raise ValueError(f"{setting}: {len(classes)} class ({', '.join(classes)}); a classifier needs at "
                              f"least two class folders")
         size = _image_size(cfg)
-        crop = CropFlip(seed=cfg.seed, scale=(0.6, 1.0)) if cfg.finetune.augment else None
+        f = cfg.finetune
+        crop = CropFlip(seed=cfg.seed, scale=(f.crop, 1.0), flip=f.flip) if f.augment else None
         self.to_pixels = ImageTextTransform(size, lambda s: [0], 1, crop)
         self.train = ClassImages(train, self.to_pixels.decode_size)
         held_out = ClassImages(val, size)

@@ -102,6 +102,8 @@ def _check_finetune(cfg: JobConfig) -> None:
         raise ValueError(f"finetune.views must be >= 1, got {f.views}")
     if not 0 <= f.ema < 1:
         raise ValueError(f"finetune.ema must be in [0, 1) (0: no average), got {f.ema}")
+    if not 0 < f.crop <= 1:
+        raise ValueError(f"finetune.crop (the smallest crop's share of the area) must be in (0, 1], got {f.crop}")
     if f.eval_every < 0:
         raise ValueError(f"finetune.eval_every must be >= 0, got {f.eval_every}")
 
