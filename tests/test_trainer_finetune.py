@@ -85,7 +85,8 @@ def test_finetune_settings_are_checked_before_any_work(tmp_path):
     for bad, message in (("finetune.layers=some", "finetune.layers must be head, all or last:K"),
                          ("finetune.layers=last:0", "finetune.layers must be"),
                          ("finetune.views=0", "finetune.views must be >= 1"),
-                         ("finetune.ema=1.0", r"finetune.ema must be in \[0, 1\)")):
+                         ("finetune.ema=1.0", r"finetune.ema must be in \[0, 1\)"),
+                         ("finetune.crop=0", r"finetune.crop \(the smallest crop's share of the area\)")):
         with pytest.raises(ValueError, match=message):
             validate(config(folder, bad), 1, False)
     with pytest.raises(ValueError, match="needs data.classes=FOLDER"):
@@ -207,3 +208,13 @@ def test_the_job_samples_its_training_captions_for_the_hint():
     cfg = load_config("default", ["data.num_examples=1000"])
     captions = sample_captions(cfg, None, count=10)
     assert captions == [synthetic.make_scene(cfg.data.seed, i).caption for i in range(0, 1000, 100)]
+
+
+def test_the_dry_run_plans_on_the_folders_training_images(tmp_path, capsys):
+    from trainer.train import main
+
+    folder = write_folder(tmp_path / "images", per_class=8)
+    (folder / "cat/broken.png").write_bytes(b"\x89PNG but not")
+    assert main(["--config", "finetune_own", f"data.classes={folder}", *TINY, "ds.train_batch_size=8",
+                 "privacy.target_epsilon=4", "--dry-run"]) == 0
+    assert "data: N = 18 examples (classes)" in capsys.readouterr().out  # 3 x 6 readable, the broken one left out
