@@ -97,9 +97,7 @@ def trainable_names(model: nn.Module, layers: str) -> set[str]:
         raise ValueError(f"finetune.layers={layers}: K must be in [1, {count}] (the model's blocks)")
     order = list(model.named_parameters())
     first = next(i for i, (n, _) in enumerate(order) if n.startswith(f"{prefix}.{count - k}."))
-    after = {n for n, _ in order[first:] if not n.startswith(prefix) or
-             int(n[len(prefix) + 1:].split(".", 1)[0]) >= count - k}
-    return after | heads
+    return {n for n, _ in order[first:]} | heads  # parameters are registered in the order they are used
 
 
 def add_average(model: nn.Module) -> None:
