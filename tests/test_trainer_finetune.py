@@ -218,3 +218,32 @@ def test_the_dry_run_plans_on_the_folders_training_images(tmp_path, capsys):
     assert main(["--config", "finetune_own", f"data.classes={folder}", *TINY, "ds.train_batch_size=8",
                  "privacy.target_epsilon=4", "--dry-run"]) == 0
     assert "data: N = 18 examples (classes)" in capsys.readouterr().out  # 3 x 6 readable, the broken one left out
+
+
+def test_a_timm_model_gets_a_new_head_its_weights_from_a_local_file_and_exports_as_timm_loads_it(tmp_path):
+    import timm
+
+    from privacy import PrivacyEngine
+    from trainer.export import exported_state_dict
+    from trainer.job.tasks import load_encoder
+
+    arch = dict(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    pretrained = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, **arch)
+    torch.save(pretrained.state_dict(), tmp_path / "vit.pth")  # a local file: nothing is downloaded
+    cfg = config(write_folder(tmp_path / "images"), "model.name=timm:vit_tiny_patch16_224", "model.overrides={}",
+                 *[f"model.overrides.{k}={v}" for k, v in arch.items()], "model.num_classes=3",
+                 "finetune.layers=last:1", "finetune.ema=0.9")
+    model = build_classifier(cfg)
+    load_encoder(model, str(tmp_path / "vit.pth"))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, pretrained.blocks[0].attn.qkv.weight)
+    assert model.head.weight.shape == (3, 16)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "blocks.1.mlp.fc1.weight" in trainable and "head.weight" in trainable
+    assert not any(n.startswith(("blocks.0.", "patch_embed", "cls_token")) for n in trainable)
+    engine = PrivacyEngine(model, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=2)
+    assert set(engine.covered_parameters) == trainable
+    # the export holds timm's keys (no average buffers): timm loads it into a fresh model of 3 classes
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **arch)
+    fresh.load_state_dict(exported_state_dict(model, "ours"))
+    with pytest.raises(ValueError, match="a timm model's --init is a weights file"):
+        load_encoder(model, str(tmp_path))
