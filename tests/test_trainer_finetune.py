@@ -91,6 +91,8 @@ def test_finetune_settings_are_checked_before_any_work(tmp_path):
             validate(config(folder, bad), 1, False)
     with pytest.raises(ValueError, match="needs data.classes=FOLDER"):
         validate(load_config("finetune_own", TINY), 1, False)
+    with pytest.raises(ValueError, match="data.classes is for a classification job"):
+        validate(load_config("default", [f"data.classes={folder}"]), 1, False)
 
 
 def test_a_flat_folder_is_split_by_file_name_hash_as_eval_data_is(tmp_path):

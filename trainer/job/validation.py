@@ -26,6 +26,9 @@ def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geomet
         raise ValueError(f"data.source must be synthetic, shards or classes, got {cfg.data.source!r}")
     if cfg.is_classifier:
         _check_finetune(cfg)
+    elif cfg.data.classes:
+        raise ValueError(f"data.classes is for a classification job (data.source=classes, e.g. --config "
+                         f"finetune_own), not data.source={cfg.data.source}")
     if cfg.data.num_examples < 0 or (cfg.data.num_examples == 0 and cfg.data.source == "synthetic"):
         raise ValueError("data.num_examples (N, the data set size: how many synthetic examples to write) "
                          "must be set: q = B / N")
