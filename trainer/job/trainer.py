@@ -109,7 +109,8 @@ class Trainer:
         if index is not None:
             self._check_data_size(count_examples(index), "the number of samples the index of data.shards lists")
         else:
-            self._check_data_size(len(train_data), "the size of the in-memory data set")
+            self._check_data_size(len(train_data), "the readable training images of data.classes"
+                                  if cfg.is_classifier else "the size of the in-memory data set")
         self.plan = privacy_plan.resolve(cfg, self.geo)
 
         # 3. model (same init on every rank), its weights
