@@ -90,7 +90,7 @@ def test_finetune_settings_are_checked_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=message):
             validate(config(folder, bad), 1, False)
     with pytest.raises(ValueError, match="needs data.classes=FOLDER"):
-        validate(load_config("finetune_own", TINY), 1, False)
+        Classification(load_config("finetune_own", TINY))
     with pytest.raises(ValueError, match="data.classes is for a classification job"):
         validate(load_config("default", [f"data.classes={folder}"]), 1, False)
 

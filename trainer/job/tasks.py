@@ -158,6 +158,9 @@ class Classification:
 
         self.cfg = cfg
         self.views = cfg.finetune.views
+        if not cfg.data.classes:
+            raise ValueError("data.source=classes needs data.classes=FOLDER (FOLDER/train/<class>/ and "
+                             "FOLDER/val/<class>/, or FOLDER/<class>/)")
         setting = f"data.classes={cfg.data.classes}"
         classes, train, val = folder_files(Path(cfg.data.classes), cfg.eval.val_fraction, cfg.eval.max_per_class,
                                            setting=setting)

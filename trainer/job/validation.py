@@ -93,11 +93,8 @@ def validate_data_size(cfg: JobConfig, geo: Geometry) -> None:
 
 
 def _check_finetune(cfg: JobConfig) -> None:
-    """A classification job (data.source=classes): its folder and the finetune section."""
+    """A classification job's finetune section (data.classes is read at the job's start)."""
     f = cfg.finetune
-    if not cfg.data.classes:
-        raise ValueError("data.source=classes needs data.classes=FOLDER (FOLDER/train/<class>/ and "
-                         "FOLDER/val/<class>/, or FOLDER/<class>/)")
     last = f.layers.startswith("last:") and f.layers[5:].isdigit() and int(f.layers[5:]) >= 1
     if f.layers not in ("head", "all") and not last:
         raise ValueError(f"finetune.layers must be head, all or last:K (K >= 1 blocks), got {f.layers!r}")
