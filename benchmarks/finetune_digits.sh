@@ -11,8 +11,7 @@ shift 2
 runs=("$@")
 if [ ${#runs[@]} -eq 0 ]; then
     for layers in head all; do
-        for eps in 1 4 8 inf; do runs+=("${layers}_eps${eps}_v1"); done
-        for eps in 1 8; do runs+=("${layers}_eps${eps}_v4"); done
+        for eps in 1 4 8 inf; do runs+=("${layers}_eps${eps}_v1" "${layers}_eps${eps}_v4"); done
     done
 fi
 mkdir -p logs
