@@ -154,6 +154,11 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0)
     assert not torch.equal(straight["average_head_weight"], straight["head.weight"])
     assert int(straight["average_steps"]) == 4
+    # the export releases the average, in the parameters' places
+    _run(tmp_path, "trainer.export", "runs/straight/checkpoints", "averaged.pth")
+    exported = torch.load(tmp_path / "averaged.pth", weights_only=True)["model"]
+    assert torch.equal(exported["head.weight"], straight["average_head_weight"])
+    assert torch.equal(exported["encoder.blocks.0.attn.qkv.weight"], straight["encoder.blocks.0.attn.qkv.weight"])
     # evaluated every step: eval_step_3 and _4 after the resume, with the average
     assert (tmp_path / "runs/resumed/tb/eval_step_00000003.json").is_file()
     assert json.loads((tmp_path / "runs/resumed/tb/eval_step_00000004.json").read_text())["finetune"]["averaged"]
