@@ -203,6 +203,21 @@ def test_a_prompt_that_never_precedes_a_class_name_gets_the_captions_own_text():
     assert prompt_hint("this is a photo of a", ["owl"], captions) is None  # no caption names a class
 
 
+def test_the_hint_reads_a_sample_of_the_captions_of_your_shards(tmp_path):
+    from data.shards import ShardLimits, write_shards
+    from data.sources import Example
+    from trainer.common.evaluation import prompt_hint
+    from trainer.job.data import prepare_shards, sample_captions
+
+    names = ["cat", "dog"] * 10
+    write_shards((Example(Image.new("RGB", (8, 8)), f"a grainy snapshot of a {n}") for n in names), tmp_path / "s",
+                 ShardLimits(max_count=7))
+    cfg = load_config("dpcap_own", [f"data.shards={tmp_path / 's'}", "data.num_examples=20"])
+    captions = sample_captions(cfg, prepare_shards(cfg, None), count=5)
+    assert captions == [f"a grainy snapshot of a {n}" for n in names[::4]]
+    assert prompt_hint(cfg.eval.prompt, ["cat", "dog"], captions).endswith('eval.prompt="a grainy snapshot of a"')
+
+
 def test_the_job_samples_its_training_captions_for_the_hint():
     from data import synthetic
     from trainer.job.data import sample_captions
