@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.classifier import Classifier, add_average, averages, released_state_dict, trainable_names
+from models.classifier import Classifier, add_average, averages, released_state_dict
 from trainer.common.build import build_classifier
 from trainer.common.config import load_config
 from trainer.job.tasks import Classification

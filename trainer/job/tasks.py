@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.common.build import TIMM, build_classifier
+from trainer.common.build import build_classifier
 from trainer.common.config import JobConfig
 
 logger = logging.getLogger(__name__)
