@@ -24,6 +24,7 @@ class CropFlip:
     seed: int
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True  # False: crops only (digits, text: images that a mirror changes)
 
     def __call__(self, image: Image.Image, words: Sequence[int]) -> Image.Image:
         rng = np.random.default_rng([self.seed, *words])
@@ -38,7 +39,8 @@ class CropFlip:
                 box = (left, top, left + w, top + h)
                 break
         image = image.crop(box)
-        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+        flipped = rng.random() < 0.5  # drawn either way: the crops do not depend on ``flip``
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped and self.flip else image
 
 
 class ImageTextTransform:

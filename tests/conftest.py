@@ -13,8 +13,8 @@ SLOW_MODULES = frozenset({
     "test_data_fuzz", "test_data_tar_headers", "test_privacy_audit", "test_torch_compat",
     "test_trainer_agreement", "test_benchmarks_suite", "test_trainer_caption", "test_trainer_checkpoint",
     "test_trainer_checkpoint_safety", "test_trainer_config", "test_trainer_deepspeed", "test_trainer_distributed",
-    "test_trainer_evaluate", "test_trainer_export", "test_trainer_faults", "test_benchmarks_gpu_check",
-    "test_imports", "test_trainer_job", "test_trainer_own_data", "test_trainer_probe",
+    "test_trainer_evaluate", "test_trainer_export", "test_trainer_faults", "test_trainer_finetune_cli",
+    "test_benchmarks_gpu_check", "test_imports", "test_trainer_job", "test_trainer_own_data", "test_trainer_probe",
     "test_trainer_untrusted",
 })
 

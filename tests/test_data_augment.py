@@ -56,6 +56,16 @@ def test_crop_and_flip_are_random_per_sample_and_reproducible():
     assert not np.array_equal(np.asarray(CropFlip(seed=4)(image, (0, 7))), outs[0])
 
 
+def test_flip_false_keeps_the_same_crops_never_mirrored():
+    image = _textured(0)
+    for step in range(40):
+        both = np.asarray(CropFlip(seed=3)(image, (step, 7)))
+        crop = np.asarray(CropFlip(seed=3, flip=False)(image, (step, 7)))
+        assert np.array_equal(crop, both) or np.array_equal(crop[:, ::-1], both)
+        whole = CropFlip(seed=3, scale=(1.0, 1.0), ratio=(0.8, 0.8), flip=False)(image, (step,))
+        assert np.array_equal(np.asarray(whole), np.asarray(image))
+
+
 def test_decode_size_keeps_the_smallest_crop_at_full_resolution():
     assert ImageTextTransform(224, _tokenize, 4).decode_size == 224
     assert ImageTextTransform(224, _tokenize, 4, CropFlip(seed=0)).decode_size == 501  # 224 / sqrt(0.2)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import models
+from models.classifier import released_state_dict
 from trainer.common.weights import add_model_arguments, load_trained_model, locate
 
 LAYOUTS = ("ours", "original")
@@ -38,9 +39,14 @@ def exported_state_dict(model: torch.nn.Module, layout: str) -> dict[str, torch.
     """The model's parameters and persistent buffers, contiguous on the CPU, in ``layout``."""
     if layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # a fine-tuned classifier's parameter average, if it kept one, in its parameters' places
+    sd = {k: v.detach().cpu().contiguous() for k, v in released_state_dict(model).items()}
     if layout == "ours":
         return sd
+    if not isinstance(model, (models.DPCap, models.ViP)):
+        raise ValueError(f"--layout original: {type(model).__name__} has no original layout (the original "
+                         f"DP-Cap and MAE code hold no classifier); use --layout ours (a timm model's keys "
+                         f"are timm's)")
     if isinstance(model, models.DPCap) and model.config.vocab_size != ORIGINAL_VOCAB:
         raise ValueError(f"--layout original: this model's vocabulary has {model.config.vocab_size} ids (a "
                          f"synthetic job's compact one?); the original DP-Cap code expects {ORIGINAL_VOCAB}; "

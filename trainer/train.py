@@ -18,6 +18,7 @@ from trainer.common.evaluation import summary_lines
 from trainer.job import plan as privacy_plan
 from trainer.job.data import count_examples, prepare_shards
 from trainer.job.distributed import exit_process, launcher_env, shutdown
+from trainer.job.tasks import Classification
 from trainer.job.trainer import Trainer
 from trainer.job.validation import validate, validate_data_size
 
@@ -57,7 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             world = args.world_size or launcher_env(args.local_rank)[2]
             geo = validate(cfg, world, args.allow_non_private)
-            if cfg.data.num_examples == 0:  # left out: the shards' index says (built now if need be)
+            if cfg.data.num_examples == 0 and cfg.is_classifier:  # the folder's readable training images
+                cfg.data.num_examples = len(Classification(cfg).train)
+                logger.info("data.num_examples not set: N = %s, the readable training images of data.classes",
+                            f"{cfg.data.num_examples:,}")
+                validate_data_size(cfg, geo)
+            elif cfg.data.num_examples == 0:  # left out: the shards' index says (built now if need be)
                 cfg.data.num_examples = count_examples(prepare_shards(cfg, None))
                 logger.info("data.num_examples not set: N = %s, the number of samples the index of "
                             "data.shards lists", f"{cfg.data.num_examples:,}")
@@ -67,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.world_size is not None:
             raise ValueError("--world-size is for --dry-run; the launcher sets the world size")
         trainer = Trainer(cfg, allow_non_private=args.allow_non_private, local_rank=args.local_rank,
-                          evaluate_at_end=cfg.eval.zero_shot or cfg.eval.probe or cfg.is_captioner)
+                          evaluate_at_end=cfg.eval.zero_shot or cfg.eval.probe or cfg.is_captioner
+                          or cfg.is_classifier)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

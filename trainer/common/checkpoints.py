@@ -329,7 +329,7 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
     if p.is_dir():
         step_dir = step_folder(p)
         if (step_dir / WEIGHTS).is_file():
-            _load_state_dict(model, _read_weights_file(step_dir / WEIGHTS), step_dir / WEIGHTS, convert_upstream)
+            _load_state_dict(model, read_weights_file(step_dir / WEIGHTS), step_dir / WEIGHTS, convert_upstream)
         elif (step_dir / DCP_METADATA).is_file():
             tensors = ModelOptimizerState(model, None)
             state = tensors.state_dict()
@@ -342,11 +342,11 @@ def load_model_weights(model: nn.Module, path: str, convert_upstream) -> None:
         return
     if not p.is_file():
         raise ValueError(f"{path}: no such weights file or checkpoint folder")
-    _load_state_dict(model, _read_weights_file(p), p, convert_upstream)
+    _load_state_dict(model, read_weights_file(p), p, convert_upstream)
     logger.info("initialised weights from %s", p)
 
 
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == SAFETENSORS:
         from safetensors import SafetensorError
         from safetensors.torch import load_file

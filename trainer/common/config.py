@@ -29,12 +29,15 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
+TIMM = "timm:"  # model.name=timm:NAME: a timm model, weights from --init (never downloaded)
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "dpcap_nano"  # a models.create_model name
     overrides: dict[str, Any] = field(default_factory=dict)  # create_model keyword overrides
     mask_ratio: float = 0.75  # ViP only: fraction of patches masked
+    num_classes: int = 0  # a classifier's (data.source=classes): set from the class folder
 
 
 @dataclass(kw_only=True)
@@ -57,6 +60,9 @@ class DataConfig:
     # training images only: MAE's random resized crop (scale 0.2-1) and horizontal flip,
     # random from (JobConfig.seed, step, example); off for DP-Cap, whose captions name positions
     augment: bool = False
+    # source "classes": a class folder to fine-tune on, FOLDER/train/<class>/ and FOLDER/val/<class>/,
+    # or FOLDER/<class>/ split by a hash of the file names (eval.val_fraction held out)
+    classes: str = ""
 
 
 @dataclass(kw_only=True)
@@ -132,6 +138,19 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class FinetuneConfig:
+    """Fine-tuning a pre-trained encoder on a class folder (``data.source=classes``)."""
+
+    layers: str = "head"  # what trains: "head" (a linear probe), "last:K" (last K blocks + head), "all"
+    views: int = 1  # augmentation multiplicity: K augmented views per example, gradients averaged before clipping
+    augment: bool = True  # a random crop and horizontal flip of each training view
+    crop: float = 0.8  # the smallest crop, as a share of the image's area (the largest: all of it)
+    flip: bool = True  # false: crops only (images a mirror changes: digits, text)
+    ema: float = 0.0  # decay of the parameter average that is evaluated and exported (0: none)
+    eval_every: int = 0  # evaluate on the validation images every N steps (0: only at the end)
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     name: str = "default"
     # the sharding engine: "fsdp2" (torch FSDP2 + DCP checkpoints) or "deepspeed"
@@ -153,6 +172,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -172,13 +192,19 @@ class JobConfig:
         default (``models.model_config``); what the data, the held-out images and the model agree on."""
         if "img_size" in self.model.overrides:
             return self.model.overrides["img_size"]
+        if self.model.name.startswith(TIMM):  # timm's own models: their usual input side
+            return 224
         from models import model_config
 
         return model_config(self.model.name).img_size
 
     @property
     def is_captioner(self) -> bool:
-        return self.model.name.startswith("dpcap")
+        return self.model.name.startswith("dpcap") and not self.is_classifier
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.data.source == "classes"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -335,6 +361,21 @@ def vip_own() -> JobConfig:
     )
 
 
+def finetune_own() -> JobConfig:
+    """Fine-tune the default job's DP-Cap encoder (--init) privately on your class folder
+    (data.classes=FOLDER): a linear head on frozen features, epsilon 8 (PLD), N the folder's
+    training images; finetune.layers=all (or last:K) trains the encoder too."""
+    cfg = default_for_this_machine()
+    cfg.name = "finetune_own"
+    cfg.ds_config = "finetune.json"  # B = 32 (a small folder: N >= 32), micro-batches of 32
+    cfg.steps = 200
+    cfg.data = DataConfig(source="classes", text_length=cfg.data.text_length)
+    cfg.optim = OptimConfig(lr=1e-2, warmup_steps=10, weight_decay=0.0)
+    cfg.checkpoint = CheckpointConfig(every_steps=100, keep_last=2)
+    cfg.eval = EvalConfig(zero_shot=False, probe=False, val_fraction=0.2)
+    return cfg
+
+
 def _paper(model: str) -> Callable[[], JobConfig]:
     return lambda: dpcap_paper(model)
 
@@ -351,6 +392,7 @@ PRESETS: dict[str, Callable[[], JobConfig]] = {
     "vip_stage2": vip_stage2,
     "dpcap_own": dpcap_own,
     "vip_own": vip_own,
+    "finetune_own": finetune_own,
 }
 # presets renamed so that no preset is called like a model (``vip_base`` is also models' name)
 RENAMED_PRESETS = {"vip_base": "vip_stage2"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,36 @@ def heldout_probe(model: nn.Module, device: torch.device, section: EvalConfig, h
 def label_text(folder_name: str) -> str:
     """A class folder's name as the words a caption would use: golden_retriever -> golden retriever."""
     return " ".join(folder_name.replace("_", " ").split())
+
+
+def prompt_hint(prompt: str, classes: Sequence[str], captions: Sequence[str]) -> str | None:
+    """A warning when ``prompt`` never comes right before a class name in the training
+    ``captions`` (a sample is enough), with the text that does: zero-shot scores each class name
+    after the prompt, and a captioner trained on captions of another style scores near chance
+    with it. None when the prompt is met, or no caption names a class."""
+    wanted = _words(prompt)
+    names = sorted({_words(label_text(c)) for c in classes}, key=len, reverse=True)
+    before: Counter = Counter()
+    for caption in map(_words, captions):
+        for name in names:
+            start = f" {caption} ".find(f" {name} ")
+            if start < 0:
+                continue
+            preceding = caption[:start].strip()
+            if preceding == wanted or preceding.endswith(f" {wanted}"):
+                return None
+            before[" ".join(preceding.split()[-6:])] += 1
+            break
+    if not before:
+        return None
+    found, count = before.most_common(1)[0]
+    return (f"eval.prompt={prompt!r} never comes before a class name in {len(captions)} training captions "
+            f"sampled ({sum(before.values())} name a class), so zero-shot may score near chance; the captions "
+            f"put {found!r} before a class name ({count} of them): try eval.prompt=\"{found}\"")
+
+
+def _words(text: str) -> str:
+    return " ".join(text.lower().replace(",", " ").replace(".", " ").split())
 
 
 def folder_plan(section: EvalConfig, data: ProbeData, tokenizer, text_length: int,
@@ -233,13 +264,20 @@ def captions_markdown(captions: list[dict[str, str]]) -> str:
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """:func:`evaluate`'s results in a few lines (the job's summary, python -m trainer.evaluate):
-    zero-shot and probes on the held-out synthetic images, then on eval.data."""
+    zero-shot and probes on the held-out synthetic images, a classification job's top-1, then
+    eval.data."""
     lines = [f"zero-shot {task}: accuracy {r['accuracy']:.3f} ({r['classes']} classes, chance "
              f"{1 / r['classes']:.3f}; {results['eval_examples']} held-out images)"
              for task, r in results.get("zero_shot", {}).items()]
     lines += [f"linear probe {task}: top-1 {r['accuracy']:.3f} ({r['classes']} classes, chance "
               f"{1 / r['classes']:.3f}; {r['train']} train / {r['test']} test held-out images)"
               for task, r in results.get("probe", {}).items()]
+    if "top1" in results and "finetune" in results:  # a classification job's validation images
+        f = results["finetune"]
+        top5 = f", top-5 {results['top5']:.4f}" if "top5" in results else ""
+        lines.append(f"fine-tuned top-1: {results['top1']:.4f}{top5} ({len(f['classes'])} classes, chance "
+                     f"{f['chance']:.3f}; {f['val_examples']} validation images of {f['data']}; finetune.layers="
+                     f"{f['layers']}{', parameter average' if f['averaged'] else ''})")
     own = results.get("eval_data")
     if not own:
         return lines

@@ -65,10 +65,10 @@ def synthetic_data(heldout: HeldOut, task: str, count: int) -> ProbeData:
                      test_names=[f"held-out {i}" for i in range(half, count)])
 
 
-def folder_data(root: Path, cfg: JobConfig, val_fraction: float = 0.5, max_per_class: int = 0,
-                setting: str | None = None) -> ProbeData:
-    """A folder of class folders, decoded with data.decode (never unpickled) and resized like
-    the trainer's inputs: ImageNet's layout, ``root/train/<class>/*`` and ``root/val/<class>/*``,
+def folder_files(root: Path, val_fraction: float = 0.5, max_per_class: int = 0,
+                 setting: str | None = None) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """The class names and the (image file, label) pairs of each split of a folder of class
+    folders: ImageNet's layout, ``root/train/<class>/*`` and ``root/val/<class>/*``,
     or ``root/<class>/*``, each class's images split into val (``val_fraction`` of them) and
     train by a hash of their file names (deterministic, and a file added later moves no other).
     ``max_per_class`` > 0 keeps that many images of each class in each split (for a quick look
@@ -103,6 +103,15 @@ def folder_data(root: Path, cfg: JobConfig, val_fraction: float = 0.5, max_per_c
         train, test = _at_most(train, max_per_class), _at_most(test, max_per_class)
     if not train or not test:
         raise ValueError(f"{option}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {where}")
+    return classes, train, test
+
+
+def folder_data(root: Path, cfg: JobConfig, val_fraction: float = 0.5, max_per_class: int = 0,
+                setting: str | None = None) -> ProbeData:
+    """A folder of class folders (:func:`folder_files`), decoded with data.decode (never
+    unpickled) and resized like the trainer's inputs."""
+    root = Path(root)
+    classes, train, test = folder_files(root, val_fraction, max_per_class, setting)
     to_pixels = transform(cfg, None)
 
     def pixels(files: list[Path]) -> torch.Tensor:

@@ -23,17 +23,19 @@ from torch import nn
 import models
 from trainer.common.build import build_model, build_tokenizer
 from trainer.common.checkpoints import load_model_weights, read_meta, step_folder
-from trainer.common.config import DataConfig, JobConfig, ModelConfig, load_config
+from trainer.common.config import DataConfig, FinetuneConfig, JobConfig, ModelConfig, load_config
 
 logger = logging.getLogger(__name__)
 
 
 def config_from_meta(step: Path) -> JobConfig:
-    """The model and data sections of the run's saved config: all that builds the model
-    and its inputs."""
+    """The model and data sections (and a classifier's finetune section) of the run's saved
+    config: all that builds the model and its inputs."""
     raw = read_meta(step)["config"]
     sections = {}
-    for name, cls in (("model", ModelConfig), ("data", DataConfig)):
+    for name, cls in (("model", ModelConfig), ("data", DataConfig), ("finetune", FinetuneConfig)):
+        if name not in raw:
+            continue
         known = {f.name for f in dataclasses.fields(cls)}
         if ignored := sorted(set(raw[name]) - known):
             logger.warning("%s: ignoring unknown %s settings %s", step, name, ", ".join(ignored))

@@ -169,3 +169,26 @@ def build_reader(cfg: JobConfig, index: ShardIndex, sampler, tokenizer, *, pin_m
 
 def count_examples(index: ShardIndex) -> int:
     return sum(index.counts)
+
+
+def sample_captions(cfg: JobConfig, index: ShardIndex | None, count: int = 500) -> list[str]:
+    """Up to ``count`` training captions, spread over the data set (the zero-shot prompt hint):
+    the synthetic generator's, or read from the shards (undecodable samples left out)."""
+    from data import synthetic
+    from data.decode import CAPTION_EXTENSION, BadSample, decode_caption
+
+    n = cfg.data.num_examples
+    picks = range(0, n, max(1, n // count))[:count]
+    if cfg.data.source == "synthetic":
+        return [synthetic.make_scene(cfg.data.seed, i).caption for i in picks]
+    if index is None:
+        return []
+    from data.tar_index import TarIndex
+
+    tars, captions = TarIndex.of(index.paths, index.counts, index.offsets_path), []
+    for i in picks:
+        try:
+            captions.append(decode_caption(tars.members(i)[CAPTION_EXTENSION]))
+        except (BadSample, KeyError, OSError, ValueError):
+            continue
+    return captions

@@ -26,7 +26,6 @@ import json
 import logging
 import signal
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch import nn
 
 from privacy.seeds import derived_seed, draw_secret_seed
 from trainer.common.build import build_model, build_tokenizer
-from trainer.common.checkpoints import META_FORMAT, load_model_weights, read_meta, step_folder
+from trainer.common.checkpoints import META_FORMAT, read_meta, step_folder
 from trainer.common.config import JobConfig, learning_rate
 from trainer.common.evaluation import (
     caption_examples,
@@ -44,14 +43,16 @@ from trainer.common.evaluation import (
     evaluate,
     folder_captions,
     folder_plan,
+    prompt_hint,
     write_results,
 )
 from trainer.common.heldout import HeldOut
 from trainer.common.probing import folder_data
 from trainer.job import plan as privacy_plan
+from trainer.job import tasks
 from trainer.job.backend import create_backend
 from trainer.job.checkpoint import Checkpointer
-from trainer.job.data import InMemoryReader, build_reader, count_examples, prepare_shards
+from trainer.job.data import InMemoryReader, build_reader, count_examples, prepare_shards, sample_captions
 from trainer.job.distributed import (
     Distributed,
     agree,
@@ -94,11 +95,16 @@ class Trainer:
         self.lock = RunLock.acquire(cfg.checkpoint_dir, cfg.checkpoint.lock_lease_s, self.dist.rank)
 
         # 2. the data's size N (q = B / N), then the privacy plan
+        self.task = tasks.for_job(cfg, self.dist.is_main)  # a class folder is read (and checked) now
+        if cfg.is_classifier and train_data is None:
+            train_data = self.task.train
+            tasks.log_start(self.task, self.dist.is_main)
         index = prepare_shards(cfg, self.dist) if train_data is None else None
         if index is not None:
             self._check_data_size(count_examples(index), "the number of samples the index of data.shards lists")
         else:
-            self._check_data_size(len(train_data), "the size of the in-memory data set")
+            self._check_data_size(len(train_data), "the readable training images of data.classes"
+                                  if cfg.is_classifier else "the size of the in-memory data set")
         self.plan = privacy_plan.resolve(cfg, self.geo)
 
         # 3. model (same init on every rank), its weights
@@ -107,13 +113,11 @@ class Trainer:
         model = (model_factory or build_model)(cfg, self.tokenizer).to(device)
         self.flops_per_example = self._count_flops(model)
         self.evaluate_at_end = evaluate_at_end
-        self._prepare_evaluation()
+        self._prepare_evaluation(index)
         self.init_privacy = None
         if cfg.init:
-            import models
-
             try:
-                load_model_weights(model, cfg.init, partial(models.from_original_layout, model))
+                self.task.load_init(model, cfg.init)
             except ValueError as e:
                 raise ValueError(f"--init {e}") from None
             self.init_privacy = self._init_privacy(Path(cfg.init))
@@ -146,13 +150,14 @@ class Trainer:
         self.sampler = PoissonSampler(cfg.data.num_examples, self.plan.q, sampling_seed,
                                       world_size=self.dist.world_size, rank=self.dist.rank,
                                       max_physical_batch=self.geo.micro_batch)
-        if train_data is None:
+        if cfg.is_classifier:
+            self.reader = self.task.reader(self.sampler)
+        elif train_data is None:
             self.reader = build_reader(cfg, index, self.sampler, self.tokenizer,
                                        pin_memory=device.type == "cuda")
         else:
             self.reader = InMemoryReader(train_data, self.sampler)
-        size = cfg.model.overrides.get("img_size", 224)
-        self._empty = (torch.empty(0, 3, size, size), torch.zeros(0, cfg.data.text_length, dtype=torch.long))
+        self._empty = self.task.empty()
 
         # 7. the state a checkpoint holds, by component (the metrics report the ledger); resume
         self.state = TrainState(cfg, sampling_seed, self.backend.name, self.dist.world_size)
@@ -184,13 +189,15 @@ class Trainer:
                              f"(data.num_examples=0) to take it from the data")
         validate_data_size(cfg, self.geo)
 
-    def _prepare_evaluation(self) -> None:
+    def _prepare_evaluation(self, index) -> None:
         """What the end-of-job evaluation (and the periodic captions) will judge, checked now,
         before training: the held-out synthetic images when training on synthetic data, and
         eval.data, a folder of your classes."""
         cfg = self.cfg
         self.heldout = HeldOut.of(cfg) if cfg.data.source == "synthetic" else None
         self.eval_folder, self.eval_section = None, cfg.eval
+        if cfg.is_classifier:
+            return  # the class folder's validation images (trainer.job.tasks.Classification)
         if self.evaluate_at_end and cfg.eval.data:
             self.eval_folder = folder_data(Path(cfg.eval.data), cfg, cfg.eval.val_fraction, cfg.eval.max_per_class,
                                            setting=f"eval.data={cfg.eval.data}")
@@ -198,6 +205,10 @@ class Trainer:
                                                    cfg.data.text_length, cfg.is_captioner)
             for note in notes if self.dist.is_main else ():
                 logger.warning("eval.data: %s", note)
+            if cfg.is_captioner and cfg.eval.zero_shot and self.dist.is_main:
+                hint = prompt_hint(cfg.eval.prompt, self.eval_folder.classes, sample_captions(cfg, index))
+                if hint:
+                    logger.warning("eval.data: %s", hint)
         elif self.evaluate_at_end and self.heldout is None and self.dist.is_main:
             logger.warning("no eval.data: nothing will judge this model at the end (the synthetic tasks run "
                            "only when training on synthetic data); set eval.data=FOLDER, a folder of class "
@@ -236,10 +247,7 @@ class Trainer:
         """Training FLOPs per example (forward + backward, non-private), counted on one example."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        size = self.cfg.model.overrides.get("img_size", 224)
-        # shapes are fixed, so the count does not depend on the ids; 1 is in every vocabulary
-        tokens = torch.ones(1, self.cfg.data.text_length, dtype=torch.long, device=self.dist.device)
-        sample = (torch.zeros(1, 3, size, size, device=self.dist.device), tokens)
+        sample = self.task.sample(self.dist.device)
         with FlopCounterMode(display=False) as counter:
             self._loss(model, sample).sum().backward()
         model.zero_grad(set_to_none=True)
@@ -324,10 +332,8 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def _loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.cfg.is_captioner:
-            images, tokens = batch[0], batch[1]
-            return model(images, tokens)
-        return model(batch[0], mask_ratio=self.cfg.model.mask_ratio)
+        """One loss per row: per example, or per view of an example (``task.views`` rows each)."""
+        return self.task.loss(model, batch)
 
     def _to_device(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         dtype = self.backend.compute_dtype
@@ -348,18 +354,20 @@ class Trainer:
         for i in range(n_micro):
             batch = self._to_device(next(batches, None) or self._empty)
             loss = self._loss(self.model, batch)
-            loss_sum += loss.detach().float().sum()
-            examples += loss.shape[0]
+            views = self.task.views  # rows per example
+            loss_sum += loss.detach().float().sum() / views
+            examples += loss.shape[0] // views
             if self.engine is not None:
-                self.engine.backward(loss)
+                self.task.private_backward(self.engine, loss)
             else:
-                self.backend.backward(loss.sum() / self.geo.batch_size, last=i == n_micro - 1)
+                self.backend.backward(loss.sum() / (self.geo.batch_size * views), last=i == n_micro - 1)
         assert next(batches, None) is None, "the reader yielded more micro-batches than planned"
         stats: dict[str, float] = {}
         if self.engine is not None:
             self.backend.before_assign()
             stats = self.engine.finish_step()
         self.backend.step(lr)
+        self.task.after_step(self.backend)
         return {"loss_sum": float(loss_sum), "examples": examples, "lr": lr,
                 "clipped": stats.get("clip_fraction", 0.0) * (stats.get("examples", 0)
                                                              - stats.get("skipped_nonfinite", 0)),
@@ -394,6 +402,8 @@ class Trainer:
     def _evaluate(self) -> dict[str, Any]:
         """Collective (every rank evaluates); rank 0 writes TensorBoard and the results file."""
         cfg = self.cfg
+        if cfg.is_classifier:
+            return self._evaluate_classifier()
         with self.backend.gathered() as model:
             results = evaluate(model, self.tokenizer, self.dist.device, self.eval_section, heldout=self.heldout,
                                folder=self.eval_folder,
@@ -415,6 +425,21 @@ class Trainer:
             results["results_file"] = str(write_results(
                 cfg.log_dir / f"eval_step_{self.step:08d}.json", results, step=self.step, model=cfg.model.name,
                 checkpoint=str(latest) if latest else None, train_data=cfg.data.shards or cfg.data.source))
+        return results
+
+    def _evaluate_classifier(self) -> dict[str, Any]:
+        """Top-1 (and top-5) on the class folder's validation images; rank 0 logs and writes them."""
+        results = self.task.evaluate(self.backend, self.dist.device, self.step)
+        if results is None:
+            return {}
+        scalars = {f"eval/{k}": results[k] for k in ("top1", "top5") if k in results}
+        self.metrics.writer.scalars(self.step, scalars)
+        logger.info("step %d: validation %s", self.step,
+                    ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items()))
+        latest = self.checkpointer.latest()
+        results["results_file"] = str(write_results(
+            self.cfg.log_dir / f"eval_step_{self.step:08d}.json", results, step=self.step, model=self.cfg.model.name,
+            checkpoint=str(latest) if latest else None, train_data=self.cfg.data.classes))
         return results
 
     def _on_signal(self, signum, frame) -> None:
@@ -441,6 +466,9 @@ class Trainer:
             self.metrics.record(self.step, out, last=self.step == self.stop_at)
             if m.caption_every and self.step % m.caption_every == 0 and self.evaluate_at_end and cfg.is_captioner:
                 self._captions()
+            every = cfg.finetune.eval_every
+            if cfg.is_classifier and every and self.step % every == 0 and self.step < self.stop_at:
+                self._evaluate()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
                 saved_at = self.step

@@ -20,8 +20,13 @@ def validate(cfg: JobConfig, world_size: int, allow_non_private: bool) -> Geomet
     p = cfg.privacy
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    if cfg.data.source not in ("synthetic", "shards"):
-        raise ValueError(f"data.source must be synthetic or shards, got {cfg.data.source!r}")
+    if cfg.data.source not in ("synthetic", "shards", "classes"):
+        raise ValueError(f"data.source must be synthetic, shards or classes, got {cfg.data.source!r}")
+    if cfg.is_classifier:
+        _check_finetune(cfg)
+    elif cfg.data.classes:
+        raise ValueError(f"data.classes is for a classification job (data.source=classes, e.g. --config "
+                         f"finetune_own), not data.source={cfg.data.source}")
     if cfg.data.num_examples < 0 or (cfg.data.num_examples == 0 and cfg.data.source == "synthetic"):
         raise ValueError("data.num_examples (N, the data set size: how many synthetic examples to write) "
                          "must be set: q = B / N")
@@ -84,6 +89,22 @@ def validate_data_size(cfg: JobConfig, geo: Geometry) -> None:
                          f"protect individuals")
     if p.tan_reference_batch is not None and p.tan_reference_batch > n:
         raise ValueError("privacy.tan_reference_batch exceeds data.num_examples")
+
+
+def _check_finetune(cfg: JobConfig) -> None:
+    """A classification job's finetune section (data.classes is read at the job's start)."""
+    f = cfg.finetune
+    last = f.layers.startswith("last:") and f.layers[5:].isdigit() and int(f.layers[5:]) >= 1
+    if f.layers not in ("head", "all") and not last:
+        raise ValueError(f"finetune.layers must be head, all or last:K (K >= 1 blocks), got {f.layers!r}")
+    if f.views < 1:
+        raise ValueError(f"finetune.views must be >= 1, got {f.views}")
+    if not 0 <= f.ema < 1:
+        raise ValueError(f"finetune.ema must be in [0, 1) (0: no average), got {f.ema}")
+    if not 0 < f.crop <= 1:
+        raise ValueError(f"finetune.crop (the smallest crop's share of the area) must be in (0, 1], got {f.crop}")
+    if f.eval_every < 0:
+        raise ValueError(f"finetune.eval_every must be >= 0, got {f.eval_every}")
 
 
 def _check_ds_config(cfg: JobConfig, geo: Geometry) -> None:
