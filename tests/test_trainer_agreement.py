@@ -129,7 +129,7 @@ def test_continuations_of_one_checkpoint_never_share_noise_but_a_requeue_does(tm
 
 def test_a_synthetic_preset_never_writes_into_someone_elses_shards(tmp_path):
     from trainer.common.config import load_config
-    from trainer.job.data import prepare_shards
+    from trainer.job.training_data import prepare_shards
 
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -17,7 +17,7 @@ from tests.helpers.processes import REPO, kill_job, output_by_deadline
 from tests.helpers.standin import NOISY_CHECKPOINTED, TINY_MODEL, tiny_config
 from tests.helpers.worker import gate_files
 from trainer.common.checkpoints import read_meta
-from trainer.job.checkpoint import Checkpointer
+from trainer.job.checkpointer import Checkpointer
 
 SECRET = {"privacy.secret_seed": None}  # the production path: a fresh secret seed, kept in the checkpoints
 

@@ -26,7 +26,7 @@ from tests.helpers.standin import TinyCaptioner, tiny_config
 from tests.helpers.worker import gate_files
 from trainer.common.checkpoints import (DCP_METADATA, META, CheckpointError, ModelOptimizerState, load_dcp,
                                         read_dcp_metadata, read_meta)
-from trainer.job.checkpoint import RUN_ID, Checkpointer
+from trainer.job.checkpointer import RUN_ID, Checkpointer
 from trainer.job.run_lock import LOCK, RunLock, private_folder, releases_lock_on_error
 
 

@@ -146,7 +146,7 @@ from data.sources import synthetic_examples
 from privacy.sampling import PoissonSampler
 from trainer.common.build import build_tokenizer
 from trainer.common.config import load_config
-from trainer.job.data import build_reader, prepare_shards
+from trainer.job.training_data import build_reader, prepare_shards
 
 folder = sys.argv[1]
 write_shards(synthetic_examples(16, 0, 16), folder)

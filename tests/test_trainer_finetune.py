@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,24 +16,7 @@ from trainer.common.build import build_classifier
 from trainer.common.config import load_config
 from trainer.job.tasks import Classification
 from trainer.job.validation import validate
-
-TINY = ["model.overrides.img_size=16", "model.overrides.patch_size=8", "model.overrides.embed_dim=16",
-        "model.overrides.depth=2", "model.overrides.num_heads=2", "model.overrides.decoder_embed_dim=16",
-        "model.overrides.decoder_depth=1", "model.overrides.decoder_num_heads=2"]
-
-
-def write_folder(root: Path, classes=("cat", "dog", "owl"), per_class: int = 6, split: bool = False) -> Path:
-    """``per_class`` noisy single-colour PNGs per class (a quarter in val/ with ``split``)."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        for i in range(per_class):
-            sub = root / (("val" if i < per_class // 4 else "train") if split else "") / name
-            sub.mkdir(parents=True, exist_ok=True)
-            colour = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 181 + 20) % 256])
-            pixels = np.clip(colour + rng.normal(0, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(sub / f"{name}_{i}.png")
-    return root
-
+from tests.helpers.classes import TINY, write_folder
 
 def config(folder: Path, *overrides: str):
     return load_config("finetune_own", [f"data.classes={folder}", *TINY, *overrides])
@@ -207,7 +189,7 @@ def test_the_hint_reads_a_sample_of_the_captions_of_your_shards(tmp_path):
     from data.shards import ShardLimits, write_shards
     from data.sources import Example
     from trainer.common.evaluation import prompt_hint
-    from trainer.job.data import prepare_shards, sample_captions
+    from trainer.job.training_data import prepare_shards, sample_captions
 
     names = ["cat", "dog"] * 10
     write_shards((Example(Image.new("RGB", (8, 8)), f"a grainy snapshot of a {n}") for n in names), tmp_path / "s",
@@ -220,7 +202,7 @@ def test_the_hint_reads_a_sample_of_the_captions_of_your_shards(tmp_path):
 
 def test_the_job_samples_its_training_captions_for_the_hint():
     from data import synthetic
-    from trainer.job.data import sample_captions
+    from trainer.job.training_data import sample_captions
 
     cfg = load_config("default", ["data.num_examples=1000"])
     captions = sample_captions(cfg, None, count=10)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from test_trainer_finetune import TINY, write_folder
-from test_trainer_worker import REPO
+from tests.helpers.classes import TINY, write_folder
+from tests.helpers.processes import REPO
 
 JOB = [*TINY, "ds.train_batch_size=8", "ds.train_micro_batch_size_per_gpu=8", "optim.warmup_steps=1",
        "metrics.log_every=1", "metrics.progress=false", "eval.val_fraction=0.25"]

@@ -12,7 +12,7 @@ from tests.helpers.jobs import run_worker
 from tests.helpers.privacy import flat_norms, per_example_grads
 from tests.helpers.standin import TinyCaptioner, tiny_config, tiny_data
 from trainer.common.checkpoints import read_meta
-from trainer.job.checkpoint import Checkpointer
+from trainer.job.checkpointer import Checkpointer
 
 
 def test_tensorboard_scalars(tmp_path):

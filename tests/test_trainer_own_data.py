@@ -111,7 +111,7 @@ def test_the_dry_run_indexes_counts_and_warns_of_a_weak_delta_quietly(tmp_path):
     assert "is weak for N = 96" in note and "privacy.delta=0.001:" in note
     from privacy import accounting
     from trainer.common.config import load_config
-    from trainer.job.plan import resolve
+    from trainer.job.privacy_plan import resolve
     from trainer.job.validation import validate
 
     cfg = load_config("vip_own", ["data.num_examples=96", "ds.train_batch_size=32",

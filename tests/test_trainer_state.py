@@ -11,7 +11,7 @@ import pytest
 
 from privacy import accounting
 from trainer.common.config import load_config
-from trainer.job import plan as privacy_plan
+from trainer.job import privacy_plan
 from trainer.job.backend import BACKENDS, backend_class
 from trainer.job.ledger import PrivacyLedger
 from trainer.job.train_state import TrainState, branch_reasons

@@ -15,8 +15,8 @@ from typing import Any
 
 from trainer.common.config import load_config
 from trainer.common.evaluation import summary_lines
-from trainer.job import plan as privacy_plan
-from trainer.job.data import count_examples, prepare_shards
+from trainer.job import privacy_plan
+from trainer.job.training_data import count_examples, prepare_shards
 from trainer.job.distributed import exit_process, launcher_env, shutdown
 from trainer.job.tasks import Classification
 from trainer.job.trainer import Trainer

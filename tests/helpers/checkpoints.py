@@ -15,7 +15,7 @@ def save_like_trainer(folder: Path, cfg, model: nn.Module, optimizer=None, step:
     import torch.distributed.checkpoint as dcp
 
     from trainer.common.checkpoints import ModelOptimizerState
-    from trainer.job.checkpoint import Checkpointer
+    from trainer.job.checkpointer import Checkpointer
 
     class Tensors:  # the one method of a backend that Checkpointer.save calls
         def save(self, tmp: Path) -> None:

@@ -52,12 +52,42 @@ class TinyCaptioner(nn.Module):
         return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 
 
-def tiny_data(n: int = 96, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+class InMemoryReader:
+    """Micro-batches of a list of tuples of tensors, as the sampler draws them."""
+
+    def __init__(self, dataset: list[tuple[torch.Tensor, ...]], batch_source):
+        self.dataset = dataset
+        self.batch_source = batch_source
+        self.next_step = 0
+        self.skipped = 0
+
+    def micro_batches(self, step: int):
+        for indices in self.batch_source.step_batches(step):
+            if indices:
+                samples = [self.dataset[i] for i in indices]
+                yield tuple(torch.stack(column) for column in zip(*samples))
+        self.next_step = step + 1
+
+    def state_dict(self) -> dict:
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_step = int(state["next_step"])
+
+
+class InMemoryData(list):
+    """The stand-in's examples as the Trainer takes data in memory (trainer.job.training_data.InMemoryData)."""
+
+    def reader(self, sampler) -> InMemoryReader:
+        return InMemoryReader(self, sampler)
+
+
+def tiny_data(n: int = 96, seed: int = 0) -> InMemoryData:
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, 2, 2, generator=g)
     labels = (images.mean((1, 2, 3)) > 0).long()
     tokens = torch.stack([torch.tensor([1, 2 + int(y), 5 + int(y), 9]) for y in labels])
-    return [(images[i], tokens[i]) for i in range(n)]
+    return InMemoryData((images[i], tokens[i]) for i in range(n))
 
 
 def tiny_config(tmp: Path, **overrides) -> dict:

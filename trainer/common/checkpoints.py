@@ -1,6 +1,6 @@
 """Reading checkpoint folders: which are complete, their ``meta.json``, and the weights alone.
 
-Layout of a run's checkpoint folder (written by ``trainer.job.checkpoint``)::
+Layout of a run's checkpoint folder (written by ``trainer.job.checkpointer``)::
 
     step_00000100/           a complete checkpoint
         meta.json            step, privacy ledger and engine state, data position, config, backend

@@ -16,8 +16,8 @@ from typing import Any
 
 from privacy import accounting
 
-from trainer.job import plan as privacy_plan
-from trainer.job.plan import PrivacyPlan
+from trainer.job import privacy_plan
+from trainer.job.privacy_plan import PrivacyPlan
 
 logger = logging.getLogger(__name__)
 

@@ -48,11 +48,11 @@ from trainer.common.evaluation import (
 )
 from trainer.common.heldout import HeldOut
 from trainer.common.probing import folder_data
-from trainer.job import plan as privacy_plan
+from trainer.job import privacy_plan
 from trainer.job import tasks
 from trainer.job.backend import create_backend
-from trainer.job.checkpoint import Checkpointer
-from trainer.job.data import InMemoryReader, build_reader, count_examples, prepare_shards, sample_captions
+from trainer.job.checkpointer import Checkpointer
+from trainer.job.training_data import InMemoryData, build_reader, count_examples, prepare_shards, sample_captions
 from trainer.job.distributed import (
     Distributed,
     agree,
@@ -74,14 +74,15 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     """One training job. ``model_factory``/``train_data`` replace the defaults
-    (models.create_model, the data/ reader); ``evaluate_at_end`` runs the end-of-job
+    (models.create_model, the data/ reader: ``trainer.job.training_data.InMemoryData``);
+    ``evaluate_at_end`` runs the end-of-job
     evaluation (captions, zero-shot accuracy, probes, as ``cfg.eval`` asks)."""
 
     @releases_lock_on_error
     def __init__(self, cfg: JobConfig, *, allow_non_private: bool = False,
                  local_rank: int | None = None,
                  model_factory: Callable[[JobConfig, Any], nn.Module] | None = None,
-                 train_data: Sequence | None = None,
+                 train_data: InMemoryData | None = None,
                  evaluate_at_end: bool = False):
         self.cfg = cfg
         # every check that needs neither data nor models, before any work
@@ -156,7 +157,7 @@ class Trainer:
             self.reader = build_reader(cfg, index, self.sampler, self.tokenizer,
                                        pin_memory=device.type == "cuda")
         else:
-            self.reader = InMemoryReader(train_data, self.sampler)
+            self.reader = train_data.reader(self.sampler)
         self._empty = self.task.empty()
 
         # 7. the state a checkpoint holds, by component (the metrics report the ledger); resume
@@ -260,7 +261,7 @@ class Trainer:
             return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
         shards = ([[str(p), int(c)] for p, c in zip(index.paths, index.counts)] if index is not None
-                  else len(self.reader.dataset))
+                  else self.cfg.data.num_examples)  # in memory: N, checked against the data above
         noise_seed = self.engine.state_dict()["seed"] if self.engine is not None else None
         agree({"step": self.step, "noise seed (hash)": hashed(noise_seed),
                "sampling seed (hash)": hashed(self.sampler.seed), "data.num_examples": self.cfg.data.num_examples,

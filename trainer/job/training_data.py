@@ -1,8 +1,9 @@
 """The data a job reads: tar shards (written first for synthetic data; indexed first
-when another tool wrote them) through data.loader.PoissonReader, or an in-memory
-sequence (small data, tests).
+when another tool wrote them) through data.loader.PoissonReader, or examples given
+in memory (:class:`InMemoryData`; a classification job's class folder is
+``trainer.job.tasks``').
 
-Both have data.loader.PoissonReader's interface: ``num_examples``,
+Every reader has data.loader.PoissonReader's interface:
 ``micro_batches(step)`` yielding this rank's non-empty micro-batches of that
 logical step (decided by privacy.sampling.PoissonSampler from (seed, step)),
 ``skipped``, and ``state_dict()`` / ``load_state_dict()`` (the next step), so a
@@ -13,9 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,31 +33,14 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_MARKER = ".synthetic"  # beside shards that _write_synthetic wrote
 
 
-class InMemoryReader:
-    """Micro-batches of a random-access sequence of tuples of tensors (small data, tests)."""
+class InMemoryData(Protocol):
+    """Training examples given to the :class:`~trainer.job.trainer.Trainer` in memory (the
+    tests' stand-in data) instead of read from data.shards: their number N, and a reader of
+    the micro-batches a sampler draws (``micro_batches(step)``, ``skipped``, ``state_dict``)."""
 
-    def __init__(self, dataset: Sequence[tuple[torch.Tensor, ...]], batch_source: Any):
-        self.dataset = dataset
-        self.batch_source = batch_source
-        self.next_step = 0
-        self.skipped = 0
+    def __len__(self) -> int: ...
 
-    @property
-    def num_examples(self) -> int:
-        return len(self.dataset)
-
-    def micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        for indices in self.batch_source.step_batches(step):
-            if indices:
-                samples = [self.dataset[i] for i in indices]
-                yield tuple(torch.stack(column) for column in zip(*samples))
-        self.next_step = step + 1
-
-    def state_dict(self) -> dict:
-        return {"next_step": self.next_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.next_step = int(state["next_step"])
+    def reader(self, sampler: Any) -> Any: ...
 
 
 def prepare_shards(cfg: JobConfig, d: Distributed | None) -> ShardIndex:
