@@ -106,7 +106,7 @@ STEP_WORKER = textwrap.dedent("""
         sampler = type("Fixed", (), {"step_batches": lambda self, step: [[0, 3, 5, 8], [11, 14, 17]]})()
         batches = list(trainer.task.reader(sampler).micro_batches(0))
         for step in range(2):  # the second step: the first moved the head off zero, the encoder gets a gradient
-            trainer.step = step
+            trainer.state.step = step
             trainer.train_step(iter(batches), len(batches))
         with trainer.backend.gathered() as model:
             params[kind] = {n: p.detach().clone() for n, p in model.named_parameters()}
