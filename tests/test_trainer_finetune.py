@@ -246,3 +246,11 @@ def test_a_timm_model_gets_a_new_head_its_weights_from_a_local_file_and_exports_
     fresh.load_state_dict(exported_state_dict(model, "ours"))
     with pytest.raises(ValueError, match="a timm model's --init is a weights file"):
         load_encoder(model, str(tmp_path))
+
+
+def test_the_encoder_tools_refuse_a_fine_tuned_classifier(tmp_path):
+    from trainer.common.weights import refuse_classifier
+
+    with pytest.raises(ValueError, match="fine-tuned classifier .* trainer.export releases it"):
+        refuse_classifier(config(write_folder(tmp_path)), "runs/x/checkpoints")
+    refuse_classifier(load_config("default"), "runs/default/checkpoints")  # an encoder's job passes

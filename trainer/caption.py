@@ -25,7 +25,13 @@ import models
 from trainer.common.build import build_tokenizer
 from trainer.common.evaluation import describe
 from trainer.common.inputs import image_file_pixels, transform
-from trainer.common.weights import add_model_arguments, load_trained_model, locate, pick_device
+from trainer.common.weights import (
+    add_model_arguments,
+    load_trained_model,
+    locate,
+    pick_device,
+    refuse_classifier,
+)
 
 PROMPT = models.dpcap.ZERO_SHOT_PROMPT
 
@@ -56,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--batch-size must be >= 1")
         device = pick_device(args.device)
         cfg, weights = locate(args.checkpoint, args.config)
+        refuse_classifier(cfg, args.checkpoint)
         if not cfg.is_captioner:
             raise ValueError(f"{args.checkpoint} holds a {cfg.model.name}, not a DP-Cap: it cannot caption")
         to_pixels = transform(cfg, None)

@@ -28,7 +28,13 @@ from trainer.common.checkpoints import read_meta
 from trainer.common.config import EvalConfig
 from trainer.common.evaluation import METHODS, evaluate, folder_plan, summary_lines, write_results
 from trainer.common.probing import folder_data
-from trainer.common.weights import add_model_arguments, load_trained_model, locate, pick_device
+from trainer.common.weights import (
+    add_model_arguments,
+    load_trained_model,
+    locate,
+    pick_device,
+    refuse_classifier,
+)
 
 DEFAULTS = EvalConfig()
 logger = logging.getLogger("trainer.evaluate")
@@ -80,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--trials and --batch-size must be >= 1, --captions >= 0")
         device = pick_device(args.device)
         cfg, weights = locate(args.checkpoint, args.config)
+        refuse_classifier(cfg, args.checkpoint)
         data = folder_data(Path(args.data), cfg, args.val_fraction, args.max_per_class)
         tokenizer = build_tokenizer(cfg)
         asked = dataclasses.replace(DEFAULTS, data=args.data, prompt=args.prompt or DEFAULTS.prompt, methods=methods,

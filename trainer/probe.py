@@ -22,7 +22,13 @@ from pathlib import Path
 
 from trainer.common.heldout import HeldOut
 from trainer.common.probing import SYNTHETIC, check_shots, folder_data, probe_lines, run_probe, synthetic_data
-from trainer.common.weights import add_model_arguments, load_trained_model, locate, pick_device
+from trainer.common.weights import (
+    add_model_arguments,
+    load_trained_model,
+    locate,
+    pick_device,
+    refuse_classifier,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.data.startswith(SYNTHETIC) and not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data}: neither synthetic:TASK nor an existing folder")
         cfg, weights = locate(args.checkpoint, args.config)
+        refuse_classifier(cfg, args.checkpoint)
         if args.data.startswith(SYNTHETIC):
             count = args.examples if args.examples is not None else cfg.data.heldout_examples
             data = synthetic_data(HeldOut.of(cfg), args.data[len(SYNTHETIC):], count)

@@ -58,6 +58,16 @@ def locate(checkpoint: str, config: str | None) -> tuple[JobConfig, Path]:
     return load_config(config), path
 
 
+def refuse_classifier(cfg: JobConfig, checkpoint: str) -> None:
+    """probe, caption and evaluate judge a pre-trained encoder; a fine-tuned classifier is judged
+    by its own job (and released by trainer.export): a ValueError saying so."""
+    if cfg.is_classifier:
+        raise ValueError(f"{checkpoint} holds a fine-tuned classifier (data.source=classes), not a pre-trained "
+                         f"DP-Cap or ViP: its top-1 is in its job's runs/NAME/tb/eval_step_N.json, and "
+                         f"python -m trainer.export releases it; probe, caption and evaluate take the encoder "
+                         f"it was fine-tuned from")
+
+
 def load_trained_model(cfg: JobConfig, weights: Path) -> nn.Module:
     """The job's model with the given weights (ours or the original code's layout), in eval mode."""
     model = build_model(cfg, build_tokenizer(cfg))
