@@ -160,7 +160,8 @@ def test_every_ds_config_is_accepted_by_deepspeed(path):
 
 
 CLUSTER = {"default": 1, "default_cpu": 1, "default_gpu": 1, "dpcap_base_tan64": 16, "vip_stage1": 64,
-           "vip_stage2": 64, "dpcap_own": 1, "vip_own": 1}
+           "vip_stage2": 64, "dpcap_own": 1, "vip_own": 1,
+           "finetune_own": 1}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
