@@ -40,7 +40,7 @@ for name, (args, again) in jobs.items():
             print(name, p.stderr[-3000:]); sys.exit(1)
     last = sorted((folder / "ckpt").glob("step_*"))[-1]
     dcp_to_torch_save(last, folder / "w.pt")
-    sd = torch.load(folder / "w.pt", weights_only=False)
+    sd = torch.load(folder / "w.pt", weights_only=True)
     model = {k: v for k, v in sd["app"]["model"].items()} if "app" in sd else sd
     h = hashlib.sha256()
     for k in sorted(model):
