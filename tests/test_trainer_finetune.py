@@ -254,3 +254,16 @@ def test_the_encoder_tools_refuse_a_fine_tuned_classifier(tmp_path):
     with pytest.raises(ValueError, match="fine-tuned classifier .* trainer.export releases it"):
         refuse_classifier(config(write_folder(tmp_path)), "runs/x/checkpoints")
     refuse_classifier(load_config("default"), "runs/default/checkpoints")  # an encoder's job passes
+
+
+def test_the_reader_gives_each_example_its_views_in_consecutive_rows(tmp_path):
+    """The engine takes rows i K .. i K + K - 1 as example i's views (it is told, not shown):
+    the reader must lay them out so, beside one label per example."""
+    task = Classification(config(write_folder(tmp_path, split=True), "finetune.views=3", "finetune.augment=false"))
+    picked = [0, 4, 9]
+    sampler = type("Fixed", (), {"step_batches": lambda self, step: [picked]})()
+    images, labels = next(task.reader(sampler).micro_batches(0))
+    assert labels.tolist() == [task.train.labels[i] for i in picked] and images.shape[0] == 3 * len(picked)
+    for row in range(images.shape[0]):
+        i = picked[row // 3]
+        assert torch.equal(images[row], task.to_pixels(task.train.images[i], "", (0, i, 0))[0]), row
