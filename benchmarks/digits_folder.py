@@ -2,8 +2,7 @@
 class folder of PNGs, for the fine-tuning benchmark (BENCHMARKS.md): real images the project
 does not generate, and no download (the data ship inside the scikit-learn wheel).
 
-    pip install --target /tmp/skl scikit-learn      # beside the project, not in its requirements
-    PYTHONPATH=/tmp/skl python benchmarks/digits_folder.py /tmp/digits --size 32
+    python benchmarks/digits_folder.py /tmp/digits --size 32   # scikit-learn: setup.cfg's bench extra
 
 writes OUT/<digit>/<index>.png (the digit's name as the class folder), each scan's 17 grey
 levels stretched to 0-255 and upscaled to SIZE x SIZE (nearest neighbour).
