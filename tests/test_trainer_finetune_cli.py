@@ -84,6 +84,12 @@ def test_the_contract_head_and_all_private_and_not_then_export(tmp_path):
     assert "fine-tuned top-1:" in proc.stdout
     original = _run(tmp_path, "trainer.export", "runs/all_dp/checkpoints", "o.pth", "--layout", "original", ok=False)
     assert original.returncode == 2 and "has no original layout" in original.stderr
+    # the encoder tools say what judges a classifier instead of failing inside it
+    image = str(next(Path(folder).rglob("*.png")))
+    for tool, extra in (("trainer.probe", ["--data", str(folder)]), ("trainer.caption", [image]),
+                        ("trainer.evaluate", ["--data", str(folder)])):
+        refused = _run(tmp_path, tool, "runs/all_dp/checkpoints", *extra, ok=False)
+        assert refused.returncode == 2 and "holds a fine-tuned classifier" in refused.stderr, (tool, refused.stderr)
 
 
 def test_bad_input_gets_a_clear_message_and_exit_2(tmp_path):
