@@ -238,7 +238,14 @@ def test_a_checkpoint_of_the_flat_layout_resumes_bit_for_bit(tmp_path):
     step = tmp_path / "ckpt" / "step_00000002"
     meta = json.loads((step / "meta.json").read_text())
     assert meta["format"] == 2 and set(meta) >= {"train_state", "privacy", "engine", "reader", "metrics"}
-    (step / "meta.json").write_text(json.dumps(_as_flat_layout(meta)))
+    flat = _as_flat_layout(meta)
+    # one lacking what a resume needs is refused, naming it
+    (step / "meta.json").write_text(json.dumps({k: v for k, v in flat.items() if k != "reader"}))
+    (tmp_path / "lacking.json").write_text(json.dumps(cfg))
+    lacking = subprocess.run(worker_command(1, tmp_path / "lacking.json", tmp_path / "lacking.pt", ["steps=4"],
+                                            "python"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert lacking.returncode != 0 and "has no 'reader' entry" in lacking.stderr, lacking.stderr[-3000:]
+    (step / "meta.json").write_text(json.dumps(flat))
     out = run_jobs(1, tmp_path, [("again", cfg, ["steps=4"]),
                                  ("ref", tiny_config(tmp_path / "ref", **{**NOISY_CHECKPOINTED, "steps": 4}), [])], "python")
     resumed, ref = out["again"], out["ref"]

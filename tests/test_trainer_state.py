@@ -97,3 +97,9 @@ def test_backends_are_registered_in_one_place_and_describe_themselves():
     cfg = load_config("default", ["backend=deepspeed", "ds.zero_optimization.stage=3"])
     assert "ZeRO stage 3" in backend_class("deepspeed").describe(cfg)
     assert "FSDP2" in backend_class("fsdp2").describe(load_config("default"))
+
+
+def test_a_train_state_without_its_step_or_seed_is_refused(tmp_path):
+    state = TrainState(load_config("default", [f"checkpoint.dir={tmp_path}"]), 1, "fsdp2", 1)
+    with pytest.raises(ValueError, match="no step or sampling_seed"):
+        state.load_state_dict({"step": None, "lineage": None})

@@ -287,8 +287,8 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def _from_flat_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint written before meta.json was keyed by component (format 1: one flat
-    dict), in today's layout, so that it resumes bit for bit; the keys it lacks stay
-    absent (a resume then says which)."""
+    dict), in today's layout, so that it resumes bit for bit; what it lacks stays absent
+    or None (a resume then says which)."""
     components = {"train_state": {"step": meta.get("step"), "sampling_seed": meta.get("sampling_seed"),
                                   "lineage": meta.get("lineage"),
                                   # checkpoints before the backend seam are FSDP2's

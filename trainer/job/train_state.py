@@ -46,6 +46,8 @@ class TrainState:
                 "backend": self.backend, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if missing := [key for key in ("step", "sampling_seed") if state.get(key) is None]:
+            raise ValueError(f"its train state has no {' or '.join(missing)}")
         self.step = int(state["step"])
         self.sampling_seed = int(state["sampling_seed"])
         self.saved_lineage = state.get("lineage")

@@ -309,8 +309,13 @@ class Trainer:
                                  f"with --init {path}")
             self.backend.check_resume(saved["world_size"])
             for key, component in self.components().items():
-                if component is not None:
-                    component.load_state_dict(meta[key])
+                if component is None:
+                    continue
+                if meta.get(key) is None:
+                    raise ValueError(f"its meta.json has no {key!r} entry, which this run needs to resume (a "
+                                     f"checkpoint not written by a training job?); start a new checkpoint.dir "
+                                     f"from its weights with --init {path}")
+                component.load_state_dict(meta[key])
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         Checkpointer.load(path, self.backend)
